@@ -1,0 +1,4 @@
+//! tailgate: live Materialize views as Server-Sent Events.
+#![forbid(unsafe_code)]
+
+pub mod engine;

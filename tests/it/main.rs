@@ -1,0 +1,3 @@
+//! The integration tests: one binary, real engine, real sockets.
+
+mod engine;
