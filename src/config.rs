@@ -99,6 +99,11 @@ pub struct ScheduledWrite {
 pub struct StreamPath(String);
 
 impl StreamPath {
+    /// The name scheduled writes use as their session's application name.
+    pub fn schedule() -> StreamPath {
+        StreamPath("(schedule)".into())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -752,7 +757,10 @@ fn positive(
 ) -> Duration {
     let d = duration(p, v, default);
     if let (Some(s), true) = (v, d.is_zero()) {
-        p.at(s.span().start, format!("`{name}` must be greater than zero"));
+        p.at(
+            s.span().start,
+            format!("`{name}` must be greater than zero"),
+        );
     }
     d
 }
@@ -887,14 +895,26 @@ mod tests {
             ("path = \"/\"\nview = \"v\"", "reserved"),
             ("path = \"x\"\nview = \"v\"", "start with"),
             ("path = \"/a\"\nview = \"v; DROP TABLE t\"", "relation name"),
-            ("path = \"/a\"\nview = \"v\"\nevent = \"snapshot\"", "reserved"),
-            ("path = \"/a\"\nview = \"v\"\nevent = \"a\\nb\"", "event name"),
+            (
+                "path = \"/a\"\nview = \"v\"\nevent = \"snapshot\"",
+                "reserved",
+            ),
+            (
+                "path = \"/a\"\nview = \"v\"\nevent = \"a\\nb\"",
+                "event name",
+            ),
             ("path = \"/a\"\nview = \"v\"\nkey = []", "at least one"),
-            ("path = \"/a\"\nquery = \"SELECT 1; SELECT 2\"", "single statement"),
+            (
+                "path = \"/a\"\nquery = \"SELECT 1; SELECT 2\"",
+                "single statement",
+            ),
             ("path = \"/a\"\nview = \"v\"\nhistory = 0", "at least 1"),
         ] {
             let p = check(&format!("[[streams]]\n{line}\n")).expect_err(line);
-            assert!(p.iter().any(|p| p.message.contains(needle)), "{line}: {p:?}");
+            assert!(
+                p.iter().any(|p| p.message.contains(needle)),
+                "{line}: {p:?}"
+            );
         }
     }
 

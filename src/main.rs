@@ -1,1 +1,168 @@
-fn main() {}
+//! The `tailgate` command: serve, check a config, or run the development engine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use tailgate::config::{self, ConfigError};
+use tailgate::engine::{self, EngineConfig};
+use tailgate::telemetry;
+use tailgate::Gateway;
+
+/// sysexits' EX_CONFIG-style code for a bad config file.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Serve Materialize views as live Server-Sent Events streams"
+)]
+struct Cli {
+    /// The streams file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "streams.toml",
+        env = "TAILGATE_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the streams of the config file (the default).
+    Serve,
+    /// Validate the config file; exit 0 if valid, 64 if not.
+    Check,
+    /// Run the development engine on its own.
+    Engine {
+        #[arg(long, default_value = "127.0.0.1:6875")]
+        listen: std::net::SocketAddr,
+        /// SQL run once at start.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Imitate Materialize v0.26 (TAIL instead of SUBSCRIBE).
+        #[arg(long)]
+        legacy: bool,
+        /// How long change history is kept for AS OF.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        retain: Duration,
+        /// Interval of progress rows.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        tick: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    telemetry::init_logging();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "Cannot start the async runtime.");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Check => match config::load(&cli.config) {
+            Ok(c) => {
+                println!("{}: ok, {} stream(s)", cli.config.display(), c.streams.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => bad_config(&e),
+        },
+        Command::Serve => {
+            let config = match config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            runtime.block_on(async {
+                let gateway = match Gateway::build(config).await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        error!(error = %error_chain(&e), "Cannot start.");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let shutdown = gateway.shutdown_token();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    shutdown.cancel();
+                });
+                gateway.run_until_stopped().await;
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Engine {
+            listen,
+            init,
+            legacy,
+            retain,
+            tick,
+        } => runtime.block_on(async {
+            let shutdown = CancellationToken::new();
+            let config = EngineConfig {
+                listen,
+                init,
+                legacy,
+                retain,
+                tick,
+            };
+            match engine::start(config, shutdown.clone()).await {
+                Ok(running) => {
+                    tracing::info!(addr = %running.local_addr(), legacy, "Development engine listening.");
+                    wait_for_signal().await;
+                    shutdown.cancel();
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!(error = %error_chain(&e), "Cannot start the engine.");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+    }
+}
+
+fn bad_config(e: &ConfigError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,226 @@
+//! Wiring: builds the engine (when `url = "embedded"`), the listener, the supervisor and
+//! the HTTP server from a config, and runs them until shutdown.
+//!
+//! [`Gateway::build`] binds and starts everything, so tests can start a gateway on port
+//! 0 and read its address. [`Gateway::run_until_stopped`] drives the control loop: it
+//! applies reloads, and on shutdown ends every stream with `end`, lets the HTTP server
+//! drain within the grace period, then stops the engine.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ScheduledWrite, StreamPath, UpstreamTarget};
+use crate::engine::{self, EngineConfig, RunningEngine};
+use crate::http::{self, AppState};
+use crate::reload::{self, Trigger};
+use crate::supervisor::{Routes, Supervisor};
+use crate::telemetry::Metrics;
+use crate::upstream::{ConnectError, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("starting the embedded engine failed")]
+    Engine(#[from] engine::EngineError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid upstream")]
+    Upstream(#[from] ConnectError),
+}
+
+pub struct Gateway {
+    config: Config,
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    supervisor: Supervisor,
+    engine: Option<RunningEngine>,
+    shutdown: CancellationToken,
+    /// Cancels the streams and the engine once clients have been told `end`.
+    inner: CancellationToken,
+    tracker: TaskTracker,
+    triggers: (mpsc::Sender<Trigger>, mpsc::Receiver<Trigger>),
+}
+
+impl Gateway {
+    pub async fn build(config: Config) -> Result<Gateway, GatewayError> {
+        let shutdown = CancellationToken::new();
+        let inner = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let engine = match config.upstream.target {
+            UpstreamTarget::Embedded => {
+                let engine_config = EngineConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    init: config.embedded.init.clone(),
+                    legacy: config.embedded.legacy,
+                    retain: config.embedded.retain,
+                    tick: config.embedded.tick,
+                };
+                let running = engine::start(engine_config, inner.child_token()).await?;
+                info!(addr = %running.local_addr(), "Embedded development engine started.");
+                Some(running)
+            }
+            UpstreamTarget::Url(_) => None,
+        };
+        let target = Arc::new(Target::new(
+            &config.upstream,
+            engine.as_ref().map(RunningEngine::local_addr),
+        )?);
+
+        let listener = http::bind(config.server.listen).map_err(|source| GatewayError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+
+        let routes = Arc::new(ArcSwap::from_pointee(Routes::new()));
+        let supervisor = Supervisor::start(
+            &config,
+            Arc::clone(&target),
+            Arc::clone(&routes),
+            inner.clone(),
+            tracker.clone(),
+        );
+        if engine.is_some() {
+            for write in &config.embedded.schedule {
+                tracker.spawn(scheduled(write.clone(), Arc::clone(&target), inner.clone()));
+            }
+        }
+        let state = Arc::new(AppState {
+            routes,
+            metrics: Arc::new(Metrics::default()),
+            server: ArcSwap::from_pointee(config.server.clone()),
+            config_path: config.source.clone(),
+        });
+        info!(%addr, streams = config.streams.len(), "Gateway listening.");
+        Ok(Gateway {
+            config,
+            listener,
+            addr,
+            state,
+            supervisor,
+            engine,
+            shutdown,
+            inner,
+            tracker,
+            triggers: mpsc::channel(16),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The embedded engine's address, when there is one.
+    pub fn engine_addr(&self) -> Option<SocketAddr> {
+        self.engine.as_ref().map(RunningEngine::local_addr)
+    }
+
+    /// Cancelling this token shuts the gateway down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// A handle that asks the gateway to reload its config file.
+    pub fn reload_handle(&self) -> mpsc::Sender<Trigger> {
+        self.triggers.0.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.state.metrics)
+    }
+
+    /// Serves until the shutdown token fires, applying reloads meanwhile.
+    pub async fn run_until_stopped(self) {
+        let Gateway {
+            mut config,
+            listener,
+            state,
+            mut supervisor,
+            engine: _engine,
+            shutdown,
+            inner,
+            tracker,
+            triggers: (trigger_tx, mut triggers),
+            ..
+        } = self;
+        let grace = config.server.shutdown_grace;
+        let server = tokio::spawn(http::serve(
+            listener,
+            Arc::clone(&state),
+            shutdown.clone(),
+            grace,
+        ));
+        let watcher = reload::spawn_watchers(&config.source, trigger_tx, inner.clone(), &tracker);
+        let mut hash = reload::content_hash(&config.source);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(trigger) = triggers.recv() => {
+                    reload::apply(&mut config, &mut hash, trigger, &mut supervisor, &state);
+                }
+            }
+        }
+        drop(watcher);
+        info!("Shutting down.");
+        supervisor.shutdown();
+        if tokio::time::timeout(grace + Duration::from_millis(500), server)
+            .await
+            .is_err()
+        {
+            warn!("HTTP server did not stop within the grace period.");
+        }
+        inner.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+}
+
+/// Runs one scheduled statement against the embedded engine on its timer.
+async fn scheduled(write: ScheduledWrite, target: Arc<Target>, cancel: CancellationToken) {
+    let name = StreamPath::schedule();
+    let mut tick = tokio::time::interval(write.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (client, _conn) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = target.connect(&name, Duration::from_secs(5)) => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "Scheduled write cannot connect; retrying.");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = client.batch_execute(&write.sql).await {
+                warn!(error = %e, sql = %write.sql, "Scheduled write failed.");
+                if client.is_closed() {
+                    break;
+                }
+            }
+        }
+    }
+}

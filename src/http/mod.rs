@@ -1,0 +1,237 @@
+//! The HTTP side: a listener with a deep backlog, one hyper HTTP/1.1 connection task per
+//! client, and the axum router of [`routes`].
+//!
+//! The accept loop is ours rather than `axum::serve` for three reasons: the listen
+//! backlog (tokio's default is 128), a connection cap that answers 503 instead of
+//! running out of descriptors, and a per-connection write watchdog that drops a client
+//! whose socket accepts nothing for `send_timeout` (hyper never polls a stream body
+//! while the socket is full, so the body cannot notice by itself).
+//!
+//! Connection tasks live in the server's task tracker. When shutdown starts, the loop
+//! stops accepting and asks every connection to finish its response and close; SSE
+//! bodies end because every hub sends `end` first.
+
+mod routes;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+pub use routes::{app, AppState};
+
+use crate::config::ServerConfig;
+use crate::supervisor::Routes;
+use crate::telemetry::Metrics;
+
+/// The listen backlog: a connect storm of thousands must not see refused connections.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Serves `listener` until `shutdown` fires, then waits up to `grace` for connections to
+/// finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let router = app(Arc::clone(&state));
+    let tracker = TaskTracker::new();
+    let server = state.server.load_full();
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = Arc::clone(&state.metrics);
+        let open = metrics.connections.load(Ordering::Relaxed);
+        if open >= server.max_connections {
+            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(refuse(socket));
+            continue;
+        }
+        let _ = socket.set_nodelay(true);
+        metrics.connections.fetch_add(1, Ordering::Relaxed);
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        let send_timeout = state.server.load().send_timeout;
+        tracker.spawn(async move {
+            connection(socket, service, shutdown, send_timeout, &metrics).await;
+            metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            debug!(%peer, "Connection closed.");
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            remaining = tracker.len(),
+            "Shutdown grace period over; closing the remaining connections."
+        );
+    }
+}
+
+async fn refuse(mut socket: TcpStream) {
+    let _ = socket
+        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 5\r\n\r\n")
+        .await;
+    let _ = socket.shutdown().await;
+}
+
+async fn connection(
+    socket: TcpStream,
+    service: TowerToHyperService<axum::Router>,
+    shutdown: CancellationToken,
+    send_timeout: Duration,
+    metrics: &Metrics,
+) {
+    let watch = Arc::new(WriteWatch::default());
+    let io = WatchedIo {
+        inner: socket,
+        watch: Arc::clone(&watch),
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = watch.stalled.notified() => {
+                // A write is blocked. Give it `send_timeout` to make any progress.
+                let seen = watch.progress.load(Ordering::Relaxed);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = tokio::time::sleep(send_timeout) => {
+                        if watch.blocked.load(Ordering::Relaxed)
+                            && watch.progress.load(Ordering::Relaxed) == seen
+                        {
+                            metrics.stall_disconnects.fetch_add(1, Ordering::Relaxed);
+                            debug!("Client accepted nothing for the send timeout; disconnecting.");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Write progress of one connection, shared with its watchdog.
+#[derive(Default)]
+struct WriteWatch {
+    blocked: AtomicBool,
+    progress: AtomicU64,
+    stalled: Notify,
+}
+
+/// A socket that reports when writes block, so a stuck client can be detected without
+/// a timer per connection while all is well.
+struct WatchedIo {
+    inner: TcpStream,
+    watch: Arc<WriteWatch>,
+}
+
+impl WatchedIo {
+    fn note<T>(&self, poll: &Poll<io::Result<T>>) {
+        match poll {
+            Poll::Pending => {
+                if !self.watch.blocked.swap(true, Ordering::Relaxed) {
+                    self.watch.stalled.notify_one();
+                }
+            }
+            Poll::Ready(_) => {
+                self.watch.blocked.store(false, Ordering::Relaxed);
+                self.watch.progress.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The route table type the HTTP layer reads; re-exported for the gateway's wiring.
+pub type SharedRoutes = Arc<ArcSwap<Routes>>;
+
+/// Server settings that the HTTP layer reads per request or per connection.
+pub type SharedServer = ArcSwap<ServerConfig>;

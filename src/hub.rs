@@ -1,0 +1,761 @@
+//! One hub per stream: the current state, a bounded ring of encoded events (which is both
+//! the resume history and every client's queue), and the fan-out to clients.
+//!
+//! Every batch is encoded to SSE bytes once, under the hub's lock, and pushed onto the
+//! ring. Clients hold only a cursor into the ring: a client that is behind takes every
+//! frame it missed in one wake-up (batched writes), and a client that falls further
+//! behind than its queue allows gets a fresh `snapshot` with reason `lagged`. Memory is
+//! therefore bounded by the ring and the snapshot cache, whatever the clients do.
+//!
+//! The hub spawns no tasks. Client streams end when the hub is closed (`end` event) or
+//! dropped, and the stream task that feeds the hub lives in [`crate::supervisor`].
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::Stream;
+use tokio::sync::watch;
+
+use crate::config::StreamConfig;
+use crate::sse;
+
+/// One row change, with rows and keys already encoded as JSON objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Diff {
+        row: Box<str>,
+        diff: i64,
+    },
+    Upsert {
+        key: Box<str>,
+        row: Option<Box<str>>,
+    },
+}
+
+/// A full relation state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Row JSON → multiplicity.
+    Diff(HashMap<Box<str>, i64>),
+    /// Key JSON → row JSON.
+    Keyed(HashMap<Box<str>, Box<str>>),
+}
+
+impl State {
+    pub fn empty(keyed: bool) -> State {
+        if keyed {
+            State::Keyed(HashMap::new())
+        } else {
+            State::Diff(HashMap::new())
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            State::Diff(m) => m.len(),
+            State::Keyed(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies one change; the caller guarantees the change matches the state's kind.
+    pub fn apply(&mut self, change: &Change) {
+        match (self, change) {
+            (State::Diff(m), Change::Diff { row, diff }) => match m.entry(row.clone()) {
+                MapEntry::Occupied(mut e) => {
+                    *e.get_mut() += diff;
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+                MapEntry::Vacant(e) => {
+                    if *diff != 0 {
+                        e.insert(*diff);
+                    }
+                }
+            },
+            (State::Keyed(m), Change::Upsert { key, row }) => match row {
+                Some(row) => {
+                    m.insert(key.clone(), row.clone());
+                }
+                None => {
+                    m.remove(key);
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+/// Why a client is told to replace its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Initial,
+    ResumeGap,
+    Lagged,
+    UpstreamReset,
+    ConfigChanged,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Initial => "initial",
+            Reason::ResumeGap => "resume-gap",
+            Reason::Lagged => "lagged",
+            Reason::UpstreamReset => "upstream-reset",
+            Reason::ConfigChanged => "config-changed",
+        }
+    }
+}
+
+/// Why a stream ends on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Removed,
+    Shutdown,
+}
+
+/// Where a new client wants to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// No `Last-Event-ID`: start with a snapshot.
+    Fresh,
+    /// A well-formed id: replay after it if the history still covers it.
+    After(u64),
+    /// An id that cannot be ours: snapshot with `resume-gap`.
+    Invalid,
+}
+
+/// Upstream health as clients see it in `status` events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Streaming,
+    Reconnecting { error: String },
+}
+
+/// Per-stream settings that can change without touching the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub event: String,
+    pub retry: Duration,
+    pub history: usize,
+    pub history_bytes: usize,
+    pub client_queue: usize,
+}
+
+impl From<&StreamConfig> for Settings {
+    fn from(s: &StreamConfig) -> Self {
+        Settings {
+            event: s.event.clone(),
+            retry: s.retry,
+            history: s.history,
+            history_bytes: s.history_bytes,
+            client_queue: s.client_queue,
+        }
+    }
+}
+
+/// Upper bound on the number of changes a resync sends as an ordinary update; larger
+/// differences are sent as a `snapshot` with reason `upstream-reset`.
+const MAX_RESYNC_CHANGES: usize = 100_000;
+
+#[derive(Debug)]
+enum Entry {
+    /// Changes with timestamps in `[min_ts, id]`; after it the state is at `id`.
+    Batch {
+        min_ts: u64,
+        id: u64,
+        bytes: Bytes,
+    },
+    Frame(Bytes),
+    Reset(Reason),
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        match self {
+            Entry::Batch { bytes, .. } | Entry::Frame(bytes) => bytes.len(),
+            Entry::Reset(_) => 0,
+        }
+    }
+}
+
+struct Inner {
+    settings: Settings,
+    /// `None` until the first complete snapshot arrives.
+    state: Option<State>,
+    /// The timestamp the state is at.
+    state_ts: u64,
+    ring: VecDeque<Entry>,
+    /// Sequence number of `ring[0]`.
+    base_seq: u64,
+    ring_bytes: usize,
+    /// Oldest id a client may resume from, and the first entry that may serve it.
+    floor_ts: u64,
+    resume_seq: u64,
+    snapshots: Vec<(Reason, Bytes)>,
+    health: Health,
+    end: Option<Bytes>,
+}
+
+impl Inner {
+    fn head(&self) -> u64 {
+        self.base_seq + self.ring.len() as u64
+    }
+
+    fn push(&mut self, entry: Entry) {
+        self.ring_bytes += entry.size();
+        self.ring.push_back(entry);
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.ring.len() > self.settings.history
+            || (self.ring_bytes > self.settings.history_bytes && self.ring.len() > 1)
+        {
+            let Some(old) = self.ring.pop_front() else {
+                break;
+            };
+            self.ring_bytes -= old.size();
+            self.base_seq += 1;
+            if let Entry::Batch { id, .. } = old {
+                self.floor_ts = self.floor_ts.max(id);
+            }
+        }
+        self.resume_seq = self.resume_seq.max(self.base_seq);
+    }
+
+    /// The snapshot of the current state for `reason`, encoded at most once per state.
+    fn snapshot(&mut self, reason: Reason) -> Option<Bytes> {
+        let state = self.state.as_ref()?;
+        if let Some((_, b)) = self.snapshots.iter().find(|(r, _)| *r == reason) {
+            return Some(b.clone());
+        }
+        let ts = self.state_ts;
+        let mut data = String::with_capacity(64 + state.len() * 48);
+        data.push_str("{\"ts\":\"");
+        data.push_str(&ts.to_string());
+        data.push_str("\",\"reason\":\"");
+        data.push_str(reason.as_str());
+        data.push_str("\",\"changes\":[");
+        let mut first = true;
+        let mut sep = |data: &mut String| {
+            if !std::mem::take(&mut first) {
+                data.push(',');
+            }
+        };
+        match state {
+            State::Diff(m) => {
+                for (row, n) in m {
+                    sep(&mut data);
+                    push_diff(&mut data, row, *n);
+                }
+            }
+            State::Keyed(m) => {
+                for (key, row) in m {
+                    sep(&mut data);
+                    push_upsert(&mut data, key, Some(row));
+                }
+            }
+        }
+        data.push_str("]}");
+        let bytes = sse::event("snapshot", Some(ts), &data);
+        self.snapshots.push((reason, bytes.clone()));
+        Some(bytes)
+    }
+
+    fn state_changed(&mut self) {
+        self.snapshots.clear();
+    }
+
+    /// Moves a client's cursor to the head, appending what it must write to `out`.
+    /// Returns true once the client has everything and the stream has ended.
+    fn catch_up(&mut self, pos: &mut u64, out: &mut BytesMut, stats: &Stats) -> bool {
+        let head = self.head();
+        if *pos < self.base_seq || head - *pos > self.settings.client_queue as u64 {
+            stats.lagged.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = self.snapshot(Reason::Lagged) {
+                out.put_slice(&s);
+            }
+            *pos = head;
+        }
+        let start = (*pos - self.base_seq) as usize;
+        let last_reset = self.ring.range(start..).rev().find_map(|e| match e {
+            Entry::Reset(r) => Some(*r),
+            _ => None,
+        });
+        match last_reset {
+            // A reset replaces the state, so one snapshot stands for every entry.
+            Some(reason) => {
+                if let Some(s) = self.snapshot(reason) {
+                    out.put_slice(&s);
+                }
+                if let Health::Reconnecting { .. } = self.health {
+                    out.put_slice(&status_frame(&self.health));
+                }
+            }
+            None => {
+                for entry in self.ring.range(start..) {
+                    if let Entry::Batch { bytes, .. } | Entry::Frame(bytes) = entry {
+                        out.put_slice(bytes);
+                    }
+                }
+            }
+        }
+        *pos = head;
+        match &self.end {
+            Some(end) => {
+                out.put_slice(end);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Where a resuming client's cursor goes, or `None` if the history cannot serve it.
+    fn resume_position(&self, after: u64) -> Option<u64> {
+        self.state.as_ref()?;
+        if after < self.floor_ts || after > self.state_ts {
+            return None;
+        }
+        let mut seq = self.resume_seq;
+        for entry in self
+            .ring
+            .range(((self.resume_seq - self.base_seq) as usize)..)
+        {
+            match entry {
+                Entry::Batch { min_ts, id, .. } => {
+                    if *id <= after {
+                        seq += 1;
+                        continue;
+                    }
+                    // The client has everything up to `after`; this batch must hold
+                    // only later changes, or it would be applied twice.
+                    return (*min_ts > after).then_some(seq);
+                }
+                Entry::Reset(_) => return None,
+                Entry::Frame(_) => seq += 1,
+            }
+        }
+        Some(seq)
+    }
+}
+
+fn push_diff(out: &mut String, row: &str, diff: i64) {
+    out.push_str("{\"diff\":");
+    out.push_str(&diff.to_string());
+    out.push_str(",\"row\":");
+    out.push_str(row);
+    out.push('}');
+}
+
+fn push_upsert(out: &mut String, key: &str, row: Option<&str>) {
+    out.push_str("{\"key\":");
+    out.push_str(key);
+    out.push_str(",\"row\":");
+    out.push_str(row.unwrap_or("null"));
+    out.push('}');
+}
+
+/// Counters the metrics endpoint reads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub clients: AtomicUsize,
+    pub batches: AtomicU64,
+    pub lagged: AtomicU64,
+    pub resets: AtomicU64,
+    pub last_ts: AtomicU64,
+}
+
+/// See the module documentation.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    /// Carries the ring's head sequence; clients wait on it.
+    head: watch::Sender<u64>,
+    pub stats: Stats,
+}
+
+impl Hub {
+    pub fn new(settings: Settings) -> Arc<Hub> {
+        Arc::new(Hub {
+            inner: Mutex::new(Inner {
+                settings,
+                state: None,
+                state_ts: 0,
+                ring: VecDeque::new(),
+                base_seq: 0,
+                ring_bytes: 0,
+                floor_ts: 0,
+                resume_seq: 0,
+                snapshots: Vec::new(),
+                health: Health::Reconnecting {
+                    error: "connecting".into(),
+                },
+                end: None,
+            }),
+            head: watch::Sender::new(0),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The lock is only held for short, non-async sections, so a std mutex is right; a
+    /// panic while holding it cannot leave the ring half-updated in a way that matters
+    /// more than losing the stream, so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self, inner: &Inner) {
+        self.head.send_replace(inner.head());
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.lock().settings.clone()
+    }
+
+    pub fn update_settings(&self, settings: Settings) {
+        let mut inner = self.lock();
+        inner.settings = settings;
+        inner.trim();
+    }
+
+    /// True once the first snapshot has been loaded.
+    pub fn is_ready(&self) -> bool {
+        self.lock().state.is_some()
+    }
+
+    /// The timestamp of the published state, if any.
+    pub fn state_ts(&self) -> Option<u64> {
+        let inner = self.lock();
+        inner.state.as_ref().map(|_| inner.state_ts)
+    }
+
+    /// A copy of the published state (for resync diffs and tests).
+    pub fn state(&self) -> Option<State> {
+        self.lock().state.clone()
+    }
+
+    pub fn health(&self) -> Health {
+        self.lock().health.clone()
+    }
+
+    /// Replaces the whole state. The first call makes the hub ready (clients get
+    /// `snapshot` with reason `initial`); later calls send `reason` to every client.
+    pub fn load_snapshot(&self, ts: u64, state: State, reason: Reason) {
+        let mut inner = self.lock();
+        let reason = if inner.state.is_none() {
+            Reason::Initial
+        } else {
+            self.stats.resets.fetch_add(1, Ordering::Relaxed);
+            reason
+        };
+        inner.state = Some(state);
+        inner.state_ts = ts;
+        inner.floor_ts = ts;
+        inner.state_changed();
+        inner.push(Entry::Reset(reason));
+        inner.resume_seq = inner.head();
+        self.stats.last_ts.store(ts, Ordering::Relaxed);
+        self.notify(&inner);
+    }
+
+    /// Publishes the changes of the timestamps `[min_ts, id]` as one event. Changes are
+    /// consolidated against the state first; if nothing is left, only the state's
+    /// timestamp moves.
+    pub fn publish(&self, min_ts: u64, id: u64, changes: &[Change]) {
+        let mut inner = self.lock();
+        let Some(state) = inner.state.as_mut() else {
+            return;
+        };
+        let net = consolidate(state, changes);
+        for c in &net {
+            state.apply(c);
+        }
+        inner.state_ts = inner.state_ts.max(id);
+        inner.state_changed();
+        self.stats.last_ts.store(inner.state_ts, Ordering::Relaxed);
+        if net.is_empty() {
+            return;
+        }
+        let mut data = String::with_capacity(32 + net.len() * 48);
+        data.push_str("{\"ts\":\"");
+        data.push_str(&id.to_string());
+        data.push_str("\",\"changes\":[");
+        for (i, c) in net.iter().enumerate() {
+            if i > 0 {
+                data.push(',');
+            }
+            match c {
+                Change::Diff { row, diff } => push_diff(&mut data, row, *diff),
+                Change::Upsert { key, row } => push_upsert(&mut data, key, row.as_deref()),
+            }
+        }
+        data.push_str("]}");
+        let bytes = sse::event(&inner.settings.event, Some(id), &data);
+        inner.push(Entry::Batch { min_ts, id, bytes });
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.notify(&inner);
+    }
+
+    /// Moves the state's timestamp forward when a timestamp closed with no changes.
+    pub fn advance(&self, ts: u64) {
+        let mut inner = self.lock();
+        if inner.state.is_some() && ts > inner.state_ts {
+            inner.state_ts = ts;
+            inner.state_changed();
+            self.stats.last_ts.store(ts, Ordering::Relaxed);
+        }
+    }
+
+    /// Replaces the state with one read afresh at `ts`, sending clients only the
+    /// difference. Falls back to a `snapshot` (`upstream-reset`) when the difference is
+    /// too large or the state changed kind.
+    pub fn resync(&self, ts: u64, fresh: State) {
+        let changes = {
+            let inner = self.lock();
+            match inner.state.as_ref() {
+                Some(old) => difference(old, &fresh),
+                None => None,
+            }
+        };
+        match changes {
+            Some(changes) if changes.len() <= MAX_RESYNC_CHANGES => {
+                let min_ts = self.state_ts().map_or(ts, |s| s.saturating_add(1).min(ts));
+                self.publish(min_ts, ts, &changes);
+            }
+            _ => self.load_snapshot(ts, fresh, Reason::UpstreamReset),
+        }
+    }
+
+    /// Reports upstream health to clients when it changes.
+    pub fn set_health(&self, health: Health) {
+        let mut inner = self.lock();
+        if inner.health == health {
+            return;
+        }
+        let frame = status_frame(&health);
+        inner.health = health;
+        inner.push(Entry::Frame(frame));
+        self.notify(&inner);
+    }
+
+    /// Sends a `: keepalive` comment to every client.
+    pub fn heartbeat(&self) {
+        let mut inner = self.lock();
+        if inner.end.is_none() {
+            inner.push(Entry::Frame(Bytes::from_static(sse::KEEPALIVE)));
+            self.notify(&inner);
+        }
+    }
+
+    /// Ends every client stream with `event: end`.
+    pub fn close(&self, reason: EndReason) {
+        let mut inner = self.lock();
+        if inner.end.is_some() {
+            return;
+        }
+        let reason = match reason {
+            EndReason::Removed => "removed",
+            EndReason::Shutdown => "shutdown",
+        };
+        inner.end = Some(sse::event(
+            "end",
+            None,
+            &format!("{{\"reason\":\"{reason}\"}}"),
+        ));
+        self.notify(&inner);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().end.is_some()
+    }
+
+    /// A client's event stream, starting with `retry`, then a snapshot or the replay
+    /// its `resume` asks for, then every event until the hub closes.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        resume: Resume,
+    ) -> impl Stream<Item = Result<Bytes, Infallible>> {
+        let hub = Arc::clone(self);
+        let mut rx = self.head.subscribe();
+        let mut first = BytesMut::new();
+        let mut pos;
+        let mut ended;
+        {
+            let mut inner = hub.lock();
+            first.put_slice(&sse::retry(inner.settings.retry.as_millis()));
+            if let Health::Reconnecting { .. } = inner.health {
+                first.put_slice(&status_frame(&inner.health));
+            }
+            pos = inner.head();
+            let replay = match resume {
+                Resume::After(after) => inner.resume_position(after),
+                _ => None,
+            };
+            match replay {
+                Some(from) => pos = from,
+                None => {
+                    let reason = match resume {
+                        Resume::Fresh => Reason::Initial,
+                        _ => Reason::ResumeGap,
+                    };
+                    if let Some(s) = inner.snapshot(reason) {
+                        first.put_slice(&s);
+                    }
+                }
+            }
+            ended = inner.catch_up(&mut pos, &mut first, &hub.stats);
+        }
+        rx.mark_unchanged();
+        let guard = ClientGuard::new(&hub);
+        async_stream::stream! {
+            let _guard = guard;
+            yield Ok(first.freeze());
+            while !ended {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+                let mut out = BytesMut::new();
+                ended = hub.lock().catch_up(&mut pos, &mut out, &hub.stats);
+                if !out.is_empty() {
+                    yield Ok(out.freeze());
+                }
+            }
+        }
+    }
+}
+
+fn status_frame(health: &Health) -> Bytes {
+    let data = match health {
+        Health::Streaming => "{\"upstream\":\"streaming\",\"error\":null}".to_string(),
+        Health::Reconnecting { error } => serde_json::json!({
+            "upstream": "reconnecting",
+            "error": error,
+        })
+        .to_string(),
+    };
+    sse::event("status", None, &data)
+}
+
+/// Counts connected clients for metrics; decrements when the stream is dropped.
+struct ClientGuard(Arc<Hub>);
+
+impl ClientGuard {
+    fn new(hub: &Arc<Hub>) -> Self {
+        hub.stats.clients.fetch_add(1, Ordering::Relaxed);
+        ClientGuard(Arc::clone(hub))
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The net effect of `changes` on `state`, in first-seen order, without no-ops.
+fn consolidate(state: &State, changes: &[Change]) -> Vec<Change> {
+    match state {
+        State::Diff(_) => {
+            let mut order: Vec<&str> = Vec::new();
+            let mut sums: HashMap<&str, i64> = HashMap::new();
+            for c in changes {
+                if let Change::Diff { row, diff } = c {
+                    let e = sums.entry(row).or_insert_with(|| {
+                        order.push(row);
+                        0
+                    });
+                    *e += diff;
+                }
+            }
+            order
+                .into_iter()
+                .filter_map(|row| {
+                    let diff = sums.get(row).copied().unwrap_or(0);
+                    (diff != 0).then(|| Change::Diff {
+                        row: row.into(),
+                        diff,
+                    })
+                })
+                .collect()
+        }
+        State::Keyed(current) => {
+            let mut order: Vec<&str> = Vec::new();
+            let mut last: HashMap<&str, Option<&str>> = HashMap::new();
+            for c in changes {
+                if let Change::Upsert { key, row } = c {
+                    if last.insert(key, row.as_deref()).is_none() {
+                        order.push(key);
+                    }
+                }
+            }
+            order
+                .into_iter()
+                .filter_map(|key| {
+                    let new = last.get(key).copied().flatten();
+                    let old = current.get(key).map(|r| &**r);
+                    (new != old).then(|| Change::Upsert {
+                        key: key.into(),
+                        row: new.map(Into::into),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// The changes that turn `old` into `new`, or `None` if they are of different kinds.
+fn difference(old: &State, new: &State) -> Option<Vec<Change>> {
+    let mut out = Vec::new();
+    match (old, new) {
+        (State::Diff(a), State::Diff(b)) => {
+            for (row, n) in a {
+                let m = b.get(row).copied().unwrap_or(0);
+                if m != *n {
+                    out.push(Change::Diff {
+                        row: row.clone(),
+                        diff: m - n,
+                    });
+                }
+            }
+            for (row, m) in b {
+                if !a.contains_key(row) {
+                    out.push(Change::Diff {
+                        row: row.clone(),
+                        diff: *m,
+                    });
+                }
+            }
+        }
+        (State::Keyed(a), State::Keyed(b)) => {
+            for (key, row) in a {
+                match b.get(key) {
+                    Some(r) if r == row => {}
+                    other => out.push(Change::Upsert {
+                        key: key.clone(),
+                        row: other.cloned(),
+                    }),
+                }
+            }
+            for (key, row) in b {
+                if !a.contains_key(key) {
+                    out.push(Change::Upsert {
+                        key: key.clone(),
+                        row: Some(row.clone()),
+                    });
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(out)
+}

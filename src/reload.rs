@@ -1,0 +1,290 @@
+//! Hot reload: every trigger (file events, SIGHUP, the fallback poll) feeds one channel
+//! that the gateway's control loop drains, and [`apply`] validates the whole file
+//! before anything changes.
+//!
+//! The watcher watches the config file's *directory* and filters by name, so editors
+//! that save by renaming a temp file over the original and Kubernetes' `..data`
+//! symlink swaps are both seen. In-place writes count only once the writer closes the
+//! file, so a slow partial write is never read half-way; a debounce folds bursts into
+//! one reload, and a content hash skips saves that changed nothing. A poll compares the
+//! hash every [`POLL_EVERY`] for filesystems where notify sees nothing.
+//!
+//! The watcher task and the signal task stop when the gateway's token is cancelled.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config};
+use crate::http::AppState;
+use crate::supervisor::Supervisor;
+
+/// Quiet time that ends a burst of file events.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Fallback poll interval.
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    File,
+    Signal,
+    Poll,
+}
+
+/// Hash of the file's content, or `None` if it cannot be read.
+pub fn content_hash(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|b| hash_bytes(&b))
+}
+
+fn hash_bytes(b: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+/// Keeps the notify watcher alive; dropping it stops the events.
+pub struct WatcherGuard {
+    _watcher: Option<RecommendedWatcher>,
+}
+
+/// Starts the file watcher, the SIGHUP listener and the poll.
+pub fn spawn_watchers(
+    path: &Path,
+    triggers: mpsc::Sender<Trigger>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> WatcherGuard {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+
+    let (raw_tx, raw_rx) = mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let relevant = match &res {
+            Err(_) => true,
+            Ok(event) => {
+                let kind_matters = match event.kind {
+                    // Data written in place counts when the writer closes the file.
+                    EventKind::Modify(notify::event::ModifyKind::Data(_)) => false,
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                    EventKind::Access(_) => false,
+                    _ => true,
+                };
+                kind_matters
+                    && (event.paths.is_empty()
+                        || event.paths.iter().any(|p| {
+                            p.file_name().is_some_and(|n| {
+                                n == name.as_os_str() || n.to_string_lossy().starts_with("..")
+                            })
+                        }))
+            }
+        };
+        if relevant {
+            let _ = raw_tx.send(());
+        }
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "Cannot watch the config directory; relying on polling and SIGHUP.");
+            None
+        }
+    };
+
+    tracker.spawn(debounce(raw_rx, triggers.clone(), cancel.clone()));
+    tracker.spawn(poll(path, triggers.clone(), cancel.clone()));
+    tracker.spawn(sighup(triggers, cancel));
+    WatcherGuard { _watcher: watcher }
+}
+
+async fn debounce(
+    mut raw: mpsc::UnboundedReceiver<()>,
+    triggers: mpsc::Sender<Trigger>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = raw.recv() => if got.is_none() { return },
+        }
+        // Wait until the burst goes quiet.
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                got = raw.recv() => if got.is_none() { return },
+                _ = tokio::time::sleep(DEBOUNCE) => break,
+            }
+        }
+        if triggers.send(Trigger::File).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reports a change the watcher missed, once the content has been stable for two polls.
+async fn poll(path: PathBuf, triggers: mpsc::Sender<Trigger>, cancel: CancellationToken) {
+    let mut reported = content_hash(&path);
+    let mut previous = reported;
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = content_hash(&path);
+        if now.is_some() && now == previous && now != reported {
+            reported = now;
+            if triggers.send(Trigger::Poll).await.is_err() {
+                return;
+            }
+        }
+        previous = now;
+    }
+}
+
+async fn sighup(triggers: mpsc::Sender<Trigger>, cancel: CancellationToken) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "Cannot listen for SIGHUP.");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() || triggers.send(Trigger::Signal).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Re-reads and validates the file and applies it. An unreadable or invalid file
+/// changes nothing: the error is logged once and recorded in the metrics.
+pub fn apply(
+    running: &mut Config,
+    seen: &mut Option<u64>,
+    trigger: Trigger,
+    supervisor: &mut Supervisor,
+    state: &Arc<AppState>,
+) {
+    let path = running.source.clone();
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            if seen.take().is_some() {
+                let message = format!("cannot read {}: {e}", path.display());
+                error!(file = %path.display(), error = %e, "Config unreadable; keeping the running config.");
+                state.metrics.reload_failed(message);
+            }
+            return;
+        }
+    };
+    let hash = hash_bytes(&text);
+    if *seen == Some(hash) && trigger != Trigger::Signal {
+        return;
+    }
+    *seen = Some(hash);
+    let text = String::from_utf8_lossy(&text);
+    let new = match config::parse(&path, &text) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(
+                ?trigger,
+                "Config reload rejected; keeping the running config.\n{e}"
+            );
+            state.metrics.reload_failed(e.to_string());
+            return;
+        }
+    };
+    let (effective, refused) = reconcile(running, new);
+    for field in &refused {
+        warn!(field = %field, "This change needs a restart; keeping the running value.");
+    }
+    let applied = supervisor.apply(&effective);
+    state.server.store(Arc::new(effective.server.clone()));
+    *running = effective;
+    state.metrics.reload_ok();
+    info!(
+        ?trigger,
+        added = applied.added.len(),
+        removed = applied.removed.len(),
+        resubscribed = applied.resubscribed.len(),
+        retuned = applied.retuned.len(),
+        refused = refused.len(),
+        "Config reloaded."
+    );
+}
+
+/// The config to run after a reload: `new`, except for fields that cannot change live,
+/// which keep their running values and are named in the second result.
+pub fn reconcile(running: &Config, mut new: Config) -> (Config, Vec<String>) {
+    let mut refused = Vec::new();
+    macro_rules! keep {
+        ($($section:ident . $field:ident),* $(,)?) => {$(
+            if running.$section.$field != new.$section.$field {
+                refused.push(concat!(stringify!($section), ".", stringify!($field)).to_string());
+                new.$section.$field = running.$section.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        server.listen,
+        server.heartbeat,
+        server.shutdown_grace,
+        upstream.target,
+        upstream.password,
+        upstream.connect_timeout,
+        upstream.progress_timeout,
+        upstream.backoff_initial,
+        upstream.backoff_max,
+        upstream.ca_file,
+        embedded.init,
+        embedded.legacy,
+        embedded.retain,
+        embedded.tick,
+        embedded.schedule,
+    );
+    (new, refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreloadable_fields_are_refused_by_name() {
+        let path = Path::new("/x/streams.toml");
+        let a = config::parse(path, "[[streams]]\npath = \"/a\"\nview = \"v\"\n").expect("valid");
+        let b = config::parse(
+            path,
+            "[server]\nlisten = \"127.0.0.1:9000\"\nsend_timeout = \"5s\"\n\
+             [embedded]\ntick = \"2s\"\n[[streams]]\npath = \"/b\"\nview = \"v\"\n",
+        )
+        .expect("valid");
+        let (effective, refused) = reconcile(&a, b);
+        assert_eq!(refused, vec!["server.listen", "embedded.tick"]);
+        assert_eq!(effective.server.listen, a.server.listen);
+        assert_eq!(effective.server.send_timeout, Duration::from_secs(5));
+        assert_eq!(effective.streams[0].path.as_str(), "/b");
+    }
+}
