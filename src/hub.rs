@@ -759,3 +759,244 @@ fn difference(old: &State, new: &State) -> Option<Vec<Change>> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::{Item, Parser};
+    use futures::StreamExt;
+
+    fn settings(client_queue: usize, history: usize) -> Settings {
+        Settings {
+            event: "update".into(),
+            retry: Duration::from_secs(15),
+            history,
+            history_bytes: 1 << 20,
+            client_queue,
+        }
+    }
+
+    fn diff(row: &str, diff: i64) -> Change {
+        Change::Diff {
+            row: row.into(),
+            diff,
+        }
+    }
+
+    /// Everything a client has received so far, parsed.
+    async fn drain(
+        stream: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin),
+        parser: &mut Parser,
+    ) -> Vec<Item> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(chunk))) =
+            tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+        {
+            parser.feed(&chunk, &mut out);
+        }
+        out
+    }
+
+    fn events(items: &[Item]) -> Vec<(String, Option<String>, serde_json::Value)> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Event(e) if e.event != "status" => Some((
+                    e.event.clone(),
+                    e.id.clone(),
+                    serde_json::from_str(&e.data).expect("json data"),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn snapshot_then_updates_in_order() {
+        let hub = Hub::new(settings(100, 100));
+        let mut early = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut p1 = Parser::new();
+        let items = drain(&mut early, &mut p1).await;
+        assert_eq!(items.first(), Some(&Item::Retry(15000)));
+        assert!(items
+            .iter()
+            .any(|i| matches!(i, Item::Event(e) if e.event == "status")));
+
+        let mut state = State::empty(false);
+        state.apply(&diff("{\"a\":1}", 2));
+        hub.load_snapshot(10, state, Reason::ConfigChanged);
+        let ev = events(&drain(&mut early, &mut p1).await);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].0, "snapshot");
+        assert_eq!(ev[0].2["reason"], "initial");
+        assert_eq!(ev[0].2["changes"][0]["diff"], 2);
+        hub.publish(11, 11, &[diff("{\"a\":1}", -1), diff("{\"a\":2}", 1)]);
+        hub.publish(12, 12, &[diff("{\"a\":3}", 1), diff("{\"a\":3}", -1)]);
+        hub.publish(13, 13, &[diff("{\"a\":4}", 1)]);
+
+        let ev = events(&drain(&mut early, &mut p1).await);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(ev[0].1.as_deref(), Some("11"));
+        assert_eq!(ev[0].2["changes"].as_array().map(Vec::len), Some(2));
+        // The no-op timestamp 12 produced no event; ids strictly increase.
+        assert_eq!(ev[1].1.as_deref(), Some("13"));
+        assert_eq!(hub.state_ts(), Some(13));
+    }
+
+    #[tokio::test]
+    async fn resume_replays_exactly_the_missing_batches() {
+        let hub = Hub::new(settings(100, 100));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        for ts in 11..=15 {
+            hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
+        }
+        hub.advance(20);
+        let mut parser = Parser::new();
+        let mut s = Box::pin(hub.subscribe(Resume::After(12)));
+        let ev = events(&drain(&mut s, &mut parser).await);
+        let ids: Vec<_> = ev.iter().map(|e| e.1.clone().unwrap_or_default()).collect();
+        assert_eq!(ids, vec!["13", "14", "15"]);
+        assert!(ev.iter().all(|e| e.0 == "update"));
+
+        // Between batches, and at the state's own timestamp: nothing or the tail.
+        let mut s = Box::pin(hub.subscribe(Resume::After(18)));
+        assert!(events(&drain(&mut s, &mut Parser::new()).await).is_empty());
+
+        for (after, why) in [(9, "before the floor"), (21, "from the future")] {
+            let mut s = Box::pin(hub.subscribe(Resume::After(after)));
+            let ev = events(&drain(&mut s, &mut Parser::new()).await);
+            assert_eq!(ev.len(), 1, "{why}");
+            assert_eq!(ev[0].2["reason"], "resume-gap", "{why}");
+        }
+        let mut s = Box::pin(hub.subscribe(Resume::Invalid));
+        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        assert_eq!(ev[0].2["reason"], "resume-gap");
+    }
+
+    #[tokio::test]
+    async fn coalesced_batches_are_never_split_on_resume() {
+        let hub = Hub::new(settings(100, 100));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        hub.publish(11, 15, &[diff("{\"a\":1}", 1), diff("{\"a\":2}", 1)]);
+        let mut s = Box::pin(hub.subscribe(Resume::After(12)));
+        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].2["reason"], "resume-gap");
+    }
+
+    #[tokio::test]
+    async fn history_is_bounded_and_old_ids_get_a_snapshot() {
+        let hub = Hub::new(settings(100, 3));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        for ts in 11..=20 {
+            hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
+        }
+        let mut s = Box::pin(hub.subscribe(Resume::After(16)));
+        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].2["reason"], "resume-gap");
+        let mut s = Box::pin(hub.subscribe(Resume::After(17)));
+        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        assert_eq!(ev.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_gets_a_lagged_snapshot() {
+        let hub = Hub::new(settings(4, 1000));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        let mut slow = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut parser = Parser::new();
+        drain(&mut slow, &mut parser).await;
+        for ts in 11..=30 {
+            hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
+        }
+        let ev = events(&drain(&mut slow, &mut parser).await);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].2["reason"], "lagged");
+        assert_eq!(ev[0].2["changes"].as_array().map(Vec::len), Some(20));
+        assert_eq!(hub.stats.lagged.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn keyed_streams_consolidate_per_key() {
+        let hub = Hub::new(settings(100, 100));
+        let mut state = State::empty(true);
+        state.apply(&Change::Upsert {
+            key: "{\"id\":1}".into(),
+            row: Some("{\"id\":1,\"v\":\"a\"}".into()),
+        });
+        hub.load_snapshot(10, state, Reason::Initial);
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut parser = Parser::new();
+        drain(&mut s, &mut parser).await;
+        let up = |id: i64, v: Option<&str>| Change::Upsert {
+            key: format!("{{\"id\":{id}}}").into(),
+            row: v.map(|v| format!("{{\"id\":{id},\"v\":\"{v}\"}}").into()),
+        };
+        // Key 2 comes and goes within the batch; key 1 ends where it started.
+        hub.publish(
+            11,
+            12,
+            &[
+                up(2, Some("x")),
+                up(1, Some("b")),
+                up(2, None),
+                up(1, Some("a")),
+                up(3, Some("c")),
+            ],
+        );
+        hub.publish(13, 13, &[up(1, None)]);
+        let ev = events(&drain(&mut s, &mut parser).await);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(
+            ev[0].2["changes"],
+            serde_json::json!([{"key":{"id":3},"row":{"id":3,"v":"c"}}])
+        );
+        assert_eq!(
+            ev[1].2["changes"],
+            serde_json::json!([{"key":{"id":1},"row":null}])
+        );
+    }
+
+    #[tokio::test]
+    async fn resync_sends_only_the_difference_and_reset_sends_a_snapshot() {
+        let hub = Hub::new(settings(100, 100));
+        let mut old = State::empty(false);
+        old.apply(&diff("{\"a\":1}", 1));
+        old.apply(&diff("{\"a\":2}", 1));
+        hub.load_snapshot(10, old, Reason::Initial);
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut parser = Parser::new();
+        drain(&mut s, &mut parser).await;
+
+        let mut fresh = State::empty(false);
+        fresh.apply(&diff("{\"a\":2}", 1));
+        fresh.apply(&diff("{\"a\":3}", 2));
+        hub.resync(20, fresh.clone());
+        let ev = events(&drain(&mut s, &mut parser).await);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].0, "update");
+        let mut changes: Vec<String> = ev[0].2["changes"]
+            .as_array()
+            .map(|a| a.iter().map(|c| c.to_string()).collect())
+            .unwrap_or_default();
+        changes.sort();
+        assert_eq!(
+            changes,
+            vec![
+                "{\"diff\":-1,\"row\":{\"a\":1}}",
+                "{\"diff\":2,\"row\":{\"a\":3}}"
+            ]
+        );
+        assert_eq!(hub.state(), Some(fresh));
+
+        hub.load_snapshot(30, State::empty(true), Reason::ConfigChanged);
+        hub.close(EndReason::Removed);
+        let ev = events(&drain(&mut s, &mut parser).await);
+        assert_eq!(ev[0].2["reason"], "config-changed");
+        assert_eq!(ev[1].0, "end");
+        assert_eq!(ev[1].2["reason"], "removed");
+        assert!(s.next().await.is_none(), "stream ends after `end`");
+        assert_eq!(hub.stats.clients.load(Ordering::Relaxed), 0);
+    }
+}
