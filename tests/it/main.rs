@@ -1,3 +1,5 @@
 //! The integration tests: one binary, real engine, real sockets.
 
 mod engine;
+mod gateway;
+mod support;

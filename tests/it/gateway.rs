@@ -1,0 +1,396 @@
+//! Gateway tests over the real engine and real HTTP.
+//!
+//! The config text given to `TestGateway::start` continues the `[server]` table, so a
+//! test can add server keys before its own sections.
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tailgate::sse::Item;
+
+use crate::support::{
+    engine_subscriptions, multiset, wait_for, Model, SseClient, TestGateway, WAIT,
+};
+
+const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
+    CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
+    INSERT INTO items VALUES (1, 'one', 10), (2, 'two', 20);\n";
+
+fn items_row(id: i64, name: &str, qty: i64) -> Value {
+    json!({"id": id, "name": name, "qty": qty})
+}
+
+async fn items_truth(sql: &tokio_postgres::Client) -> Vec<(String, i64)> {
+    let rows = sql
+        .simple_query("SELECT id, name, qty FROM items_v")
+        .await
+        .expect("select");
+    multiset(rows.into_iter().filter_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(items_row(
+            r.get(0).and_then(|v| v.parse().ok()).unwrap_or(-1),
+            r.get(1).unwrap_or(""),
+            r.get(2).and_then(|v| v.parse().ok()).unwrap_or(-1),
+        )),
+        _ => None,
+    }))
+}
+
+/// Reads events into `model` until `done` holds, failing after the wait limit.
+async fn converge(
+    client: &mut SseClient,
+    model: &mut Model,
+    event: &str,
+    done: impl Fn(&Model) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done(model) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(!left.is_zero(), "model did not converge: {model:?}");
+        if let Some(Item::Event(e)) = client.next_item(left.min(Duration::from_millis(500))).await {
+            model.apply(&e, event);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/items\"\nview = \"items_v\"\n\
+         [[streams]]\npath = \"/items/by-id\"\nquery = \"SELECT id, name, qty FROM items\"\nkey = [\"id\"]\nevent = \"row\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let mut diff_client = gw.sse("/items").await;
+    let mut keyed_client = gw.sse("/items/by-id").await;
+    assert_eq!(diff_client.status, 200);
+    assert_eq!(
+        diff_client
+            .headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("text/event-stream")
+    );
+    let mut diff_model = Model::default();
+    let mut keyed_model = Model::default();
+    let first = diff_client.next_data_event(WAIT).await;
+    assert_eq!(first.event, "snapshot");
+    diff_model.apply(&first, "update");
+    assert_eq!(diff_model.snapshots, vec!["initial"]);
+    assert_eq!(diff_model.rows.len(), 2);
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut next_id = 3;
+    let mut live: Vec<i64> = vec![1, 2];
+    for step in 0..120 {
+        let op = rng.random_range(0..10);
+        let stmt = if op < 4 || live.is_empty() {
+            let id = next_id;
+            next_id += 1;
+            live.push(id);
+            format!(
+                "INSERT INTO items VALUES ({id}, 'item {id}', {})",
+                rng.random_range(0..100)
+            )
+        } else if op < 8 {
+            let id = live[rng.random_range(0..live.len())];
+            format!(
+                "UPDATE items SET qty = qty + {}, name = 'n{step}' WHERE id = {id}",
+                rng.random_range(1..5)
+            )
+        } else {
+            let at = rng.random_range(0..live.len());
+            let id = live.swap_remove(at);
+            format!("DELETE FROM items WHERE id = {id}")
+        };
+        if step % 10 == 0 {
+            // A multi-statement transaction commits at one timestamp.
+            let id = next_id;
+            next_id += 1;
+            live.push(id);
+            sql.batch_execute(&format!(
+                "BEGIN; {stmt}; INSERT INTO items VALUES ({id}, 'tx', 1); COMMIT"
+            ))
+            .await
+            .expect("transaction");
+        } else {
+            sql.batch_execute(&stmt).await.expect("statement");
+        }
+    }
+    let truth = items_truth(&sql).await;
+    converge(&mut diff_client, &mut diff_model, "update", |m| {
+        m.sorted() == truth
+    })
+    .await;
+    assert!(diff_model.updates > 10, "updates arrived as update events");
+    assert_eq!(
+        diff_model.snapshots,
+        vec!["initial"],
+        "no unexpected snapshot"
+    );
+
+    let keyed_truth: std::collections::BTreeMap<String, String> = truth
+        .iter()
+        .map(|(row, _)| {
+            let v: Value = serde_json::from_str(row).expect("row");
+            (json!({"id": v["id"]}).to_string(), v.to_string())
+        })
+        .collect();
+    converge(&mut keyed_client, &mut keyed_model, "row", |m| {
+        let got: std::collections::BTreeMap<String, String> = m
+            .keyed
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        got == keyed_truth
+    })
+    .await;
+    assert_eq!(keyed_model.snapshots, vec!["initial"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_share_one_upstream_subscription() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        clients.push(gw.sse("/items").await);
+    }
+    for c in &mut clients {
+        assert_eq!(c.next_data_event(WAIT).await.event, "snapshot");
+    }
+    sql.batch_execute("INSERT INTO items VALUES (3, 'three', 30)")
+        .await
+        .expect("insert");
+    for c in &mut clients {
+        let e = c.next_data_event(WAIT).await;
+        assert_eq!(e.event, "update");
+        assert!(e.data.contains("three"));
+    }
+    assert_eq!(
+        engine_subscriptions(&sql).await,
+        1,
+        "one SUBSCRIBE for 200 clients"
+    );
+    let (_, listing) = gw.get("/").await;
+    let listing: Value = serde_json::from_str(&listing).expect("listing JSON");
+    assert_eq!(listing["streams"][0]["clients"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_arrives_intact() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/t\"\nview = \"notes\"\n",
+        &[("init.sql", "CREATE TABLE notes (id int, body text);\n")],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let mut client = gw.sse("/t").await;
+    assert_eq!(client.next_data_event(WAIT).await.event, "snapshot");
+    let hostile = [
+        "line\nbreak",
+        "crlf\r\nbreak",
+        "cr\ronly",
+        "nul\0byte",
+        "quotes \" ' \\ and `ticks`",
+        "non-ASCII: é ü 中文 🎉 \u{2028} \u{feff}",
+        "data: fake\n\nevent: end\n\n",
+        "",
+    ];
+    for (i, text) in hostile.iter().enumerate() {
+        sql.execute("INSERT INTO notes VALUES ($1, $2)", &[&(i as i32), text])
+            .await
+            .expect("insert hostile text");
+    }
+    let mut model = Model::default();
+    let want = multiset(
+        hostile
+            .iter()
+            .enumerate()
+            .map(|(i, t)| json!({"id": i, "body": t})),
+    );
+    converge(&mut client, &mut model, "update", |m| m.sorted() == want).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_coalesces_and_retry_event_and_heartbeat_are_as_configured() {
+    let gw = TestGateway::start(
+        "heartbeat = \"300ms\"\n[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/now\"\nview = \"items_v\"\nevent = \"new_message\"\nretry = \"2500ms\"\n\
+         [[streams]]\npath = \"/slow\"\nview = \"items_v\"\ndelay = \"1s\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let mut now = gw.sse("/now").await;
+    let mut slow = gw.sse("/slow").await;
+    assert_eq!(now.next_item(WAIT).await, Some(Item::Retry(2500)));
+    assert_eq!(slow.next_item(WAIT).await, Some(Item::Retry(15000)));
+    assert_eq!(now.next_data_event(WAIT).await.event, "snapshot");
+    assert_eq!(slow.next_data_event(WAIT).await.event, "snapshot");
+
+    for id in 10..16 {
+        sql.batch_execute(&format!("INSERT INTO items VALUES ({id}, 'x', 1)"))
+            .await
+            .expect("insert");
+    }
+    // Six writes, six timestamps: one event each without delay...
+    let mut ids = Vec::new();
+    while ids.len() < 6 {
+        let e = now.next_data_event(WAIT).await;
+        assert_eq!(e.event, "new_message");
+        ids.push(e.id.clone());
+    }
+    // ...and far fewer with a one-second window, holding all six rows.
+    let mut rows = 0;
+    let mut events = 0;
+    while rows < 6 {
+        let e = slow.next_data_event(WAIT).await;
+        assert_eq!(e.event, "update");
+        let v: Value = serde_json::from_str(&e.data).expect("json");
+        rows += v["changes"].as_array().map_or(0, Vec::len);
+        events += 1;
+    }
+    assert_eq!(rows, 6);
+    assert!(
+        events <= 2,
+        "a 1 s delay folded six writes into {events} events"
+    );
+
+    let heartbeat = wait_for("a keepalive comment", WAIT, || {
+        let now = &mut now;
+        async move {
+            match now.next_item(Duration::from_millis(200)).await {
+                Some(Item::Comment(c)) if c == "keepalive" => Some(()),
+                _ => None,
+            }
+        }
+    });
+    heartbeat.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_engine_streams_through_tail() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\nlegacy = true\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let version: String = sql
+        .query_one("SELECT mz_version()", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert!(version.starts_with("v0.26"), "{version}");
+    let mut client = gw.sse("/items").await;
+    let mut model = Model::default();
+    model.apply(&client.next_data_event(WAIT).await, "update");
+    sql.batch_execute("DELETE FROM items WHERE id = 1; INSERT INTO items VALUES (5, 'five', 5)")
+        .await
+        .expect("writes");
+    let truth = items_truth(&sql).await;
+    converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stream_reports_status_while_others_deliver() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/broken\"\nview = \"no_such_view\"\n\
+         [[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let mut broken = gw.sse("/broken").await;
+    assert_eq!(broken.status, 200, "a degraded stream still answers 200");
+    let status = wait_for("a status event naming the error", WAIT, || {
+        let broken = &mut broken;
+        async move {
+            match broken.next_item(Duration::from_millis(200)).await {
+                Some(Item::Event(e)) if e.event == "status" && e.data.contains("no_such_view") => {
+                    Some(e)
+                }
+                _ => None,
+            }
+        }
+    })
+    .await;
+    let v: Value = serde_json::from_str(&status.data).expect("json");
+    assert_eq!(v["upstream"], "reconnecting");
+
+    let mut items = gw.sse("/items").await;
+    assert_eq!(items.next_data_event(WAIT).await.event, "snapshot");
+    sql.batch_execute("INSERT INTO items VALUES (9, 'nine', 9)")
+        .await
+        .expect("insert");
+    let e = items.next_data_event(WAIT).await;
+    assert!(e.data.contains("nine"));
+
+    let (_, listing) = gw.get("/").await;
+    let listing: Value = serde_json::from_str(&listing).expect("json");
+    let broken_entry = listing["streams"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["path"] == "/broken").cloned())
+        .expect("listed");
+    assert_eq!(broken_entry["upstream"], "reconnecting");
+    let (_, metrics) = gw.get("/metrics").await;
+    assert!(
+        metrics.contains("upstream_up{stream=\"/broken\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("upstream_up{stream=\"/items\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_get_404_and_the_listing_has_html() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    assert_eq!(gw.get("/nope").await.0, 404);
+    let (status, page) = crate::support::get(gw.addr, "/", &[("accept", "text/html")]).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<a href=\"/items\">"), "{page}");
+    let (_, json) = gw.get("/").await;
+    let v: Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["streams"][0]["view"], "items_v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_every_stream_with_end() {
+    let mut gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/a\"\nview = \"items_v\"\n\
+         [[streams]]\npath = \"/b\"\nview = \"items\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let mut a = gw.sse("/a").await;
+    let mut b = gw.sse("/b").await;
+    assert_eq!(a.next_data_event(WAIT).await.event, "snapshot");
+    assert_eq!(b.next_data_event(WAIT).await.event, "snapshot");
+    let started = std::time::Instant::now();
+    gw.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped within the grace period"
+    );
+    for c in [&mut a, &mut b] {
+        let e = c.next_data_event(WAIT).await;
+        assert_eq!(e.event, "end");
+        assert_eq!(e.data, "{\"reason\":\"shutdown\"}");
+        assert!(c.next_item(WAIT).await.is_none(), "stream closes after end");
+    }
+}

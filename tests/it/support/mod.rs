@@ -1,0 +1,335 @@
+//! Test helpers: a gateway on port 0 over the embedded engine, a real HTTP SSE client
+//! with the crate's spec parser, a model client that applies events, and waiting for
+//! conditions under a timeout.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use serde_json::Value;
+use tailgate::config;
+use tailgate::sse::{Event, Item, Parser};
+use tailgate::Gateway;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Logs go to the test output only when `TEST_LOG` is set.
+pub fn init_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        tailgate::telemetry::init_logging();
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A gateway running from a streams.toml in a temp dir.
+pub struct TestGateway {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub engine: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<()>>,
+    pub metrics: std::sync::Arc<tailgate::telemetry::Metrics>,
+}
+
+impl TestGateway {
+    /// Starts a gateway whose config is `[server] listen = 127.0.0.1:0` plus `body`.
+    /// Extra files (for `init`) are written next to the config first.
+    pub async fn start(body: &str, files: &[(&str, &str)]) -> TestGateway {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write file");
+        }
+        let text = format!("[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{body}");
+        let path = dir.path().join("streams.toml");
+        std::fs::write(&path, &text).expect("write config");
+        let config = config::load(&path).expect("valid test config");
+        let gateway = Gateway::build(config).await.expect("gateway starts");
+        let addr = gateway.local_addr();
+        let engine = gateway.engine_addr();
+        let shutdown = gateway.shutdown_token();
+        let metrics = gateway.metrics();
+        let task = tokio::spawn(gateway.run_until_stopped());
+        TestGateway {
+            dir,
+            addr,
+            engine,
+            shutdown,
+            task: Some(task),
+            metrics,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("streams.toml")
+    }
+
+    /// A SQL session on the embedded engine.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        sql(self.engine.expect("embedded engine")).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        get(self.addr, path, &[]).await
+    }
+
+    pub async fn sse(&self, path: &str) -> SseClient {
+        SseClient::connect(self.addr, path, &[]).await
+    }
+
+    /// Stops the gateway and waits for it to exit.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("gateway stops in time")
+                .expect("gateway task did not panic");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn sql(addr: SocketAddr) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=materialize dbname=materialize",
+            addr.ip(),
+            addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to engine");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Number of active subscriptions the engine reports.
+pub async fn engine_subscriptions(client: &tokio_postgres::Client) -> i64 {
+    let row = client
+        .query_one("SELECT count(*) FROM mz_internal.mz_subscriptions", &[])
+        .await
+        .expect("mz_subscriptions");
+    row.get::<_, i64>(0)
+}
+
+async fn request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> hyper::Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.expect("connect to gateway");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("http handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = hyper::Request::get(path).header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    sender
+        .send_request(req.body(Empty::<Bytes>::new()).expect("request"))
+        .await
+        .expect("response")
+}
+
+/// A plain GET, body collected.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let resp = request(addr, path, headers).await;
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An SSE client over real HTTP, parsing with the crate's spec parser.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    body: Incoming,
+    parser: Parser,
+    queue: std::collections::VecDeque<Item>,
+    pub ended: bool,
+}
+
+impl SseClient {
+    pub async fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let resp = request(addr, path, headers).await;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        SseClient {
+            status,
+            headers,
+            body: resp.into_body(),
+            parser: Parser::new(),
+            queue: Default::default(),
+            ended: false,
+        }
+    }
+
+    /// The next item (event, retry or comment), or `None` if the stream ended or
+    /// nothing came within `limit`.
+    pub async fn next_item(&mut self, limit: Duration) -> Option<Item> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Some(item);
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) => return None,
+                Ok(None) | Ok(Some(Err(_))) => self.ended = true,
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        let mut out = Vec::new();
+                        self.parser.feed(&data, &mut out);
+                        self.queue.extend(out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next event (skipping comments and retry), failing the test after `limit`.
+    pub async fn next_event(&mut self, limit: Duration) -> Event {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_item(left).await {
+                Some(Item::Event(e)) => return e,
+                Some(_) => continue,
+                None => panic!("no event within {limit:?} (ended: {})", self.ended),
+            }
+        }
+    }
+
+    /// The next event that is not `status`.
+    pub async fn next_data_event(&mut self, limit: Duration) -> Event {
+        loop {
+            let e = self.next_event(limit).await;
+            if e.event != "status" {
+                return e;
+            }
+        }
+    }
+}
+
+/// A browser-side model: applies snapshot and update events to a multiset of rows.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub rows: HashMap<String, i64>,
+    pub keyed: HashMap<String, Value>,
+    pub last_id: Option<u64>,
+    pub snapshots: Vec<String>,
+    pub updates: usize,
+}
+
+impl Model {
+    /// Applies one event, checking that ids strictly increase.
+    pub fn apply(&mut self, e: &Event, update_event: &str) {
+        if e.event != "snapshot" && e.event != update_event {
+            return;
+        }
+        let data: Value = serde_json::from_str(&e.data).expect("event data is JSON");
+        let id: u64 =
+            e.id.as_deref()
+                .expect("data events carry an id")
+                .parse()
+                .expect("numeric id");
+        assert_eq!(data["ts"], Value::String(id.to_string()), "ts matches id");
+        if let Some(last) = self.last_id {
+            assert!(id > last, "ids strictly increase: {last} then {id}");
+        }
+        self.last_id = Some(id);
+        if e.event == "snapshot" {
+            self.snapshots
+                .push(data["reason"].as_str().unwrap_or("?").to_string());
+            self.rows.clear();
+            self.keyed.clear();
+        } else {
+            self.updates += 1;
+        }
+        for change in data["changes"].as_array().expect("changes array") {
+            if let Some(key) = change.get("key") {
+                let k = key.to_string();
+                match &change["row"] {
+                    Value::Null => {
+                        self.keyed.remove(&k);
+                    }
+                    row => {
+                        self.keyed.insert(k, row.clone());
+                    }
+                }
+            } else {
+                let diff = change["diff"].as_i64().expect("diff");
+                let row = change["row"].to_string();
+                let n = self.rows.entry(row.clone()).or_insert(0);
+                *n += diff;
+                if *n == 0 {
+                    self.rows.remove(&row);
+                }
+            }
+        }
+    }
+
+    /// The multiset as sorted (row, count) pairs.
+    pub fn sorted(&self) -> Vec<(String, i64)> {
+        let mut v: Vec<_> = self.rows.iter().map(|(r, n)| (r.clone(), *n)).collect();
+        v.sort();
+        v
+    }
+}
+
+/// Builds the canonical multiset of `rows` (JSON objects), for comparing with a model.
+pub fn multiset(rows: impl IntoIterator<Item = Value>) -> Vec<(String, i64)> {
+    let mut m: HashMap<String, i64> = HashMap::new();
+    for r in rows {
+        *m.entry(r.to_string()).or_insert(0) += 1;
+    }
+    let mut v: Vec<_> = m.into_iter().collect();
+    v.sort();
+    v
+}
