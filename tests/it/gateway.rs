@@ -263,16 +263,12 @@ async fn delay_coalesces_and_retry_event_and_heartbeat_are_as_configured() {
         "a 1 s delay folded six writes into {events} events"
     );
 
-    let heartbeat = wait_for("a keepalive comment", WAIT, || {
-        let now = &mut now;
-        async move {
-            match now.next_item(Duration::from_millis(200)).await {
-                Some(Item::Comment(c)) if c == "keepalive" => Some(()),
-                _ => None,
-            }
-        }
-    });
-    heartbeat.await;
+    now.wait_item(
+        "a keepalive comment",
+        WAIT,
+        |i| matches!(i, Item::Comment(c) if c == "keepalive"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,18 +307,15 @@ async fn a_broken_stream_reports_status_while_others_deliver() {
     let sql = gw.sql().await;
     let mut broken = gw.sse("/broken").await;
     assert_eq!(broken.status, 200, "a degraded stream still answers 200");
-    let status = wait_for("a status event naming the error", WAIT, || {
-        let broken = &mut broken;
-        async move {
-            match broken.next_item(Duration::from_millis(200)).await {
-                Some(Item::Event(e)) if e.event == "status" && e.data.contains("no_such_view") => {
-                    Some(e)
-                }
-                _ => None,
-            }
-        }
-    })
-    .await;
+    let status = match broken
+        .wait_item("a status event naming the error", WAIT, |i| {
+            matches!(i, Item::Event(e) if e.event == "status" && e.data.contains("no_such_view"))
+        })
+        .await
+    {
+        Item::Event(e) => e,
+        other => panic!("{other:?}"),
+    };
     let v: Value = serde_json::from_str(&status.data).expect("json");
     assert_eq!(v["upstream"], "reconnecting");
 

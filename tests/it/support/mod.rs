@@ -246,6 +246,24 @@ impl SseClient {
         }
     }
 
+    /// Skips items until one satisfies `pred`, failing the test after `limit`.
+    pub async fn wait_item(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Item) -> bool,
+    ) -> Item {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_item(left).await {
+                Some(item) if pred(&item) => return item,
+                Some(_) => continue,
+                None => panic!("no {what} within {limit:?} (ended: {})", self.ended),
+            }
+        }
+    }
+
     /// The next event that is not `status`.
     pub async fn next_data_event(&mut self, limit: Duration) -> Event {
         loop {
