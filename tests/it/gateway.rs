@@ -9,9 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tailgate::sse::Item;
 
-use crate::support::{
-    engine_subscriptions, multiset, wait_for, Model, SseClient, TestGateway, WAIT,
-};
+use crate::support::{engine_subscriptions, multiset, Model, SseClient, TestGateway, WAIT};
 
 const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
     CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
