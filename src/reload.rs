@@ -200,7 +200,7 @@ pub fn apply(
         }
     };
     let hash = hash_bytes(&text);
-    if *seen == Some(hash) && trigger != Trigger::Signal {
+    if *seen == Some(hash) {
         return;
     }
     *seen = Some(hash);

@@ -350,7 +350,7 @@ async fn unknown_paths_get_404_and_the_listing_has_html() {
         &[("init.sql", ITEMS_SQL)],
     )
     .await;
-    assert_eq!(gw.get("/nope").await.0, 404);
+    assert_eq!(gw.status("/nope").await, 404);
     let (status, page) = crate::support::get(gw.addr, "/", &[("accept", "text/html")]).await;
     assert_eq!(status, 200);
     assert!(page.contains("<a href=\"/items\">"), "{page}");

@@ -22,6 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The full config text for a test body that continues the `[server]` table.
+pub fn config_text(body: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{body}")
+}
+
 /// Logs go to the test output only when `TEST_LOG` is set.
 pub fn init_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -62,15 +67,19 @@ impl TestGateway {
     /// Starts a gateway whose config is `[server] listen = 127.0.0.1:0` plus `body`.
     /// Extra files (for `init`) are written next to the config first.
     pub async fn start(body: &str, files: &[(&str, &str)]) -> TestGateway {
-        init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).expect("write file");
         }
-        let text = format!("[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{body}");
         let path = dir.path().join("streams.toml");
-        std::fs::write(&path, &text).expect("write config");
-        let config = config::load(&path).expect("valid test config");
+        std::fs::write(&path, config_text(body)).expect("write config");
+        Self::launch(dir, &path).await
+    }
+
+    /// Starts a gateway on an existing config file inside `dir`.
+    pub async fn launch(dir: tempfile::TempDir, path: &std::path::Path) -> TestGateway {
+        init_logging();
+        let config = config::load(path).expect("valid test config");
         let gateway = Gateway::build(config).await.expect("gateway starts");
         let addr = gateway.local_addr();
         let engine = gateway.engine_addr();
@@ -87,6 +96,31 @@ impl TestGateway {
         }
     }
 
+    /// Reloads seen so far, successful or not.
+    pub fn reloads(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.metrics.reloads_ok.load(Relaxed),
+            self.metrics.reloads_failed.load(Relaxed),
+        )
+    }
+
+    /// Waits until the gateway has applied `n` successful reloads.
+    pub async fn wait_reloaded(&self, n: u64) {
+        wait_for("a config reload", WAIT, || async move {
+            (self.reloads().0 >= n).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until `n` failed reloads have been recorded.
+    pub async fn wait_rejected(&self, n: u64) {
+        wait_for("a rejected reload", WAIT, || async move {
+            (self.reloads().1 >= n).then_some(())
+        })
+        .await
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("streams.toml")
     }
@@ -98,6 +132,11 @@ impl TestGateway {
 
     pub async fn get(&self, path: &str) -> (u16, String) {
         get(self.addr, path, &[]).await
+    }
+
+    /// The status of a GET without reading the (possibly endless) body.
+    pub async fn status(&self, path: &str) -> u16 {
+        SseClient::connect(self.addr, path, &[]).await.status
     }
 
     pub async fn sse(&self, path: &str) -> SseClient {

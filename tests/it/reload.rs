@@ -1,0 +1,332 @@
+//! Hot reload over real files: every save style, per-stream diffs, invalid and partial
+//! files, and no leaked upstream sessions.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tailgate::sse::Item;
+
+use crate::support::{config_text, engine_subscriptions, wait_for, Model, TestGateway, WAIT};
+
+const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
+    CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
+    CREATE VIEW names AS SELECT name FROM items;\n\
+    INSERT INTO items VALUES (1, 'one', 10);\n";
+
+fn streams(paths: &[&str]) -> String {
+    let mut body = String::from("[embedded]\ninit = \"init.sql\"\n");
+    for p in paths {
+        body.push_str(&format!(
+            "[[streams]]\npath = \"{p}\"\nview = \"items_v\"\n"
+        ));
+    }
+    config_text(&body)
+}
+
+async fn start(paths: &[&str]) -> TestGateway {
+    let gw = TestGateway::start("", &[("init.sql", INIT)]).await;
+    std::fs::write(gw.config_path(), streams(paths)).expect("write");
+    // The first write above may or may not be seen as a reload; settle on it.
+    wait_served(&gw, paths).await;
+    gw
+}
+
+/// Waits until every path answers with a snapshot.
+async fn wait_served(gw: &TestGateway, paths: &[&str]) {
+    for p in paths {
+        let p = p.to_string();
+        wait_for(&format!("{p} served"), WAIT, || {
+            let p = p.clone();
+            async move { (gw.get("/").await.1.contains(&format!("\"path\":\"{p}\""))).then_some(()) }
+        })
+        .await;
+    }
+}
+
+async fn wait_gone(gw: &TestGateway, path: &str) {
+    wait_for(&format!("{path} gone"), WAIT, || async move {
+        (!gw.get("/")
+            .await
+            .1
+            .contains(&format!("\"path\":\"{path}\"")))
+        .then_some(())
+    })
+    .await;
+}
+
+async fn wait_sessions(gw: &TestGateway, sql: &tokio_postgres::Client, n: i64) {
+    let _ = gw;
+    wait_for(
+        &format!("{n} upstream subscriptions"),
+        WAIT,
+        || async move { (engine_subscriptions(sql).await == n).then_some(()) },
+    )
+    .await;
+}
+
+fn write_in_place(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .expect("open");
+    f.write_all(text.as_bytes()).expect("write");
+}
+
+fn write_vim_style(path: &Path, text: &str) {
+    let tmp = path.with_file_name(".streams.toml.swp");
+    std::fs::write(&tmp, text).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_vim_style_and_recreated_saves_are_picked_up() {
+    let gw = start(&["/a"]).await;
+    let path = gw.config_path();
+
+    write_in_place(&path, &streams(&["/a", "/b"]));
+    wait_served(&gw, &["/b"]).await;
+
+    write_vim_style(&path, &streams(&["/a", "/b", "/c"]));
+    wait_served(&gw, &["/c"]).await;
+
+    std::fs::remove_file(&path).expect("delete");
+    wait_for("the deletion to be noticed", WAIT, || async {
+        gw.metrics
+            .last_reload_error()
+            .filter(|e| e.contains("cannot read"))
+            .map(|_| ())
+    })
+    .await;
+    // Deleting the file tears nothing down.
+    assert_eq!(gw.status("/a").await, 200);
+    std::fs::write(&path, streams(&["/a", "/d"])).expect("recreate");
+    wait_served(&gw, &["/d"]).await;
+    wait_gone(&gw, "/b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_configmap_symlink_swaps_are_picked_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    std::fs::write(root.join("init.sql"), INIT).expect("init");
+    let version = |n: u32, text: &str| {
+        let v = root.join(format!("..2026_11_28_{n}"));
+        std::fs::create_dir(&v).expect("version dir");
+        std::fs::write(v.join("streams.toml"), text).expect("config");
+        v
+    };
+    version(1, &streams(&["/a"]));
+    std::os::unix::fs::symlink("..2026_11_28_1", root.join("..data")).expect("..data");
+    std::os::unix::fs::symlink("..data/streams.toml", root.join("streams.toml")).expect("link");
+    let path = root.join("streams.toml");
+    // init.sql resolves against the config's directory, as a ConfigMap mount would have it.
+    let gw = TestGateway::launch(dir, &path).await;
+    wait_served(&gw, &["/a"]).await;
+
+    // The kubelet's atomic swap: a new version dir, a temp link, renamed over ..data.
+    let root = gw.dir.path().to_path_buf();
+    let v2 = root.join("..2026_11_28_2");
+    std::fs::create_dir(&v2).expect("v2");
+    std::fs::write(v2.join("streams.toml"), streams(&["/a", "/k8s"])).expect("v2 config");
+    std::os::unix::fs::symlink("..2026_11_28_2", root.join("..data_tmp")).expect("tmp link");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    wait_served(&gw, &["/k8s"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_streams_are_untouched_across_fifty_reloads() {
+    let gw = start(&["/stable"]).await;
+    let sql = gw.sql().await;
+    let path = gw.config_path();
+    let mut client = gw.sse("/stable").await;
+    let mut model = Model::default();
+    let first = client.next_data_event(WAIT).await;
+    model.apply(&first, "update");
+    let (base_ok, _) = gw.reloads();
+
+    for i in 0..50u64 {
+        // Others come, change (view, then delay/event), and go.
+        let mut body = String::from("[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/stable\"\nview = \"items_v\"\n");
+        match i % 3 {
+            0 => body.push_str("[[streams]]\npath = \"/other\"\nview = \"items_v\"\n"),
+            1 => body.push_str("[[streams]]\npath = \"/other\"\nview = \"names\"\ndelay = \"50ms\"\nevent = \"x\"\n"),
+            _ => {}
+        }
+        if i % 2 == 0 {
+            write_in_place(&path, &config_text(&body));
+        } else {
+            write_vim_style(&path, &config_text(&body));
+        }
+        sql.batch_execute(&format!(
+            "INSERT INTO items VALUES ({}, 'r{i}', {i})",
+            100 + i
+        ))
+        .await
+        .expect("insert");
+        gw.wait_reloaded(base_ok + i + 1).await;
+        let expected = if i % 3 == 2 { 1 } else { 2 };
+        wait_sessions(&gw, &sql, expected).await;
+    }
+
+    let truth = {
+        let rows = sql
+            .simple_query("SELECT id, name, qty FROM items_v")
+            .await
+            .expect("select");
+        crate::support::multiset(rows.into_iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(serde_json::json!({
+                "id": r.get(0).and_then(|v| v.parse::<i64>().ok()),
+                "name": r.get(1),
+                "qty": r.get(2).and_then(|v| v.parse::<i64>().ok()),
+            })),
+            _ => None,
+        }))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while model.sorted() != truth {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "did not converge: {model:?}"
+        );
+        match client.next_item(Duration::from_millis(500)).await {
+            Some(Item::Event(e)) => {
+                assert!(e.event != "end", "unchanged stream was ended");
+                model.apply(&e, "update");
+            }
+            Some(_) => {}
+            None => assert!(!client.ended, "unchanged stream's connection closed"),
+        }
+    }
+    assert_eq!(
+        model.snapshots,
+        vec!["initial"],
+        "no snapshot across reloads"
+    );
+    assert_eq!(
+        model.updates, 50,
+        "one update per write, none missed or repeated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_changed_and_retuned_streams_behave_as_specified() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/gone\"\nview = \"items_v\"\n\
+         [[streams]]\npath = \"/changed\"\nview = \"items_v\"\n\
+         [[streams]]\npath = \"/tuned\"\nview = \"items_v\"\n",
+        &[("init.sql", INIT)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    wait_sessions(&gw, &sql, 3).await;
+    let mut gone = gw.sse("/gone").await;
+    let mut changed = gw.sse("/changed").await;
+    let mut tuned = gw.sse("/tuned").await;
+    for c in [&mut gone, &mut changed, &mut tuned] {
+        assert_eq!(c.next_data_event(WAIT).await.event, "snapshot");
+    }
+    std::fs::write(
+        gw.config_path(),
+        config_text(
+            "[embedded]\ninit = \"init.sql\"\n\
+             [[streams]]\npath = \"/changed\"\nview = \"names\"\n\
+             [[streams]]\npath = \"/tuned\"\nview = \"items_v\"\nevent = \"renamed\"\nretry = \"1s\"\n",
+        ),
+    )
+    .expect("write");
+    gw.wait_reloaded(1).await;
+
+    let end = gone.next_data_event(WAIT).await;
+    assert_eq!(end.event, "end");
+    assert_eq!(end.data, "{\"reason\":\"removed\"}");
+    assert!(gone.next_item(WAIT).await.is_none());
+    assert_eq!(gw.status("/gone").await, 404);
+
+    let snap = changed.next_data_event(WAIT).await;
+    assert_eq!(snap.event, "snapshot");
+    let v: Value = serde_json::from_str(&snap.data).expect("json");
+    assert_eq!(v["reason"], "config-changed");
+    assert_eq!(v["changes"][0]["row"], serde_json::json!({"name": "one"}));
+
+    wait_sessions(&gw, &sql, 2).await;
+    sql.batch_execute("INSERT INTO items VALUES (2, 'two', 2)")
+        .await
+        .expect("insert");
+    let e = tuned.next_data_event(WAIT).await;
+    assert_eq!(e.event, "renamed", "new event name without a new snapshot");
+    let mut fresh = gw.sse("/tuned").await;
+    assert_eq!(fresh.next_item(WAIT).await, Some(Item::Retry(1000)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_files_keep_the_running_config_and_report_the_error() {
+    let gw = start(&["/a"]).await;
+    let path = gw.config_path();
+    let mut client = gw.sse("/a").await;
+    assert_eq!(client.next_data_event(WAIT).await.event, "snapshot");
+    let (_, failed) = gw.reloads();
+
+    let bad = [
+        "[[streams]\npath = \"/a\"\n".to_string(),
+        config_text("[[streams]]\npath = \"/a\"\nview = \"items_v\"\ndelay = \"soon\"\n"),
+        String::new(),
+    ];
+    for (i, text) in bad.iter().enumerate() {
+        write_in_place(&path, text);
+        gw.wait_rejected(failed + i as u64 + 1).await;
+        assert_eq!(gw.status("/a").await, 200, "old config still served");
+    }
+    let (_, listing) = gw.get("/").await;
+    let v: Value = serde_json::from_str(&listing).expect("json");
+    assert_eq!(v["config"]["last_reload_successful"], false);
+    let (_, metrics) = gw.get("/metrics").await;
+    assert!(metrics.contains("config_last_reload_successful 0"));
+
+    let (ok, _) = gw.reloads();
+    write_in_place(&path, &streams(&["/a", "/b"]));
+    gw.wait_reloaded(ok + 1).await;
+    wait_served(&gw, &["/b"]).await;
+    let (_, metrics) = gw.get("/metrics").await;
+    assert!(metrics.contains("config_last_reload_successful 1"));
+    // The client on /a never noticed.
+    match client.next_item(Duration::from_millis(300)).await {
+        Some(Item::Event(e)) => assert_ne!(e.event, "snapshot"),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_file_is_never_applied() {
+    let gw = start(&["/a", "/b"]).await;
+    let path = gw.config_path();
+    let mut b = gw.sse("/b").await;
+    assert_eq!(b.next_data_event(WAIT).await.event, "snapshot");
+    let full = streams(&["/a", "/b", "/c"]);
+    // The partial text is itself a valid config holding only /a: applying it would
+    // remove /b.
+    let cut = full.find("[[streams]]\npath = \"/b\"").expect("cut point");
+    let (ok, _) = gw.reloads();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(&full.as_bytes()[..cut]).expect("partial");
+        f.flush().expect("flush");
+        // A slow writer: pause well past the debounce with the file half-written.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(gw.reloads().0, ok, "nothing applied mid-write");
+        f.write_all(&full.as_bytes()[cut..]).expect("rest");
+    }
+    gw.wait_reloaded(ok + 1).await;
+    wait_served(&gw, &["/c"]).await;
+    match b.next_item(Duration::from_millis(300)).await {
+        Some(Item::Event(e)) => assert_ne!(e.event, "end", "/b was never removed"),
+        _ => assert!(!b.ended),
+    }
+}
