@@ -1,12 +1,51 @@
-//! The development engine: a Materialize-compatible pgwire server backed by SQLite.
+//! The development engine: a Materialize-compatible pgwire server backed by an
+//! embedded SQLite.
 //!
-//! (Skeleton: the real implementation lands with issue 2.)
+//! It imitates what a Materialize client sees (`materialize-protocol.md`):
+//! SUBSCRIBE/TAIL with progress, AS OF/UP TO and ENVELOPE UPSERT, cursors with
+//! FETCH timing, COPY out, Materialize's error codes and version strings. It is
+//! a development and test engine, not a production database.
+//!
+//! # Layout
+//! - `mod.rs`: the public API ([`start`], [`RunningEngine`]) and the listener task.
+//! - `session`: one task per connection (pgwire message loop, transactions, cursors).
+//! - `store`: the SQLite thread (catalog, logical clock, change history, subscriptions).
+//! - `subscribe`: diff consolidation and Materialize's output layouts.
+//! - `sql`: tokenizer, Materialize statement parser, SQL translation to SQLite.
+//! - `value`: Postgres types and text/binary encodings.
+//!
+//! # Tasks and shutdown
+//! [`start`] spawns the store thread and a listener task; the listener spawns one
+//! task per connection on a [`TaskTracker`]. Cancelling the shutdown token stops
+//! the listener, ends every session (their subscriptions are unregistered as
+//! their cursors drop) and then stops the store thread. [`RunningEngine::stopped`]
+//! resolves once all of that has finished.
+//!
+//! # SQL extensions
+//! `mz_epoch_ms()` returns the wall clock in epoch milliseconds (int8), so scheduled
+//! writes can carry the time; `now()` returns it as Postgres `timestamptz` text.
+//! `mz_internal.mz_sessions` and `mz_internal.mz_subscriptions` list the connected
+//! sessions and active subscriptions.
+
+mod error;
+mod session;
+mod sql;
+mod store;
+mod subscribe;
+mod value;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::SqlError;
 
 /// How the engine runs. Built by the CLI (`tailgate engine`) or by the gateway for
 /// `[upstream] url = "embedded"`.
@@ -44,18 +83,53 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the engine's SQLite thread")]
+    Store(#[source] std::io::Error),
+    #[error("cannot read init script {path}")]
+    ReadInit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("init script {path} failed: {message}")]
     Init { path: PathBuf, message: String },
+}
+
+/// What the engine is serving right now, as seen from its side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    /// Connected client sessions (after startup).
+    pub sessions: usize,
+    /// Active subscriptions (SUBSCRIBE streams, COPY, cursors).
+    pub subscriptions: usize,
 }
 
 /// A running engine. Dropping it does not stop it; cancel the token given to [`start`].
 pub struct RunningEngine {
     addr: SocketAddr,
+    counters: Arc<store::Counters>,
+    /// The listener task; it waits for every session before it returns.
+    listener: tokio::task::JoinHandle<()>,
+    store_done: oneshot::Receiver<()>,
 }
 
 impl RunningEngine {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            sessions: self.counters.sessions.load(Ordering::Relaxed),
+            subscriptions: self.counters.subscriptions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves once the listener, every session and the store thread have ended
+    /// (after the shutdown token was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.listener.await;
+        let _ = self.store_done.await;
     }
 }
 
@@ -64,8 +138,82 @@ pub async fn start(
     config: EngineConfig,
     shutdown: CancellationToken,
 ) -> Result<RunningEngine, EngineError> {
-    let _ = shutdown;
-    Ok(RunningEngine {
+    let init = match &config.init {
+        Some(path) => Some((
+            path.clone(),
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|source| EngineError::ReadInit {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+        None => None,
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| EngineError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| EngineError::Bind {
         addr: config.listen,
+        source,
+    })?;
+    let counters = Arc::new(store::Counters::default());
+    let (store, store_done) = store::spawn(
+        store::StoreConfig {
+            legacy: config.legacy,
+            retain: config.retain,
+            tick: config.tick,
+        },
+        counters.clone(),
+    )
+    .map_err(EngineError::Store)?;
+    if let Some((path, sql)) = init {
+        if let Err(e) = store
+            .call(|reply| store::Command::Script { sql, reply })
+            .await
+        {
+            store.send(store::Command::Shutdown);
+            return Err(EngineError::Init {
+                path,
+                message: e.message,
+            });
+        }
+    }
+    let shared = Arc::new(session::Shared::new(
+        store.clone(),
+        config.legacy,
+        counters.clone(),
+        shutdown.clone(),
+    ));
+    let sessions = TaskTracker::new();
+    let listener_task = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, _)) => {
+                    sessions.spawn(session::serve(tcp, shared.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Engine accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        sessions.close();
+        sessions.wait().await;
+        store.send(store::Command::Shutdown);
+    });
+    tracing::info!(addr = %addr, legacy = config.legacy, "Engine listening.");
+    Ok(RunningEngine {
+        addr,
+        counters,
+        listener: listener_task,
+        store_done,
     })
 }

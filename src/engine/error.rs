@@ -1,0 +1,98 @@
+//! Client-visible SQL errors: a SQLSTATE and a message, sent as ErrorResponse.
+//!
+//! Every failure a client can cause ends up here, so one connection's error is
+//! always a value, never a panic or a torn-down task.
+
+/// An error reported to one client as an ErrorResponse; the session stays usable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message} (SQLSTATE {code})")]
+pub struct SqlError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl SqlError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> SqlError {
+        SqlError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn syntax(message: impl Into<String>) -> SqlError {
+        SqlError::new("42601", message)
+    }
+
+    pub fn unsupported(what: impl std::fmt::Display) -> SqlError {
+        SqlError::new("0A000", format!("{what} not supported"))
+    }
+
+    pub fn internal(message: impl Into<String>) -> SqlError {
+        SqlError::new("XX000", message)
+    }
+
+    pub fn unknown_relation(name: &str) -> SqlError {
+        SqlError::new("42P01", format!("unknown catalog item '{name}'"))
+    }
+
+    pub fn division_by_zero() -> SqlError {
+        SqlError::new("XX000", "Evaluation error: division by zero")
+    }
+
+    pub fn canceled() -> SqlError {
+        SqlError::new("57014", "canceling statement due to user request")
+    }
+
+    pub fn aborted_txn() -> SqlError {
+        SqlError::new(
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        )
+    }
+}
+
+/// Marker text the `mz_div` SQLite function fails with, recognised when mapping
+/// SQLite errors back to Materialize's evaluation error.
+pub const DIV_BY_ZERO_MARKER: &str = "tailgate: division by zero";
+
+impl From<rusqlite::Error> for SqlError {
+    fn from(e: rusqlite::Error) -> SqlError {
+        let text = e.to_string();
+        if text.contains(DIV_BY_ZERO_MARKER) {
+            return SqlError::division_by_zero();
+        }
+        let lower = text.to_ascii_lowercase();
+        if let Some(name) = lower.strip_prefix("no such table: ") {
+            let name = name.rsplit('.').next().unwrap_or(name);
+            return SqlError::unknown_relation(name);
+        }
+        if let Some(name) = lower.strip_prefix("no such view: ") {
+            return SqlError::unknown_relation(name);
+        }
+        if let Some(name) = lower.strip_prefix("no such column: ") {
+            return SqlError::new("42703", format!("column \"{name}\" does not exist"));
+        }
+        if let Some(name) = lower.strip_prefix("no such function: ") {
+            return SqlError::new(
+                "42883",
+                format!("function {name}() does not exist"),
+            );
+        }
+        if lower.contains("syntax error") || lower.starts_with("near ") || lower.contains("incomplete input") {
+            return SqlError::syntax(text);
+        }
+        if lower.contains("already exists") {
+            return SqlError::new("42P07", text);
+        }
+        if lower.contains("unique constraint") {
+            return SqlError::new("23505", text);
+        }
+        if lower.contains("not null constraint") {
+            return SqlError::new("23502", text);
+        }
+        if lower.contains("has no column named") || lower.contains("values were supplied") {
+            return SqlError::new("42703", text);
+        }
+        SqlError::internal(text)
+    }
+}

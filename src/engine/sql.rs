@@ -1,0 +1,1831 @@
+//! SQL text: tokenizing, splitting, parsing the Materialize-specific statements
+//! (SUBSCRIBE, TAIL, DECLARE, FETCH, CLOSE, COPY, SET, SHOW, transactions) and
+//! translating the rest to SQLite.
+//!
+//! Everything not Materialize-specific is passed to SQLite after a light rewrite
+//! ([`translate`]): schema qualifiers dropped, `x::type` turned into casts, `/`
+//! turned into `mz_div` so division by zero is an error as in Materialize,
+//! `$n` parameters into `?n`. This module is pure; it spawns nothing.
+
+use std::time::Duration;
+
+use super::error::SqlError;
+use super::value::PgType;
+
+/// One lexical token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tok {
+    /// Unquoted identifier or keyword, as written.
+    Word(String),
+    /// Double-quoted identifier, unescaped.
+    Quoted(String),
+    /// String literal content, unescaped.
+    Str(String),
+    Num(String),
+    /// `$n` parameter.
+    Param(u32),
+    Op(String),
+    LParen,
+    RParen,
+    Comma,
+    Semi,
+    Dot,
+}
+
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub tok: Tok,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Token {
+    pub fn is_word(&self, w: &str) -> bool {
+        matches!(&self.tok, Tok::Word(x) if x.eq_ignore_ascii_case(w))
+    }
+
+    /// Identifier text, folded to lower case unless quoted.
+    pub fn ident(&self) -> Option<String> {
+        match &self.tok {
+            Tok::Word(w) => Some(w.to_ascii_lowercase()),
+            Tok::Quoted(q) => Some(q.clone()),
+            _ => None,
+        }
+    }
+}
+
+pub fn tokenize(sql: &str) -> Result<Vec<Token>, SqlError> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let start = i;
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let mut depth = 0;
+            while i < b.len() {
+                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                    depth += 1;
+                    i += 2;
+                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            if depth != 0 {
+                return Err(SqlError::syntax("unterminated /* comment"));
+            }
+            continue;
+        }
+        let escape_string = (c == b'e' || c == b'E') && b.get(i + 1) == Some(&b'\'');
+        if c == b'\'' || escape_string {
+            if escape_string {
+                i += 1;
+            }
+            i += 1;
+            let mut s = Vec::new();
+            loop {
+                match b.get(i) {
+                    None => return Err(SqlError::syntax("unterminated quoted string")),
+                    Some(b'\'') if b.get(i + 1) == Some(&b'\'') => {
+                        s.push(b'\'');
+                        i += 2;
+                    }
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') if escape_string => {
+                        let e = b.get(i + 1).copied().unwrap_or(b'\\');
+                        s.push(match e {
+                            b'n' => b'\n',
+                            b't' => b'\t',
+                            b'r' => b'\r',
+                            b'b' => 8,
+                            b'f' => 12,
+                            other => other,
+                        });
+                        i += 2;
+                    }
+                    Some(&x) => {
+                        s.push(x);
+                        i += 1;
+                    }
+                }
+            }
+            out.push(Token {
+                tok: Tok::Str(String::from_utf8_lossy(&s).into_owned()),
+                start,
+                end: i,
+            });
+            continue;
+        }
+        if c == b'"' {
+            i += 1;
+            let mut s = Vec::new();
+            loop {
+                match b.get(i) {
+                    None => return Err(SqlError::syntax("unterminated quoted identifier")),
+                    Some(b'"') if b.get(i + 1) == Some(&b'"') => {
+                        s.push(b'"');
+                        i += 2;
+                    }
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(&x) => {
+                        s.push(x);
+                        i += 1;
+                    }
+                }
+            }
+            out.push(Token {
+                tok: Tok::Quoted(String::from_utf8_lossy(&s).into_owned()),
+                start,
+                end: i,
+            });
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80) {
+                i += 1;
+            }
+            out.push(Token {
+                tok: Tok::Word(sql[start..i].to_owned()),
+                start,
+                end: i,
+            });
+            continue;
+        }
+        if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+            while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
+                i += 1;
+            }
+            if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
+                let mut j = i + 1;
+                if j < b.len() && (b[j] == b'+' || b[j] == b'-') {
+                    j += 1;
+                }
+                if j < b.len() && b[j].is_ascii_digit() {
+                    i = j;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+            }
+            out.push(Token {
+                tok: Tok::Num(sql[start..i].to_owned()),
+                start,
+                end: i,
+            });
+            continue;
+        }
+        if c == b'$' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            i += 1;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            let n = sql[start + 1..i]
+                .parse()
+                .map_err(|_| SqlError::syntax("bad parameter number"))?;
+            out.push(Token {
+                tok: Tok::Param(n),
+                start,
+                end: i,
+            });
+            continue;
+        }
+        let tok = match c {
+            b'(' => Tok::LParen,
+            b')' => Tok::RParen,
+            b',' => Tok::Comma,
+            b';' => Tok::Semi,
+            b'.' => Tok::Dot,
+            _ => {
+                const OPS: [&str; 12] = [
+                    "::", "<=", ">=", "<>", "!=", "||", "->>", "->", "#>>", "#>", "@>", "<@",
+                ];
+                let rest = &sql[i..];
+                let op = OPS
+                    .iter()
+                    .filter(|o| rest.starts_with(**o))
+                    .max_by_key(|o| o.len());
+                match op {
+                    Some(op) => {
+                        i += op.len();
+                        out.push(Token {
+                            tok: Tok::Op((*op).to_owned()),
+                            start,
+                            end: i,
+                        });
+                        continue;
+                    }
+                    None => {
+                        let ch = rest.chars().next().unwrap_or(' ');
+                        i += ch.len_utf8();
+                        out.push(Token {
+                            tok: Tok::Op(ch.to_string()),
+                            start,
+                            end: i,
+                        });
+                        continue;
+                    }
+                }
+            }
+        };
+        i += 1;
+        out.push(Token {
+            tok,
+            start,
+            end: i,
+        });
+    }
+    Ok(out)
+}
+
+/// Splits a query string into statements at top-level semicolons.
+pub fn split_statements(sql: &str) -> Result<Vec<String>, SqlError> {
+    let toks = tokenize(sql)?;
+    let mut out = Vec::new();
+    let mut first: Option<usize> = None;
+    let mut last = 0;
+    for t in &toks {
+        if t.tok == Tok::Semi {
+            if let Some(f) = first.take() {
+                out.push(sql[f..last].to_owned());
+            }
+        } else {
+            first.get_or_insert(t.start);
+            last = t.end;
+        }
+    }
+    if let Some(f) = first {
+        out.push(sql[f..last].to_owned());
+    }
+    Ok(out)
+}
+
+/// A parsed `SUBSCRIBE` / `TAIL`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubscribeStmt {
+    pub relation: Relation,
+    /// `ENVELOPE UPSERT (KEY (...))` key columns.
+    pub upsert_key: Option<Vec<String>>,
+    pub progress: bool,
+    pub snapshot: bool,
+    pub as_of: Option<AsOf>,
+    pub up_to: Option<u64>,
+    /// Parsed from `TAIL` (legacy output rules).
+    pub legacy: bool,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Relation {
+    Name(String),
+    Query(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AsOf {
+    pub ts: u64,
+    pub at_least: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FetchStmt {
+    pub cursor: String,
+    /// `None` = ALL.
+    pub count: Option<u64>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CursorQuery {
+    Subscribe(SubscribeStmt),
+    Select(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropKind {
+    Table,
+    View,
+    MaterializedView,
+    Index,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Begin,
+    Commit,
+    Rollback,
+    Set { name: String, value: Option<String> },
+    Show { name: String },
+    Subscribe(SubscribeStmt),
+    Declare { name: String, query: CursorQuery },
+    Fetch(FetchStmt),
+    Close { name: Option<String> },
+    CopySubscribe(SubscribeStmt),
+    CopySelect(String),
+    CreateTable { name: String, sql: String },
+    CreateView { name: String, body: String, materialized: bool, replace: bool },
+    CreateIndex,
+    Drop { kind: DropKind, names: Vec<String>, if_exists: bool, cascade: bool },
+    Write { sql: String, tag: &'static str },
+    Select { sql: String },
+    Discard,
+}
+
+/// Cursor over tokens with keyword helpers.
+struct P<'a> {
+    sql: &'a str,
+    toks: &'a [Token],
+    i: usize,
+}
+
+impl<'a> P<'a> {
+    fn peek(&self) -> Option<&'a Token> {
+        self.toks.get(self.i)
+    }
+
+    fn peek_word(&self, w: &str) -> bool {
+        self.peek().is_some_and(|t| t.is_word(w))
+    }
+
+    fn eat_word(&mut self, w: &str) -> bool {
+        if self.peek_word(w) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect_word(&mut self, w: &str) -> Result<(), SqlError> {
+        if self.eat_word(w) {
+            Ok(())
+        } else {
+            Err(self.unexpected(&format!("expected {}", w.to_uppercase())))
+        }
+    }
+
+    fn eat(&mut self, tok: &Tok) -> bool {
+        if self.peek().is_some_and(|t| &t.tok == tok) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, tok: &Tok, what: &str) -> Result<(), SqlError> {
+        if self.eat(tok) {
+            Ok(())
+        } else {
+            Err(self.unexpected(&format!("expected {what}")))
+        }
+    }
+
+    fn unexpected(&self, what: &str) -> SqlError {
+        match self.peek() {
+            Some(t) => SqlError::syntax(format!(
+                "{what}, found {}",
+                &self.sql[t.start..t.end]
+            )),
+            None => SqlError::syntax(format!("{what}, found EOF")),
+        }
+    }
+
+    fn ident(&mut self) -> Result<String, SqlError> {
+        match self.peek().and_then(|t| t.ident()) {
+            Some(id) => {
+                self.i += 1;
+                Ok(id)
+            }
+            None => Err(self.unexpected("expected identifier")),
+        }
+    }
+
+    /// A possibly qualified name; only the last part is kept (one schema).
+    fn object_name(&mut self) -> Result<String, SqlError> {
+        let mut name = self.ident()?;
+        while self.eat(&Tok::Dot) {
+            name = self.ident()?;
+        }
+        Ok(name)
+    }
+
+    /// Index just past the parenthesis group starting at the current `(`.
+    fn skip_group(&mut self) -> Result<(usize, usize), SqlError> {
+        let open = self.i;
+        let mut depth = 0;
+        while let Some(t) = self.peek() {
+            match t.tok {
+                Tok::LParen => depth += 1,
+                Tok::RParen => {
+                    depth -= 1;
+                    if depth == 0 {
+                        self.i += 1;
+                        return Ok((open, self.i));
+                    }
+                }
+                _ => {}
+            }
+            self.i += 1;
+        }
+        Err(SqlError::syntax("unbalanced parentheses"))
+    }
+
+    fn at_end(&self) -> bool {
+        self.i >= self.toks.len()
+    }
+
+    fn rest_text(&self) -> &'a str {
+        match self.peek() {
+            Some(t) => &self.sql[t.start..],
+            None => "",
+        }
+    }
+
+    fn expect_end(&self) -> Result<(), SqlError> {
+        if self.at_end() {
+            Ok(())
+        } else {
+            Err(self.unexpected("expected end of statement"))
+        }
+    }
+}
+
+/// Parses one statement. `legacy` selects the v0.26 dialect (TAIL instead of
+/// SUBSCRIBE).
+pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
+    let toks = tokenize(sql)?;
+    let mut p = P {
+        sql,
+        toks: &toks,
+        i: 0,
+    };
+    let Some(first) = p.peek() else {
+        return Err(SqlError::syntax("empty statement"));
+    };
+    let Tok::Word(w) = &first.tok else {
+        if first.tok == Tok::LParen {
+            return Ok(Stmt::Select {
+                sql: sql.to_owned(),
+            });
+        }
+        return Err(p.unexpected("expected statement"));
+    };
+    let w = w.to_ascii_lowercase();
+    match w.as_str() {
+        "begin" | "start" => Ok(Stmt::Begin),
+        "commit" | "end" => Ok(Stmt::Commit),
+        "rollback" | "abort" => Ok(Stmt::Rollback),
+        "set" | "reset" => parse_set(&mut p, w == "reset"),
+        "show" => {
+            p.i += 1;
+            let mut name = p.ident()?;
+            if name == "transaction" && p.eat_word("isolation") {
+                p.expect_word("level")?;
+                name = "transaction_isolation".to_owned();
+            } else if name == "time" && p.eat_word("zone") {
+                name = "timezone".to_owned();
+            }
+            Ok(Stmt::Show { name })
+        }
+        "subscribe" | "tail" => {
+            let s = parse_subscribe(&mut p, legacy)?;
+            p.expect_end()?;
+            Ok(Stmt::Subscribe(s))
+        }
+        "declare" => {
+            p.i += 1;
+            let name = p.ident()?;
+            p.eat_word("binary");
+            p.eat_word("no");
+            p.eat_word("scroll");
+            p.expect_word("cursor")?;
+            if p.eat_word("without") || p.eat_word("with") {
+                p.expect_word("hold")?;
+            }
+            p.expect_word("for")?;
+            let query = if p.peek_word("subscribe") || p.peek_word("tail") {
+                let s = parse_subscribe(&mut p, legacy)?;
+                p.expect_end()?;
+                CursorQuery::Subscribe(s)
+            } else if p.peek_word("select") || p.peek_word("with") || p.peek_word("values") {
+                CursorQuery::Select(p.rest_text().to_owned())
+            } else {
+                return Err(p.unexpected("expected SELECT, VALUES or SUBSCRIBE"));
+            };
+            Ok(Stmt::Declare { name, query })
+        }
+        "fetch" => parse_fetch(&mut p).map(Stmt::Fetch),
+        "close" => {
+            p.i += 1;
+            if p.eat_word("all") {
+                return Ok(Stmt::Close { name: None });
+            }
+            let name = p.ident()?;
+            p.expect_end()?;
+            Ok(Stmt::Close { name: Some(name) })
+        }
+        "copy" => parse_copy(&mut p, legacy),
+        "create" => parse_create(&mut p),
+        "drop" => parse_drop(&mut p),
+        "insert" => Ok(Stmt::Write {
+            sql: sql.to_owned(),
+            tag: "INSERT",
+        }),
+        "update" => Ok(Stmt::Write {
+            sql: sql.to_owned(),
+            tag: "UPDATE",
+        }),
+        "delete" => Ok(Stmt::Write {
+            sql: sql.to_owned(),
+            tag: "DELETE",
+        }),
+        "select" | "with" | "values" => Ok(Stmt::Select {
+            sql: sql.to_owned(),
+        }),
+        "table" => {
+            p.i += 1;
+            let name = p.object_name()?;
+            p.expect_end()?;
+            Ok(Stmt::Select {
+                sql: format!("SELECT * FROM \"{name}\""),
+            })
+        }
+        "discard" => Ok(Stmt::Discard),
+        other => Err(SqlError::unsupported(format!(
+            "{} statements are",
+            other.to_uppercase()
+        ))),
+    }
+}
+
+fn parse_set(p: &mut P<'_>, reset: bool) -> Result<Stmt, SqlError> {
+    p.i += 1;
+    p.eat_word("session");
+    p.eat_word("local");
+    if !reset && p.peek_word("transaction") {
+        // SET TRANSACTION ISOLATION LEVEL ...: accepted and ignored.
+        return Ok(Stmt::Set {
+            name: "transaction_isolation".to_owned(),
+            value: None,
+        });
+    }
+    let mut name = p.ident()?;
+    if name == "time" && p.eat_word("zone") {
+        name = "timezone".to_owned();
+    } else if name == "names" {
+        name = "client_encoding".to_owned();
+    } else {
+        while p.eat(&Tok::Dot) {
+            name = format!("{name}.{}", p.ident()?);
+        }
+    }
+    if reset {
+        return Ok(Stmt::Set { name, value: None });
+    }
+    if !(p.eat_word("to") || p.eat(&Tok::Op("=".to_owned()))) && name != "timezone" && name != "client_encoding" {
+        return Err(p.unexpected("expected TO or ="));
+    }
+    if p.eat_word("default") {
+        return Ok(Stmt::Set { name, value: None });
+    }
+    let mut parts = Vec::new();
+    while let Some(t) = p.peek() {
+        match &t.tok {
+            Tok::Str(s) | Tok::Quoted(s) => parts.push(s.clone()),
+            Tok::Word(w) | Tok::Num(w) => parts.push(w.clone()),
+            Tok::Op(o) if o == "-" => parts.push("-".to_owned()),
+            Tok::Comma => parts.push(",".to_owned()),
+            _ => return Err(p.unexpected("expected a value")),
+        }
+        p.i += 1;
+    }
+    let mut value = String::new();
+    for part in parts {
+        if part == "," {
+            value.push_str(", ");
+        } else {
+            value.push_str(&part);
+        }
+    }
+    Ok(Stmt::Set {
+        name,
+        value: Some(value),
+    })
+}
+
+fn parse_subscribe(p: &mut P<'_>, legacy: bool) -> Result<SubscribeStmt, SqlError> {
+    let start = p.peek().map(|t| t.start).unwrap_or(0);
+    let is_tail = p.peek_word("tail");
+    if is_tail && !legacy {
+        return Err(SqlError::syntax("TAIL has been renamed to SUBSCRIBE"));
+    }
+    if !is_tail && legacy {
+        return Err(SqlError::syntax(
+            "Expected a keyword at the beginning of a statement, found identifier \"subscribe\"",
+        ));
+    }
+    p.i += 1;
+    if !legacy {
+        p.eat_word("to");
+    }
+    let relation = if p.peek().is_some_and(|t| t.tok == Tok::LParen) {
+        let (open, close) = p.skip_group()?;
+        let (Some(a), Some(b)) = (p.toks.get(open + 1), p.toks.get(close - 2)) else {
+            return Err(SqlError::syntax("expected a query in parentheses"));
+        };
+        if close - open < 3 {
+            return Err(SqlError::syntax("expected a query in parentheses"));
+        }
+        Relation::Query(p.sql[a.start..b.end].to_owned())
+    } else {
+        Relation::Name(p.object_name()?)
+    };
+    let mut s = SubscribeStmt {
+        relation,
+        upsert_key: None,
+        progress: false,
+        snapshot: true,
+        as_of: None,
+        up_to: None,
+        legacy,
+        text: String::new(),
+    };
+    if !legacy {
+        parse_envelope(p, &mut s)?;
+    }
+    let with = p.eat_word("with");
+    if with && !p.peek().is_some_and(|t| t.tok == Tok::LParen) && !legacy {
+        return Err(p.unexpected("expected ("));
+    }
+    if (with || legacy) && p.eat(&Tok::LParen) {
+        loop {
+            let opt = p.ident()?;
+            let mut value = true;
+            if p.eat(&Tok::Op("=".to_owned())) || !matches!(p.peek().map(|t| &t.tok), Some(Tok::Comma | Tok::RParen)) {
+                let v = p.peek().and_then(|t| match &t.tok {
+                    Tok::Word(w) | Tok::Str(w) => super::value::parse_bool(w),
+                    Tok::Num(n) => super::value::parse_bool(n),
+                    _ => None,
+                });
+                value = v.ok_or_else(|| p.unexpected("expected a boolean"))?;
+                p.i += 1;
+            }
+            match opt.as_str() {
+                "progress" => s.progress = value,
+                "snapshot" => s.snapshot = value,
+                other => {
+                    return Err(SqlError::syntax(format!(
+                        "Expected one of PROGRESS or SNAPSHOT, found identifier \"{other}\""
+                    )))
+                }
+            }
+            if p.eat(&Tok::RParen) {
+                break;
+            }
+            p.expect(&Tok::Comma, ", or )")?;
+        }
+    }
+    if p.eat_word("as") {
+        p.expect_word("of")?;
+        let at_least = if p.eat_word("at") {
+            p.expect_word("least")?;
+            true
+        } else {
+            false
+        };
+        let ts = parse_timestamp_expr(p, legacy)?;
+        s.as_of = Some(AsOf { ts, at_least });
+    }
+    if !legacy && p.eat_word("up") {
+        p.expect_word("to")?;
+        s.up_to = Some(parse_timestamp_expr(p, legacy)?);
+    }
+    if !legacy && s.upsert_key.is_none() {
+        parse_envelope(p, &mut s)?;
+    }
+    let end = p
+        .toks
+        .get(p.i.saturating_sub(1))
+        .map(|t| t.end)
+        .unwrap_or(start);
+    s.text = p.sql[start..end.max(start)].to_owned();
+    Ok(s)
+}
+
+fn parse_envelope(p: &mut P<'_>, s: &mut SubscribeStmt) -> Result<(), SqlError> {
+    if p.eat_word("envelope") {
+        if p.eat_word("debezium") {
+            return Err(SqlError::unsupported("ENVELOPE DEBEZIUM is"));
+        }
+        p.expect_word("upsert")?;
+        p.expect(&Tok::LParen, "(")?;
+        p.expect_word("key")?;
+        p.expect(&Tok::LParen, "(")?;
+        let mut keys = vec![p.ident()?];
+        while p.eat(&Tok::Comma) {
+            keys.push(p.ident()?);
+        }
+        p.expect(&Tok::RParen, ")")?;
+        p.expect(&Tok::RParen, ")")?;
+        s.upsert_key = Some(keys);
+    } else if p.peek_word("within") {
+        return Err(SqlError::unsupported("WITHIN TIMESTAMP ORDER BY is"));
+    }
+    Ok(())
+}
+
+const CASTABLE: &str = "AS OF or UP TO should be castable to a (non-null) mz_timestamp value";
+
+/// Evaluates an `AS OF` / `UP TO` expression to a timestamp, with Materialize's
+/// error texts for the cases it rejects.
+fn parse_timestamp_expr(p: &mut P<'_>, legacy: bool) -> Result<u64, SqlError> {
+    let start = p.i;
+    let mut depth = 0;
+    while let Some(t) = p.peek() {
+        match &t.tok {
+            Tok::LParen => depth += 1,
+            Tok::RParen => depth -= 1,
+            Tok::Word(w) if depth == 0 && p.i > start => {
+                let w = w.to_ascii_lowercase();
+                if w == "up" || w == "envelope" || w == "with" {
+                    break;
+                }
+            }
+            _ => {}
+        }
+        p.i += 1;
+    }
+    let toks = &p.toks[start..p.i];
+    let words: Vec<String> = toks.iter().filter_map(|t| t.ident()).collect();
+    let castable = || SqlError::internal(CASTABLE);
+    if toks.is_empty() {
+        return Err(SqlError::syntax("expected an expression"));
+    }
+    if words.iter().any(|w| w == "now" || w == "mz_now" || w == "current_timestamp") {
+        if legacy && toks.len() == 3 && words.first().is_some_and(|w| w == "now") {
+            return u64::try_from(super::store::now_ms()).map_err(|_| castable());
+        }
+        return Err(SqlError::new(
+            "0A000",
+            "calling an unmaterializable function in AS OF or UP TO not yet supported",
+        ));
+    }
+    if words.iter().any(|w| w == "current_database") {
+        if words.iter().any(|w| w == "mz_timestamp") {
+            return Err(SqlError::new(
+                "0A000",
+                "calling an unmaterializable function in AS OF or UP TO not yet supported",
+            ));
+        }
+        return Err(SqlError::internal(
+            "AS OF or UP TO does not support implicitly casting from text to mz_timestamp",
+        ));
+    }
+    let Some(first) = toks.first() else {
+        return Err(castable());
+    };
+    let cast_to = if toks.len() >= 3 && toks[1].tok == Tok::Op("::".to_owned()) {
+        toks.get(2).and_then(|t| t.ident())
+    } else {
+        None
+    };
+    if toks.len() != 1 && cast_to.is_none() {
+        return Err(castable());
+    }
+    match &first.tok {
+        Tok::Num(n) => {
+            let (int, frac) = n.split_once('.').unwrap_or((n, ""));
+            if !frac.bytes().all(|b| b == b'0') {
+                return Err(castable());
+            }
+            int.parse::<u64>().map_err(|_| castable())
+        }
+        Tok::Str(s) => {
+            if let Ok(v) = s.trim().parse::<u64>() {
+                return Ok(v);
+            }
+            match super::value::parse_timestamp_micros(s) {
+                Some(micros) if micros >= 0 && cast_to.is_some() => Ok((micros / 1000) as u64),
+                _ => Err(castable()),
+            }
+        }
+        _ => Err(castable()),
+    }
+}
+
+fn parse_fetch(p: &mut P<'_>) -> Result<FetchStmt, SqlError> {
+    p.i += 1;
+    p.eat_word("forward");
+    p.eat_word("next");
+    let mut count = Some(1);
+    if p.eat_word("all") {
+        count = None;
+    } else if let Some(Tok::Num(n)) = p.peek().map(|t| &t.tok) {
+        count = Some(n.parse().map_err(|_| p.unexpected("expected a row count"))?);
+        p.i += 1;
+    }
+    if !p.eat_word("from") {
+        p.eat_word("in");
+    }
+    let cursor = p.ident()?;
+    let mut timeout = None;
+    if p.eat_word("with") {
+        p.expect(&Tok::LParen, "(")?;
+        let opt = p.ident()?;
+        if opt != "timeout" {
+            return Err(SqlError::syntax(format!(
+                "Expected TIMEOUT, found identifier \"{opt}\""
+            )));
+        }
+        p.eat(&Tok::Op("=".to_owned()));
+        let d = match p.peek().map(|t| &t.tok) {
+            Some(Tok::Str(s)) => parse_interval(s)?,
+            Some(Tok::Num(n)) => parse_interval(n)?,
+            _ => return Err(p.unexpected("expected an interval")),
+        };
+        p.i += 1;
+        p.expect(&Tok::RParen, ")")?;
+        if d > Duration::from_secs(86_400) {
+            return Err(SqlError::internal(format!(
+                "timeout out of range: {}s",
+                d.as_secs_f64()
+            )));
+        }
+        timeout = Some(d);
+    }
+    p.expect_end()?;
+    Ok(FetchStmt {
+        cursor,
+        count,
+        timeout,
+    })
+}
+
+/// Parses a simple interval such as `1s`, `500ms`, `1 minute`, `1d` or `2` (seconds).
+pub fn parse_interval(s: &str) -> Result<Duration, SqlError> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| SqlError::new("22007", format!("invalid input syntax for type interval: \"{s}\"")))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" | "second" | "seconds" => n,
+        "ms" | "millisecond" | "milliseconds" => n / 1000.0,
+        "us" | "microsecond" | "microseconds" => n / 1e6,
+        "m" | "min" | "mins" | "minute" | "minutes" => n * 60.0,
+        "h" | "hr" | "hour" | "hours" => n * 3600.0,
+        "d" | "day" | "days" => n * 86_400.0,
+        _ => {
+            return Err(SqlError::new(
+                "22007",
+                format!("invalid input syntax for type interval: \"{s}\""),
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs.max(0.0)))
+}
+
+fn parse_copy(p: &mut P<'_>, legacy: bool) -> Result<Stmt, SqlError> {
+    p.i += 1;
+    if !p.peek().is_some_and(|t| t.tok == Tok::LParen) {
+        return Err(SqlError::unsupported("COPY of a table is"));
+    }
+    p.i += 1;
+    let stmt = if p.peek_word("subscribe") || p.peek_word("tail") {
+        let s = parse_subscribe(p, legacy)?;
+        p.expect(&Tok::RParen, ")")?;
+        Stmt::CopySubscribe(s)
+    } else {
+        p.i -= 1;
+        let (open, close) = p.skip_group()?;
+        let (Some(a), Some(b)) = (p.toks.get(open + 1), p.toks.get(close.saturating_sub(2))) else {
+            return Err(SqlError::syntax("expected a query"));
+        };
+        Stmt::CopySelect(p.sql[a.start..b.end].to_owned())
+    };
+    p.expect_word("to")?;
+    p.expect_word("stdout")?;
+    if p.eat_word("with") || p.peek().is_some_and(|t| t.tok == Tok::LParen) {
+        if p.eat(&Tok::LParen) {
+            while !p.eat(&Tok::RParen) {
+                let opt = p.ident()?;
+                let val = p.peek().and_then(|t| t.ident()).unwrap_or_default();
+                if opt == "format" && val != "text" {
+                    return Err(SqlError::unsupported(format!("COPY FORMAT {val} is")));
+                }
+                if opt != "format" {
+                    return Err(SqlError::unsupported(format!("COPY option {opt} is")));
+                }
+                p.i += 1;
+                p.eat(&Tok::Comma);
+                if p.at_end() {
+                    return Err(SqlError::syntax("expected )"));
+                }
+            }
+        }
+    }
+    p.expect_end()?;
+    Ok(stmt)
+}
+
+fn parse_create(p: &mut P<'_>) -> Result<Stmt, SqlError> {
+    p.i += 1;
+    let replace = if p.eat_word("or") {
+        p.expect_word("replace")?;
+        true
+    } else {
+        false
+    };
+    p.eat_word("temporary");
+    p.eat_word("temp");
+    let materialized = p.eat_word("materialized");
+    if p.eat_word("default") || p.peek_word("index") {
+        return Ok(Stmt::CreateIndex);
+    }
+    if p.eat_word("table") {
+        let if_not_exists = p.eat_word("if");
+        if if_not_exists {
+            p.expect_word("not")?;
+            p.expect_word("exists")?;
+        }
+        let name = p.object_name()?;
+        let rest = p.rest_text();
+        let cols = if if_not_exists { "IF NOT EXISTS " } else { "" };
+        return Ok(Stmt::CreateTable {
+            sql: format!("CREATE TABLE {cols}\"{name}\" {rest}"),
+            name,
+        });
+    }
+    if p.eat_word("view") {
+        let name = p.object_name()?;
+        if p.eat_word("in") {
+            p.expect_word("cluster")?;
+            p.ident()?;
+        }
+        p.expect_word("as")?;
+        return Ok(Stmt::CreateView {
+            name,
+            body: p.rest_text().to_owned(),
+            materialized,
+            replace,
+        });
+    }
+    Err(p.unexpected("expected TABLE, VIEW, MATERIALIZED VIEW or INDEX"))
+}
+
+fn parse_drop(p: &mut P<'_>) -> Result<Stmt, SqlError> {
+    p.i += 1;
+    let kind = if p.eat_word("table") {
+        DropKind::Table
+    } else if p.eat_word("view") {
+        DropKind::View
+    } else if p.eat_word("materialized") {
+        p.expect_word("view")?;
+        DropKind::MaterializedView
+    } else if p.eat_word("index") {
+        DropKind::Index
+    } else {
+        return Err(SqlError::unsupported(format!(
+            "DROP {} is",
+            p.rest_text().split_whitespace().next().unwrap_or("").to_uppercase()
+        )));
+    };
+    let if_exists = if p.eat_word("if") {
+        p.expect_word("exists")?;
+        true
+    } else {
+        false
+    };
+    let mut names = vec![p.object_name()?];
+    while p.eat(&Tok::Comma) {
+        names.push(p.object_name()?);
+    }
+    let cascade = p.eat_word("cascade");
+    p.eat_word("restrict");
+    p.expect_end()?;
+    Ok(Stmt::Drop {
+        kind,
+        names,
+        if_exists,
+        cascade,
+    })
+}
+
+/// Words that end a primary expression when seen before `(`, so `IN (..)` is not
+/// mistaken for a function call.
+const KEYWORDS: &[&str] = &[
+    "select", "from", "where", "and", "or", "not", "in", "on", "as", "when", "then", "else",
+    "case", "by", "having", "join", "values", "exists", "all", "any", "some", "union", "is",
+    "like", "between", "using", "with", "distinct", "limit", "offset", "group", "order",
+    "intersect", "except", "over", "filter", "returning", "set", "into",
+];
+
+fn is_keyword(w: &str) -> bool {
+    KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(w))
+}
+
+/// Schemas that exist only in Materialize's catalog; the engine keeps everything
+/// in SQLite's main (and temp, for introspection) schema.
+const SCHEMAS: &[&str] = &["materialize", "public", "mz_internal", "mz_catalog", "pg_catalog"];
+
+/// Rewrites Postgres/Materialize SQL into SQLite SQL.
+pub fn translate(sql: &str) -> Result<String, SqlError> {
+    let toks = tokenize(sql)?;
+    let mut tr = Translator {
+        sql,
+        out: Vec::new(),
+        groups: Vec::new(),
+        stack: Vec::new(),
+    };
+    tr.run(&toks)?;
+    Ok(tr.out.join(" "))
+}
+
+struct Translator<'a> {
+    sql: &'a str,
+    out: Vec<String>,
+    /// (index of `(`, index of `)`) for closed groups in `out`.
+    groups: Vec<(usize, usize)>,
+    stack: Vec<usize>,
+}
+
+impl Translator<'_> {
+    fn run(&mut self, toks: &[Token]) -> Result<(), SqlError> {
+        let mut i = 0;
+        while i < toks.len() {
+            let t = &toks[i];
+            match &t.tok {
+                Tok::Word(w) if SCHEMAS.iter().any(|s| s.eq_ignore_ascii_case(w))
+                    && toks.get(i + 1).is_some_and(|n| n.tok == Tok::Dot)
+                    && toks.get(i + 2).is_some_and(|n| n.ident().is_some()) =>
+                {
+                    i += 2;
+                    continue;
+                }
+                Tok::Word(w) if w.eq_ignore_ascii_case("ilike") => self.out.push("LIKE".into()),
+                Tok::Word(w) if w.eq_ignore_ascii_case("double")
+                    && toks.get(i + 1).is_some_and(|n| n.is_word("precision")) =>
+                {
+                    self.out.push("REAL".into());
+                    i += 2;
+                    continue;
+                }
+                Tok::Word(w) if w.eq_ignore_ascii_case("timestamp")
+                    && toks.get(i + 1).is_some_and(|n| n.is_word("with") || n.is_word("without"))
+                    && toks.get(i + 2).is_some_and(|n| n.is_word("time"))
+                    && toks.get(i + 3).is_some_and(|n| n.is_word("zone")) =>
+                {
+                    let tz = toks.get(i + 1).is_some_and(|n| n.is_word("with"));
+                    self.out.push(if tz { "timestamptz" } else { "timestamp" }.into());
+                    i += 4;
+                    continue;
+                }
+                Tok::Word(w) => self.out.push(w.clone()),
+                Tok::Quoted(q) => self.out.push(format!("\"{}\"", q.replace('"', "\"\""))),
+                Tok::Str(s) => self.out.push(format!("'{}'", s.replace('\'', "''"))),
+                Tok::Num(n) => self.out.push(n.clone()),
+                Tok::Param(n) => self.out.push(format!("?{n}")),
+                Tok::LParen => {
+                    self.stack.push(self.out.len());
+                    self.out.push("(".into());
+                }
+                Tok::RParen => {
+                    let open = self.stack.pop().ok_or_else(|| SqlError::syntax("unbalanced parentheses"))?;
+                    self.groups.push((open, self.out.len()));
+                    self.out.push(")".into());
+                }
+                Tok::Comma => self.out.push(",".into()),
+                Tok::Semi => self.out.push(";".into()),
+                Tok::Dot => self.out.push(".".into()),
+                Tok::Op(op) if op == "::" => {
+                    let left = self.pop_primary()?;
+                    let (ty, next) = cast_type(toks, i + 1)?;
+                    self.out.push(cast_expr(&left, &ty));
+                    i = next;
+                    continue;
+                }
+                Tok::Op(op) if op == "/" => {
+                    let mut left = self.pop_primary()?;
+                    while self.out.last().is_some_and(|o| o == "*" || o == "%") {
+                        let op = self.out.pop().unwrap_or_default();
+                        let l = self.pop_primary()?;
+                        left = format!("{l} {op} {left}");
+                    }
+                    let end = primary_end(toks, i + 1)?;
+                    let right_toks = toks.get(i + 1..end).unwrap_or(&[]);
+                    if right_toks.is_empty() {
+                        return Err(SqlError::syntax("expected an expression after /"));
+                    }
+                    let mut sub = Translator {
+                        sql: self.sql,
+                        out: Vec::new(),
+                        groups: Vec::new(),
+                        stack: Vec::new(),
+                    };
+                    sub.run(right_toks)?;
+                    self.out.push(format!("mz_div({left}, {})", sub.out.join(" ")));
+                    i = end;
+                    continue;
+                }
+                Tok::Op(op) => self.out.push(op.clone()),
+            }
+            i += 1;
+        }
+        if !self.stack.is_empty() {
+            return Err(SqlError::syntax("unbalanced parentheses"));
+        }
+        Ok(())
+    }
+
+    /// Removes and returns the text of the primary expression at the end of `out`.
+    fn pop_primary(&mut self) -> Result<String, SqlError> {
+        let last = self.out.len().checked_sub(1).ok_or_else(|| SqlError::syntax("expected an expression"))?;
+        let mut start = last;
+        if self.out[last] == ")" {
+            let open = self
+                .groups
+                .iter()
+                .find(|(_, c)| *c == last)
+                .map(|(o, _)| *o)
+                .ok_or_else(|| SqlError::syntax("unbalanced parentheses"))?;
+            start = open;
+            if let Some(prev) = open.checked_sub(1).and_then(|p| self.out.get(p)) {
+                if is_function_name(prev) {
+                    start = open - 1;
+                    while start >= 2 && self.out[start - 1] == "." && is_identifier(&self.out[start - 2]) {
+                        start -= 2;
+                    }
+                }
+            }
+        } else if is_identifier(&self.out[last]) {
+            while start >= 2 && self.out[start - 1] == "." && is_identifier(&self.out[start - 2]) {
+                start -= 2;
+            }
+        } else if !(self.out[last].starts_with('\'')
+            || self.out[last].starts_with('?')
+            || self.out[last].starts_with(|c: char| c.is_ascii_digit() || c == '.')
+            || self.out[last].starts_with("CAST(")
+            || self.out[last].starts_with("mz_"))
+        {
+            return Err(SqlError::syntax(format!(
+                "unexpected operator after {}",
+                self.out[last]
+            )));
+        }
+        let text = self.out[start..].join(" ");
+        self.out.truncate(start);
+        self.groups.retain(|(o, _)| *o < start);
+        Ok(text)
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    s.starts_with('"')
+        || (s.starts_with(|c: char| c.is_alphabetic() || c == '_') && !is_keyword(s))
+}
+
+fn is_function_name(s: &str) -> bool {
+    is_identifier(s) || s.eq_ignore_ascii_case("cast")
+}
+
+/// Index just past the primary expression starting at `i` (unary sign,
+/// identifier chain, call, literal or group, then `::type` suffixes).
+fn primary_end(toks: &[Token], mut i: usize) -> Result<usize, SqlError> {
+    while toks.get(i).is_some_and(|t| matches!(&t.tok, Tok::Op(o) if o == "-" || o == "+")) {
+        i += 1;
+    }
+    let Some(t) = toks.get(i) else {
+        return Ok(i);
+    };
+    let skip_group = |mut j: usize| -> Result<usize, SqlError> {
+        let mut depth = 0;
+        while let Some(t) = toks.get(j) {
+            match t.tok {
+                Tok::LParen => depth += 1,
+                Tok::RParen => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Ok(j + 1);
+                    }
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+        Err(SqlError::syntax("unbalanced parentheses"))
+    };
+    i = match &t.tok {
+        Tok::LParen => skip_group(i)?,
+        Tok::Word(_) | Tok::Quoted(_) => {
+            let mut j = i + 1;
+            while toks.get(j).is_some_and(|t| t.tok == Tok::Dot)
+                && toks.get(j + 1).is_some_and(|t| t.ident().is_some())
+            {
+                j += 2;
+            }
+            if toks.get(j).is_some_and(|t| t.tok == Tok::LParen) {
+                skip_group(j)?
+            } else {
+                j
+            }
+        }
+        _ => i + 1,
+    };
+    while toks.get(i).is_some_and(|t| t.tok == Tok::Op("::".to_owned())) {
+        i = cast_type(toks, i + 1)?.1;
+    }
+    Ok(i)
+}
+
+/// Reads a type name after `::`; returns it and the index after it.
+fn cast_type(toks: &[Token], mut i: usize) -> Result<(String, usize), SqlError> {
+    let mut words = Vec::new();
+    while let Some(w) = toks.get(i).and_then(|t| t.ident()) {
+        let multiword = words.is_empty()
+            || matches!(
+                w.as_str(),
+                "precision" | "varying" | "with" | "without" | "time" | "zone"
+            );
+        if !multiword {
+            break;
+        }
+        words.push(w);
+        i += 1;
+    }
+    if words.is_empty() {
+        return Err(SqlError::syntax("expected a type name after ::"));
+    }
+    if toks.get(i).is_some_and(|t| t.tok == Tok::LParen) {
+        while toks.get(i).is_some_and(|t| t.tok != Tok::RParen) {
+            i += 1;
+        }
+        i += 1;
+    }
+    Ok((words.join(" "), i))
+}
+
+fn cast_expr(expr: &str, ty: &str) -> String {
+    match ty {
+        "bool" | "boolean" => format!("mz_bool({expr})"),
+        "mz_timestamp" | "int" | "integer" | "int4" | "int8" | "bigint" | "smallint" | "int2"
+        | "uint8" | "uint4" => format!("CAST({expr} AS INTEGER)"),
+        "real" | "float" | "float4" | "float8" | "double precision" | "double" => {
+            format!("CAST({expr} AS REAL)")
+        }
+        "numeric" | "decimal" => format!("CAST({expr} AS NUMERIC)"),
+        "text" | "varchar" | "string" | "char" | "character varying" | "bpchar" => {
+            format!("CAST({expr} AS TEXT)")
+        }
+        // Dates, timestamps and JSON are stored as text; the cast only types the column.
+        _ => expr.to_owned(),
+    }
+}
+
+/// One select-list item, for naming and typing result columns the way Postgres
+/// would without running the query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectItem {
+    pub name: String,
+    pub ty: Option<PgType>,
+    /// A bare column reference (`a` or `t.a`): its type comes from the relation.
+    pub column_ref: Option<String>,
+    pub star: bool,
+}
+
+/// Looks up a column's type by name in the relations the query reads.
+pub type ColumnLookup<'a> = &'a dyn Fn(&str) -> Option<PgType>;
+
+/// Analyzes the top-level select list of a query. `None` when it cannot tell.
+pub fn select_items(sql: &str, lookup: ColumnLookup<'_>) -> Option<Vec<SelectItem>> {
+    let toks = tokenize(sql).ok()?;
+    let mut depth = 0;
+    let mut start = None;
+    for (i, t) in toks.iter().enumerate() {
+        match t.tok {
+            Tok::LParen => depth += 1,
+            Tok::RParen => depth -= 1,
+            _ if depth == 0 && (t.is_word("select") || t.is_word("values")) => {
+                start = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let start = start?;
+    let values = toks.get(start)?.is_word("values");
+    let mut i = start + 1;
+    let mut items: Vec<&[Token]> = Vec::new();
+    if values {
+        let (open, close) = {
+            if toks.get(i)?.tok != Tok::LParen {
+                return None;
+            }
+            let mut d = 0;
+            let mut j = i;
+            loop {
+                match toks.get(j)?.tok {
+                    Tok::LParen => d += 1,
+                    Tok::RParen => {
+                        d -= 1;
+                        if d == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            (i, j)
+        };
+        split_items(toks.get(open + 1..close)?, &mut items);
+        return Some(
+            items
+                .iter()
+                .enumerate()
+                .map(|(n, it)| SelectItem {
+                    name: format!("column{}", n + 1),
+                    ty: expr_type(it, lookup),
+                    column_ref: None,
+                    star: false,
+                })
+                .collect(),
+        );
+    }
+    if toks.get(i).is_some_and(|t| t.is_word("distinct")) {
+        i += 1;
+        if toks.get(i).is_some_and(|t| t.is_word("on")) {
+            i += 1;
+            let mut d = 0;
+            while let Some(t) = toks.get(i) {
+                i += 1;
+                match t.tok {
+                    Tok::LParen => d += 1,
+                    Tok::RParen => {
+                        d -= 1;
+                        if d == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    } else if toks.get(i).is_some_and(|t| t.is_word("all")) {
+        i += 1;
+    }
+    let mut end = toks.len();
+    let mut d = 0;
+    for (j, t) in toks.iter().enumerate().skip(i) {
+        match t.tok {
+            Tok::LParen => d += 1,
+            Tok::RParen => d -= 1,
+            _ if d == 0
+                && ["from", "where", "group", "order", "limit", "union", "having", "except", "intersect", "offset"]
+                    .iter()
+                    .any(|k| t.is_word(k)) =>
+            {
+                end = j;
+                break;
+            }
+            _ => {}
+        }
+    }
+    split_items(toks.get(i..end)?, &mut items);
+    Some(items.iter().map(|it| analyze_item(it, lookup)).collect())
+}
+
+fn split_items<'t>(toks: &'t [Token], items: &mut Vec<&'t [Token]>) {
+    let mut d = 0;
+    let mut s = 0;
+    for (j, t) in toks.iter().enumerate() {
+        match t.tok {
+            Tok::LParen => d += 1,
+            Tok::RParen => d -= 1,
+            Tok::Comma if d == 0 => {
+                items.push(&toks[s..j]);
+                s = j + 1;
+            }
+            _ => {}
+        }
+    }
+    if s < toks.len() {
+        items.push(&toks[s..]);
+    }
+}
+
+fn analyze_item(toks: &[Token], lookup: ColumnLookup<'_>) -> SelectItem {
+    let star = toks.last().is_some_and(|t| t.tok == Tok::Op("*".to_owned()));
+    let mut expr = toks;
+    let mut alias = None;
+    let n = toks.len();
+    if n >= 2 {
+        if toks[n - 2].is_word("as") {
+            alias = toks[n - 1].ident();
+            expr = &toks[..n - 2];
+        } else if let Some(a) = toks[n - 1].ident() {
+            let prev_ends_expr = matches!(
+                toks[n - 2].tok,
+                Tok::RParen | Tok::Num(_) | Tok::Str(_) | Tok::Quoted(_)
+            ) || matches!(&toks[n - 2].tok, Tok::Word(w) if !is_keyword(w) && !toks[n - 2].is_word("distinct"));
+            let last_is_kw = matches!(&toks[n - 1].tok, Tok::Word(w) if is_keyword(w)
+                || ["null", "true", "false", "end", "asc", "desc"].iter().any(|k| w.eq_ignore_ascii_case(k)));
+            if prev_ends_expr && !last_is_kw {
+                alias = Some(a);
+                expr = &toks[..n - 1];
+            }
+        }
+    }
+    let column_ref = match expr {
+        [t] => t.ident().filter(|w| !is_keyword(w) && !["true", "false", "null"].contains(&w.as_str())),
+        [.., a, b, c] if b.tok == Tok::Dot && a.ident().is_some() => c.ident(),
+        _ => None,
+    };
+    let name = alias
+        .or_else(|| column_ref.clone())
+        .unwrap_or_else(|| default_name(expr));
+    SelectItem {
+        ty: expr_type(expr, lookup),
+        name,
+        column_ref,
+        star,
+    }
+}
+
+/// Postgres' default output name for an unaliased expression.
+fn default_name(expr: &[Token]) -> String {
+    // x::type → name of x, or the type for a literal.
+    if let Some(pos) = expr.iter().rposition(|t| t.tok == Tok::Op("::".to_owned())) {
+        let inner = default_name(&expr[..pos]);
+        if inner == "?column?" {
+            return expr.get(pos + 1).and_then(|t| t.ident()).unwrap_or(inner);
+        }
+        return inner;
+    }
+    match expr {
+        [t] => t.ident().unwrap_or_else(|| "?column?".to_owned()),
+        [c, l, ..] if c.is_word("cast") && l.tok == Tok::LParen => {
+            let inner_end = expr.iter().rposition(|t| t.is_word("as")).unwrap_or(expr.len());
+            default_name(expr.get(2..inner_end).unwrap_or(&[]))
+        }
+        [f, l, ..] if l.tok == Tok::LParen && expr.last().is_some_and(|t| t.tok == Tok::RParen) => {
+            f.ident().unwrap_or_else(|| "?column?".to_owned())
+        }
+        [.., a, d, c] if d.tok == Tok::Dot && a.ident().is_some() => {
+            c.ident().unwrap_or_else(|| "?column?".to_owned())
+        }
+        [first, ..] if first.is_word("case") => "case".to_owned(),
+        _ => "?column?".to_owned(),
+    }
+}
+
+/// Best-effort static type of an expression.
+pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
+    if expr.is_empty() {
+        return None;
+    }
+    if let Some(pos) = expr.iter().rposition(|t| t.tok == Tok::Op("::".to_owned())) {
+        let depth_zero = expr[..pos].iter().fold(0i32, |d, t| match t.tok {
+            Tok::LParen => d + 1,
+            Tok::RParen => d - 1,
+            _ => d,
+        }) == 0;
+        if depth_zero {
+            let (ty, end) = cast_type(expr, pos + 1).ok()?;
+            if end >= expr.len() {
+                return Some(if ty == "mz_timestamp" {
+                    PgType::MzTimestamp
+                } else {
+                    PgType::from_decl(&ty)
+                });
+            }
+        }
+    }
+    // Top-level operators decide before operands.
+    let mut d = 0;
+    let mut has_arith = false;
+    let mut has_concat = false;
+    let mut has_bool = false;
+    let mut operands: Vec<&[Token]> = Vec::new();
+    let mut s = 0;
+    for (j, t) in expr.iter().enumerate() {
+        match &t.tok {
+            Tok::LParen => d += 1,
+            Tok::RParen => d -= 1,
+            Tok::Op(o) if d == 0 => match o.as_str() {
+                "=" | "<" | ">" | "<=" | ">=" | "<>" | "!=" | "~" | "@>" | "<@" => has_bool = true,
+                "||" => has_concat = true,
+                "+" | "-" | "*" | "/" | "%" => {
+                    has_arith = true;
+                    if j > s {
+                        operands.push(&expr[s..j]);
+                    }
+                    s = j + 1;
+                }
+                "->>" | "#>>" => return Some(PgType::Text),
+                "->" | "#>" => return Some(PgType::Jsonb),
+                _ => {}
+            },
+            Tok::Word(w) if d == 0 => {
+                let w = w.to_ascii_lowercase();
+                if ["and", "or", "not", "is", "like", "ilike", "in", "between", "exists"].contains(&w.as_str()) {
+                    has_bool = true;
+                }
+                if w == "case" && j == 0 {
+                    let then = expr.iter().position(|t| t.is_word("then"))?;
+                    let stop = expr
+                        .iter()
+                        .skip(then + 1)
+                        .position(|t| t.is_word("when") || t.is_word("else") || t.is_word("end"))
+                        .map(|p| p + then + 1)?;
+                    return expr_type(expr.get(then + 1..stop)?, lookup);
+                }
+            }
+            _ => {}
+        }
+    }
+    if has_bool {
+        return Some(PgType::Bool);
+    }
+    if has_concat {
+        return Some(PgType::Text);
+    }
+    if has_arith {
+        if s < expr.len() {
+            operands.push(&expr[s..]);
+        }
+        let types: Vec<PgType> = operands.iter().filter_map(|o| expr_type(o, lookup)).collect();
+        return Some(if types.iter().any(|t| t.is_float()) {
+            PgType::Float8
+        } else if types.iter().any(|t| *t == PgType::Numeric) {
+            PgType::Numeric
+        } else if types.iter().any(|t| matches!(t, PgType::Int8 | PgType::MzTimestamp)) {
+            PgType::Int8
+        } else {
+            PgType::Int4
+        });
+    }
+    match expr {
+        [t] => match &t.tok {
+            Tok::Num(n) => Some(if n.contains(['.', 'e', 'E']) {
+                PgType::Numeric
+            } else if n.parse::<i32>().is_ok() {
+                PgType::Int4
+            } else if n.parse::<i64>().is_ok() {
+                PgType::Int8
+            } else {
+                PgType::Numeric
+            }),
+            Tok::Str(_) => Some(PgType::Text),
+            Tok::Word(w) if w.eq_ignore_ascii_case("true") || w.eq_ignore_ascii_case("false") => {
+                Some(PgType::Bool)
+            }
+            Tok::Word(w) if w.eq_ignore_ascii_case("current_timestamp") => Some(PgType::Timestamptz),
+            _ => t.ident().and_then(|c| lookup(&c)),
+        },
+        [sign, rest @ ..] if matches!(&sign.tok, Tok::Op(o) if o == "-" || o == "+") => expr_type(rest, lookup),
+        [.., a, dot, c] if expr.len() == 3 && dot.tok == Tok::Dot && a.ident().is_some() => {
+            c.ident().and_then(|c| lookup(&c))
+        }
+        [l, .., r] if l.tok == Tok::LParen && r.tok == Tok::RParen => {
+            let inner = &expr[1..expr.len() - 1];
+            if inner.first().is_some_and(|t| t.is_word("select")) {
+                return select_items_from_tokens(inner, lookup);
+            }
+            expr_type(inner, lookup)
+        }
+        [c, l, ..] if c.is_word("cast") && l.tok == Tok::LParen => {
+            let as_pos = expr.iter().rposition(|t| t.is_word("as"))?;
+            let (ty, _) = cast_type(expr, as_pos + 1).ok()?;
+            Some(PgType::from_decl(&ty))
+        }
+        [f, l, ..] if l.tok == Tok::LParen => {
+            let fname = f.ident()?;
+            let args = expr.get(2..expr.len().saturating_sub(1)).unwrap_or(&[]);
+            let mut first_arg: Vec<&[Token]> = Vec::new();
+            split_items(args, &mut first_arg);
+            let arg_ty = || {
+                first_arg.first().and_then(|a| {
+                    let a = if a.first().is_some_and(|t| t.is_word("distinct")) { &a[1..] } else { a };
+                    expr_type(a, lookup)
+                })
+            };
+            function_type(&fname, arg_ty)
+        }
+        _ => None,
+    }
+}
+
+fn select_items_from_tokens(toks: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
+    let (Some(a), Some(b)) = (toks.first(), toks.last()) else {
+        return None;
+    };
+    let _ = (a, b);
+    let mut items = Vec::new();
+    let end = toks.iter().position(|t| t.is_word("from")).unwrap_or(toks.len());
+    split_items(toks.get(1..end)?, &mut items);
+    match items.as_slice() {
+        [one] => analyze_item(one, lookup).ty,
+        _ => None,
+    }
+}
+
+fn function_type(name: &str, arg: impl Fn() -> Option<PgType>) -> Option<PgType> {
+    Some(match name {
+        "count" => PgType::Int8,
+        "sum" => match arg() {
+            Some(t) if t.is_int() => PgType::Int8,
+            Some(t) if t.is_float() => PgType::Float8,
+            _ => PgType::Numeric,
+        },
+        "avg" => match arg() {
+            Some(t) if t.is_float() => PgType::Float8,
+            _ => PgType::Numeric,
+        },
+        "min" | "max" | "abs" | "coalesce" | "nullif" | "greatest" | "least" => arg()?,
+        "round" | "ceil" | "ceiling" | "floor" | "trunc" => match arg() {
+            Some(t) if t.is_int() => t,
+            Some(t) if t.is_float() => PgType::Float8,
+            _ => PgType::Numeric,
+        },
+        "length" | "char_length" | "octet_length" | "strpos" | "position" | "mz_version_num"
+        | "pg_backend_pid" => PgType::Int4,
+        "upper" | "lower" | "concat" | "concat_ws" | "substr" | "substring" | "trim" | "ltrim"
+        | "rtrim" | "btrim" | "replace" | "string_agg" | "group_concat" | "md5" | "format"
+        | "to_char" | "left" | "right" | "lpad" | "rpad" | "repeat" | "reverse" | "initcap"
+        | "mz_version" | "version" | "current_database" | "current_schema" | "current_user"
+        | "current_setting" | "typeof" | "printf" | "quote_ident" | "split_part" => PgType::Text,
+        "now" | "current_timestamp" | "to_timestamp" => PgType::Timestamptz,
+        "mz_epoch_ms" | "mz_now" | "random_int" | "char_length_bytes" => PgType::Int8,
+        "random" | "sqrt" | "power" | "pow" | "exp" | "ln" | "log" => PgType::Float8,
+        "jsonb_build_object" | "json_build_object" | "jsonb_agg" | "json_agg" | "to_jsonb"
+        | "json_object" | "json_array" | "json_group_array" | "json_group_object" => PgType::Jsonb,
+        "bool_and" | "bool_or" | "every" => PgType::Bool,
+        _ => return None,
+    })
+}
+
+/// Names (lower-cased) of every identifier in `sql`: a superset of the relations it
+/// reads, intersected with the catalog to find dependencies.
+pub fn identifiers(sql: &str) -> Vec<String> {
+    tokenize(sql)
+        .map(|toks| toks.iter().filter_map(|t| t.ident()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(sql: &str) -> SubscribeStmt {
+        match parse(sql, false) {
+            Ok(Stmt::Subscribe(s)) => s,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn subscribe_forms() {
+        let s = sub("SUBSCRIBE t");
+        assert_eq!(s.relation, Relation::Name("t".into()));
+        assert!(!s.progress && s.snapshot);
+        let s = sub("SUBSCRIBE TO materialize.public.t WITH (PROGRESS, SNAPSHOT = false) AS OF AT LEAST 5 UP TO 10");
+        assert_eq!(s.relation, Relation::Name("t".into()));
+        assert!(s.progress && !s.snapshot);
+        assert_eq!(s.as_of, Some(AsOf { ts: 5, at_least: true }));
+        assert_eq!(s.up_to, Some(10));
+        let s = sub("SUBSCRIBE (SELECT a, (b) FROM t) ENVELOPE UPSERT (KEY (a))");
+        assert_eq!(s.relation, Relation::Query("SELECT a, (b) FROM t".into()));
+        assert_eq!(s.upsert_key, Some(vec!["a".to_owned()]));
+        let s = sub("SUBSCRIBE t WITH (PROGRESS) ENVELOPE UPSERT (KEY (b, a))");
+        assert_eq!(s.upsert_key, Some(vec!["b".to_owned(), "a".to_owned()]));
+        assert!(s.progress);
+        let s = sub("SUBSCRIBE t WITH (PROGRESS = true) AS OF '12'::mz_timestamp");
+        assert_eq!(s.as_of.map(|a| a.ts), Some(12));
+    }
+
+    #[test]
+    fn subscribe_errors() {
+        let err = |sql: &str| parse(sql, false).unwrap_err();
+        assert_eq!(err("TAIL t").message, "TAIL has been renamed to SUBSCRIBE");
+        assert_eq!(err("SUBSCRIBE t UP TO -1").message, CASTABLE);
+        assert_eq!(err("SUBSCRIBE t UP TO null").message, CASTABLE);
+        assert_eq!(err("SUBSCRIBE t UP TO null::mz_timestamp").message, CASTABLE);
+        assert_eq!(err("SUBSCRIBE t UP TO 'xxx'").message, CASTABLE);
+        assert_eq!(err("SUBSCRIBE (SELECT 1) AS OF NULL::timestamptz").message, CASTABLE);
+        assert!(err("SUBSCRIBE t UP TO now()").message.contains("unmaterializable"));
+        assert!(err("SUBSCRIBE t UP TO mz_now()").message.contains("unmaterializable"));
+        assert!(err("SUBSCRIBE t UP TO current_database()::mz_timestamp").message.contains("unmaterializable"));
+        assert!(err("SUBSCRIBE t UP TO current_database()").message.contains("implicitly casting"));
+        assert_eq!(parse("SUBSCRIBE t", true).unwrap_err().code, "42601");
+    }
+
+    #[test]
+    fn legacy_tail() {
+        let Ok(Stmt::Subscribe(s)) = parse("TAIL t WITH (SNAPSHOT = false, PROGRESS)", true) else {
+            panic!()
+        };
+        assert!(s.legacy && s.progress && !s.snapshot);
+        let Ok(Stmt::Subscribe(s)) = parse("TAIL (SELECT 1) (PROGRESS) AS OF 7", true) else {
+            panic!()
+        };
+        assert!(s.progress);
+        assert_eq!(s.as_of.map(|a| a.ts), Some(7));
+    }
+
+    #[test]
+    fn cursor_statements() {
+        let Ok(Stmt::Declare { name, query: CursorQuery::Subscribe(s) }) =
+            parse("DECLARE c CURSOR FOR SUBSCRIBE t WITH (PROGRESS)", false)
+        else {
+            panic!()
+        };
+        assert_eq!(name, "c");
+        assert!(s.progress);
+        assert_eq!(
+            parse("FETCH 3 c WITH (timeout = '1s')", false).unwrap(),
+            Stmt::Fetch(FetchStmt { cursor: "c".into(), count: Some(3), timeout: Some(Duration::from_secs(1)) })
+        );
+        assert_eq!(
+            parse("FETCH FORWARD ALL FROM c", false).unwrap(),
+            Stmt::Fetch(FetchStmt { cursor: "c".into(), count: None, timeout: None })
+        );
+        assert_eq!(
+            parse("FETCH c", false).unwrap(),
+            Stmt::Fetch(FetchStmt { cursor: "c".into(), count: Some(1), timeout: None })
+        );
+        assert!(parse("FETCH c WITH (timeout = '2d')", false).is_err());
+        assert!(matches!(parse("COPY (SUBSCRIBE t) TO STDOUT", false), Ok(Stmt::CopySubscribe(_))));
+        assert_eq!(parse("CLOSE c", false).unwrap(), Stmt::Close { name: Some("c".into()) });
+    }
+
+    #[test]
+    fn splitting() {
+        let parts = split_statements("BEGIN; SELECT ';'; -- x;\n FETCH 2 c;;").unwrap();
+        assert_eq!(parts, vec!["BEGIN", "SELECT ';'", "FETCH 2 c"]);
+    }
+
+    #[test]
+    fn translation() {
+        assert_eq!(translate("SELECT 1/a FROM public.t").unwrap(), "SELECT mz_div(1, a) FROM t");
+        assert_eq!(translate("SELECT a*b/c").unwrap(), "SELECT mz_div(a * b, c)");
+        assert_eq!(translate("SELECT f(x)::text, 'a''b'").unwrap(), "SELECT CAST(f ( x ) AS TEXT) , 'a''b'");
+        assert_eq!(translate("SELECT (a+1)/2.0").unwrap(), "SELECT mz_div(( a + 1 ), 2.0)");
+        assert_eq!(translate("SELECT * FROM mz_internal.mz_sessions WHERE id = $1").unwrap(), "SELECT * FROM mz_sessions WHERE id = ?1");
+        assert_eq!(translate("SELECT 't'::bool").unwrap(), "SELECT mz_bool('t')");
+        assert_eq!(translate("CREATE TABLE x (a double precision)").unwrap(), "CREATE TABLE x ( a REAL )");
+    }
+
+    #[test]
+    fn select_list_typing() {
+        let lookup = |c: &str| match c {
+            "a" => Some(PgType::Int4),
+            "f" => Some(PgType::Float8),
+            _ => None,
+        };
+        let items = select_items("SELECT count(*), sum(a) AS s, a, 1/a, 'x' || a, a > 1, avg(f) m, 1 FROM t", &lookup).unwrap();
+        let got: Vec<(String, Option<PgType>)> = items.into_iter().map(|i| (i.name, i.ty)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("count".into(), Some(PgType::Int8)),
+                ("s".into(), Some(PgType::Int8)),
+                ("a".into(), Some(PgType::Int4)),
+                ("?column?".into(), Some(PgType::Int4)),
+                ("?column?".into(), Some(PgType::Text)),
+                ("?column?".into(), Some(PgType::Bool)),
+                ("m".into(), Some(PgType::Float8)),
+                ("?column?".into(), Some(PgType::Int4)),
+            ]
+        );
+        let items = select_items("VALUES (1, 'a')", &lookup).unwrap();
+        assert_eq!(items[1].name, "column2");
+        assert_eq!(items[1].ty, Some(PgType::Text));
+        let items = select_items("SELECT sum(a)::text FROM t", &lookup).unwrap();
+        assert_eq!((items[0].name.as_str(), items[0].ty), ("sum", Some(PgType::Text)));
+    }
+}

@@ -1,0 +1,1388 @@
+//! The store: one dedicated thread that owns the SQLite connection, the catalog,
+//! the logical clock, the change history and every subscription's state.
+//!
+//! Sessions talk to it through [`StoreHandle`] (a channel of [`Command`]s, each with
+//! a oneshot reply), so SQLite is only ever touched from this thread. Every table
+//! has triggers that copy changed rows into a log table; after each committed
+//! write the store reads those logs, stamps the changes with a new timestamp,
+//! appends them to the history (trimmed to the retention window) and pushes the
+//! consolidated diff of every affected subscription to its session. The thread
+//! also emits progress rows every tick. It stops when it receives
+//! [`Command::Shutdown`] or when every handle is dropped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::functions::FunctionFlags;
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::Connection;
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::error::{SqlError, DIV_BY_ZERO_MARKER};
+use super::sql::{self, DropKind, Relation, SubscribeStmt};
+use super::subscribe::{consolidate, diff_maps, Output, SubEvent};
+use super::value::{format_timestamptz_ms, parse_bool, Column, Datum, PgType, Row};
+
+/// Current wall-clock time in epoch milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn now_u64() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, SqlError>>;
+
+/// Result of a read query.
+#[derive(Debug)]
+pub struct QueryResult {
+    pub columns: Vec<Column>,
+    pub rows: Vec<Row>,
+}
+
+/// A subscription that has started: its output columns and id (0 for constant
+/// subscriptions, which complete without being registered).
+#[derive(Debug)]
+pub struct SubStart {
+    pub id: u64,
+    pub columns: Vec<Column>,
+}
+
+pub enum Command {
+    Query {
+        sql: String,
+        params: Vec<Datum>,
+        reply: Reply<QueryResult>,
+    },
+    Describe {
+        sql: String,
+        reply: Reply<Vec<Column>>,
+    },
+    DescribeSubscribe {
+        stmt: SubscribeStmt,
+        reply: Reply<Vec<Column>>,
+    },
+    /// Runs the statements as one transaction with one timestamp; with `dry_run`
+    /// it only reports affected-row counts and rolls back.
+    Write {
+        stmts: Vec<(String, Vec<Datum>)>,
+        dry_run: bool,
+        reply: Reply<Vec<usize>>,
+    },
+    CreateTable {
+        name: String,
+        sql: String,
+        reply: Reply<()>,
+    },
+    CreateView {
+        name: String,
+        body: String,
+        replace: bool,
+        reply: Reply<()>,
+    },
+    Drop {
+        kind: DropKind,
+        names: Vec<String>,
+        if_exists: bool,
+        cascade: bool,
+        reply: Reply<()>,
+    },
+    Subscribe {
+        stmt: SubscribeStmt,
+        session: u64,
+        sink: tmpsc::UnboundedSender<SubEvent>,
+        reply: Reply<SubStart>,
+    },
+    Unsubscribe {
+        id: u64,
+    },
+    SessionOpened {
+        id: u64,
+        application_name: String,
+    },
+    SessionUpdated {
+        id: u64,
+        application_name: String,
+    },
+    SessionClosed {
+        id: u64,
+    },
+    /// Runs a script (the `--init` file); statements are split and executed in order.
+    Script {
+        sql: String,
+        reply: Reply<()>,
+    },
+    Shutdown,
+}
+
+/// Counters readable from outside the store thread.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sessions: AtomicUsize,
+    pub subscriptions: AtomicUsize,
+}
+
+/// Cheap cloneable access to the store thread.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl StoreHandle {
+    pub fn send(&self, cmd: Command) {
+        // The store only goes away at shutdown; a lost fire-and-forget command then
+        // has nothing left to affect.
+        let _ = self.tx.send(cmd);
+    }
+
+    /// Sends a command built around a reply channel and awaits the answer.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, SqlError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .map_err(|_| SqlError::new("57P01", "the engine is shutting down"))?;
+        rx.await
+            .map_err(|_| SqlError::new("57P01", "the engine is shutting down"))?
+    }
+}
+
+pub struct StoreConfig {
+    pub legacy: bool,
+    pub retain: Duration,
+    pub tick: Duration,
+}
+
+/// Starts the store thread. Returns the handle and a receiver that resolves when
+/// the thread has exited.
+pub fn spawn(
+    config: StoreConfig,
+    counters: Arc<Counters>,
+) -> std::io::Result<(StoreHandle, oneshot::Receiver<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tailgate-engine-store".into())
+        .spawn(move || {
+            match Store::new(config, counters) {
+                Ok(mut store) => {
+                    let _ = ready_tx.send(Ok(()));
+                    store.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+            let _ = done_tx.send(());
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((StoreHandle { tx }, done_rx)),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RelKind {
+    Table,
+    View,
+}
+
+struct RelInfo {
+    kind: RelKind,
+    columns: Vec<Column>,
+    /// Relations named in a view's definition.
+    deps: BTreeSet<String>,
+    /// Translated view body, re-created as a temp view for AS OF replay.
+    body: Option<String>,
+    /// Creation order, for re-creating views in dependency order.
+    seq: u64,
+}
+
+enum Source {
+    /// Subscriptions directly on a table take the logged changes as the diff.
+    Table(String),
+    /// Everything else is re-evaluated and diffed against the previous result.
+    Query {
+        sql: String,
+        prev: HashMap<Row, i64>,
+    },
+}
+
+struct Sub {
+    source: Source,
+    base_tables: BTreeSet<String>,
+    deps: BTreeSet<String>,
+    out: Output,
+    sink: tmpsc::UnboundedSender<SubEvent>,
+    last_progress: u64,
+}
+
+/// The logical clock: strictly increasing write timestamps in epoch ms.
+struct Clock {
+    last_write: u64,
+    /// No write may be stamped below this (a frontier already announced).
+    floor: u64,
+}
+
+impl Clock {
+    fn next_write(&mut self) -> u64 {
+        let ts = now_u64().max(self.last_write + 1).max(self.floor);
+        self.last_write = ts;
+        self.floor = ts + 1;
+        ts
+    }
+
+    fn read_ts(&self) -> u64 {
+        now_u64().max(self.last_write)
+    }
+}
+
+struct Store {
+    conn: Connection,
+    legacy: bool,
+    retain_ms: u64,
+    tick: Duration,
+    catalog: BTreeMap<String, RelInfo>,
+    seq: u64,
+    clock: Clock,
+    /// Oldest timestamp `AS OF` may name: the engine's start, later the retention edge.
+    start_ts: u64,
+    history: HashMap<String, VecDeque<(u64, Row, i64)>>,
+    subs: BTreeMap<u64, Sub>,
+    next_sub: u64,
+    /// Tables whose log received rows, filled by SQLite's update hook.
+    dirty: Arc<Mutex<BTreeSet<String>>>,
+    counters: Arc<Counters>,
+}
+
+const LOG_PREFIX: &str = "_tg_log_";
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl Store {
+    fn new(config: StoreConfig, counters: Arc<Counters>) -> Result<Store, rusqlite::Error> {
+        let conn = Connection::open_in_memory()?;
+        conn.set_prepared_statement_cache_capacity(64);
+        register_functions(&conn, config.legacy)?;
+        conn.execute_batch(
+            "CREATE TEMP TABLE mz_sessions (id bigint, application_name text, connected_at timestamptz);
+             CREATE TEMP TABLE mz_subscriptions (id text, session_id bigint, query text, created_at timestamptz);",
+        )?;
+        let dirty: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let hook_dirty = dirty.clone();
+        conn.update_hook(Some(
+            move |action: rusqlite::hooks::Action, _db: &str, table: &str, _rowid: i64| {
+                if action == rusqlite::hooks::Action::SQLITE_INSERT {
+                    if let Some(t) = table.strip_prefix(LOG_PREFIX) {
+                        // Short critical section inside SQLite's callback; never contended
+                        // because only this thread uses the connection.
+                        if let Ok(mut d) = hook_dirty.lock() {
+                            if !d.contains(t) {
+                                d.insert(t.to_owned());
+                            }
+                        }
+                    }
+                }
+            },
+        ));
+        let start = now_u64();
+        Ok(Store {
+            conn,
+            legacy: config.legacy,
+            retain_ms: config.retain.as_millis() as u64,
+            tick: config.tick.max(Duration::from_millis(10)),
+            catalog: BTreeMap::new(),
+            seq: 0,
+            clock: Clock {
+                last_write: start,
+                floor: start + 1,
+            },
+            start_ts: start,
+            history: HashMap::new(),
+            subs: BTreeMap::new(),
+            next_sub: 1,
+            dirty,
+            counters,
+        })
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Command::Shutdown) => break,
+                Ok(cmd) => self.handle(cmd),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.tick();
+                next_tick = Instant::now() + self.tick;
+            }
+        }
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            let _ = sub.sink.send(SubEvent::Error(SqlError::new(
+                "57P01",
+                "terminating connection due to administrator command",
+            )));
+        }
+        self.update_sub_count();
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Query { sql, params, reply } => {
+                let _ = reply.send(self.query(&sql, &params));
+            }
+            Command::Describe { sql, reply } => {
+                let _ = reply.send(self.describe(&sql));
+            }
+            Command::DescribeSubscribe { stmt, reply } => {
+                let _ = reply.send(self.plan(&stmt).map(|p| p.out.columns.clone()));
+            }
+            Command::Write {
+                stmts,
+                dry_run,
+                reply,
+            } => {
+                let _ = reply.send(self.write(&stmts, dry_run));
+            }
+            Command::CreateTable { name, sql, reply } => {
+                let _ = reply.send(self.create_table(&name, &sql));
+            }
+            Command::CreateView {
+                name,
+                body,
+                replace,
+                reply,
+            } => {
+                let _ = reply.send(self.create_view(&name, &body, replace));
+            }
+            Command::Drop {
+                kind,
+                names,
+                if_exists,
+                cascade,
+                reply,
+            } => {
+                let _ = reply.send(self.drop(kind, &names, if_exists, cascade));
+            }
+            Command::Subscribe {
+                stmt,
+                session,
+                sink,
+                reply,
+            } => {
+                let _ = reply.send(self.subscribe(&stmt, session, sink));
+            }
+            Command::Unsubscribe { id } => self.remove_sub(id),
+            Command::SessionOpened {
+                id,
+                application_name,
+            } => {
+                let _ = self.conn.execute(
+                    "INSERT INTO temp.mz_sessions VALUES (?1, ?2, ?3)",
+                    rusqlite::params![id as i64, application_name, format_timestamptz_ms(now_ms())],
+                );
+            }
+            Command::SessionUpdated {
+                id,
+                application_name,
+            } => {
+                let _ = self.conn.execute(
+                    "UPDATE temp.mz_sessions SET application_name = ?2 WHERE id = ?1",
+                    rusqlite::params![id as i64, application_name],
+                );
+            }
+            Command::SessionClosed { id } => {
+                let _ = self
+                    .conn
+                    .execute("DELETE FROM temp.mz_sessions WHERE id = ?1", [id as i64]);
+            }
+            Command::Script { sql, reply } => {
+                let _ = reply.send(self.script(&sql));
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn script(&mut self, text: &str) -> Result<(), SqlError> {
+        for stmt in sql::split_statements(text)? {
+            match sql::parse(&stmt, self.legacy)? {
+                sql::Stmt::CreateTable { name, sql } => self.create_table(&name, &sql)?,
+                sql::Stmt::CreateView {
+                    name,
+                    body,
+                    replace,
+                    ..
+                } => self.create_view(&name, &body, replace)?,
+                sql::Stmt::Drop {
+                    kind,
+                    names,
+                    if_exists,
+                    cascade,
+                } => self.drop(kind, &names, if_exists, cascade)?,
+                sql::Stmt::Write { sql, .. } => {
+                    self.write(&[(sql, Vec::new())], false)?;
+                }
+                sql::Stmt::Select { sql } => {
+                    self.query(&sql, &[])?;
+                }
+                sql::Stmt::CreateIndex
+                | sql::Stmt::Begin
+                | sql::Stmt::Commit
+                | sql::Stmt::Set { .. } => {}
+                other => {
+                    return Err(SqlError::unsupported(format!(
+                        "{other:?} in an init script is"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Relations named in `sql`, closed over view definitions.
+    fn dependencies(&self, text: &str) -> BTreeSet<String> {
+        let mut deps = BTreeSet::new();
+        let mut todo: Vec<String> = sql::identifiers(text)
+            .into_iter()
+            .filter(|i| self.catalog.contains_key(i))
+            .collect();
+        while let Some(name) = todo.pop() {
+            if deps.insert(name.clone()) {
+                if let Some(info) = self.catalog.get(&name) {
+                    todo.extend(info.deps.iter().cloned());
+                }
+            }
+        }
+        deps
+    }
+
+    fn describe(&self, text: &str) -> Result<Vec<Column>, SqlError> {
+        let translated = sql::translate(text)?;
+        let stmt = self.conn.prepare_cached(&translated)?;
+        let deps: Vec<&RelInfo> = sql::identifiers(text)
+            .iter()
+            .filter_map(|i| self.catalog.get(i))
+            .collect();
+        let lookup = |c: &str| -> Option<PgType> {
+            deps.iter()
+                .flat_map(|r| r.columns.iter())
+                .find(|col| col.name == c)
+                .map(|col| col.ty)
+        };
+        let items = sql::select_items(text, &lookup);
+        let cols = stmt.columns();
+        let aligned = items
+            .as_ref()
+            .filter(|items| items.len() == cols.len() && !items.iter().any(|i| i.star));
+        Ok(cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let item = aligned.and_then(|items| items.get(i));
+                let name = item
+                    .map(|it| it.name.clone())
+                    .unwrap_or_else(|| c.name().to_owned());
+                let ty = c
+                    .decl_type()
+                    .map(PgType::from_decl)
+                    .or_else(|| item.and_then(|it| it.ty))
+                    .or_else(|| lookup(&name))
+                    .unwrap_or(PgType::Text);
+                Column::new(name, ty)
+            })
+            .collect())
+    }
+
+    fn eval_rows(&self, translated: &str, params: &[Datum]) -> Result<Vec<Row>, SqlError> {
+        let mut stmt = self.conn.prepare_cached(translated)?;
+        let n = stmt.column_count();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut row = Vec::with_capacity(n);
+            for i in 0..n {
+                row.push(Datum::from_sqlite(r.get_ref(i)?));
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    fn eval_multiset(&self, translated: &str) -> Result<HashMap<Row, i64>, SqlError> {
+        let mut stmt = self.conn.prepare_cached(translated)?;
+        let n = stmt.column_count();
+        let mut rows = stmt.query([])?;
+        let mut out: HashMap<Row, i64> = HashMap::new();
+        while let Some(r) = rows.next()? {
+            let mut row = Vec::with_capacity(n);
+            for i in 0..n {
+                row.push(Datum::from_sqlite(r.get_ref(i)?));
+            }
+            *out.entry(row).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    fn query(&self, text: &str, params: &[Datum]) -> Result<QueryResult, SqlError> {
+        let columns = self.describe(text)?;
+        let translated = sql::translate(text)?;
+        let rows = self.eval_rows(&translated, params)?;
+        Ok(QueryResult { columns, rows })
+    }
+
+    fn take_dirty(&self) -> BTreeSet<String> {
+        match self.dirty.lock() {
+            Ok(mut d) => std::mem::take(&mut *d),
+            Err(_) => BTreeSet::new(),
+        }
+    }
+
+    fn write(
+        &mut self,
+        stmts: &[(String, Vec<Datum>)],
+        dry_run: bool,
+    ) -> Result<Vec<usize>, SqlError> {
+        self.conn.execute_batch("SAVEPOINT tg_write")?;
+        let result = self.write_inner(stmts);
+        let (counts, changes) = match result {
+            Ok(v) if !dry_run => v,
+            other => {
+                let _ = self
+                    .conn
+                    .execute_batch("ROLLBACK TO tg_write; RELEASE tg_write");
+                self.take_dirty();
+                return other.map(|(counts, _)| counts);
+            }
+        };
+        self.conn.execute_batch("RELEASE tg_write")?;
+        if changes.is_empty() {
+            return Ok(counts);
+        }
+        let ts = self.clock.next_write();
+        for (table, diffs) in &changes {
+            let h = self.history.entry(table.clone()).or_default();
+            for (row, diff) in diffs {
+                h.push_back((ts, row.clone(), *diff));
+            }
+        }
+        self.publish(ts, &changes);
+        Ok(counts)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn write_inner(
+        &mut self,
+        stmts: &[(String, Vec<Datum>)],
+    ) -> Result<(Vec<usize>, BTreeMap<String, Vec<(Row, i64)>>), SqlError> {
+        let mut counts = Vec::with_capacity(stmts.len());
+        for (text, params) in stmts {
+            let translated = sql::translate(text)?;
+            let mut stmt = self.conn.prepare_cached(&translated)?;
+            counts.push(stmt.execute(rusqlite::params_from_iter(params.iter()))?);
+        }
+        let mut changes = BTreeMap::new();
+        for table in self.take_dirty() {
+            let log = quote(&format!("{LOG_PREFIX}{table}"));
+            let mut rows = self.eval_rows(&format!("SELECT * FROM {log}"), &[])?;
+            self.conn.execute(&format!("DELETE FROM {log}"), [])?;
+            let diffs = consolidate(rows.drain(..).filter_map(|mut r| {
+                if r.is_empty() {
+                    return None;
+                }
+                let diff = r.remove(0).as_i64().unwrap_or(0);
+                Some((r, diff))
+            }));
+            if !diffs.is_empty() {
+                changes.insert(table, diffs);
+            }
+        }
+        Ok((counts, changes))
+    }
+
+    /// Pushes the diff at `ts` to every subscription that reads a changed table.
+    fn publish(&mut self, ts: u64, changes: &BTreeMap<String, Vec<(Row, i64)>>) {
+        let mut finished = Vec::new();
+        let ids: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.base_tables.iter().any(|t| changes.contains_key(t)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let evaluated = match self.subs.get(&id).map(|s| &s.source) {
+                Some(Source::Table(_)) => Ok(None),
+                Some(Source::Query { sql, .. }) => {
+                    let sql = sql.clone();
+                    self.eval_multiset(&sql).map(Some)
+                }
+                None => continue,
+            };
+            let Some(sub) = self.subs.get_mut(&id) else {
+                continue;
+            };
+            let diffs = match (evaluated, &mut sub.source) {
+                (Ok(_), Source::Table(t)) => changes.get(t).cloned().unwrap_or_default(),
+                (Ok(Some(new)), Source::Query { prev, .. }) => {
+                    let d = diff_maps(prev, &new);
+                    *prev = new;
+                    d
+                }
+                (Ok(None), Source::Query { .. }) => Vec::new(),
+                (Err(e), _) => {
+                    let _ = sub.sink.send(SubEvent::Error(e));
+                    finished.push(id);
+                    continue;
+                }
+            };
+            let mut rows = sub.out.rows(ts, diffs);
+            let frontier = ts + 1;
+            if sub.out.progress && sub.out.before_up_to(frontier) && frontier > sub.last_progress {
+                rows.push(sub.out.progress_row(frontier));
+                sub.last_progress = frontier;
+            }
+            let done = !sub.out.before_up_to(frontier);
+            if !rows.is_empty() && sub.sink.send(SubEvent::Rows(rows)).is_err() {
+                finished.push(id);
+                continue;
+            }
+            if done {
+                let _ = sub.sink.send(SubEvent::Done);
+                finished.push(id);
+            }
+        }
+        for id in finished {
+            self.remove_sub(id);
+        }
+    }
+
+    fn tick(&mut self) {
+        let frontier = now_u64().max(self.clock.last_write + 1);
+        self.clock.floor = self.clock.floor.max(frontier);
+        let mut finished = Vec::new();
+        for (id, sub) in self.subs.iter_mut() {
+            if !sub.out.before_up_to(frontier) {
+                let _ = sub.sink.send(SubEvent::Done);
+                finished.push(*id);
+            } else if sub.out.progress && frontier > sub.last_progress {
+                sub.last_progress = frontier;
+                if sub
+                    .sink
+                    .send(SubEvent::Rows(vec![sub.out.progress_row(frontier)]))
+                    .is_err()
+                {
+                    finished.push(*id);
+                }
+            } else if sub.sink.is_closed() {
+                finished.push(*id);
+            }
+        }
+        for id in finished {
+            self.remove_sub(id);
+        }
+        let since = self.since();
+        for h in self.history.values_mut() {
+            while h.front().is_some_and(|(ts, _, _)| *ts < since) {
+                h.pop_front();
+            }
+        }
+    }
+
+    fn since(&self) -> u64 {
+        self.start_ts
+            .max(now_u64().saturating_sub(self.retain_ms))
+            .min(self.clock.last_write)
+    }
+
+    fn create_table(&mut self, name: &str, text: &str) -> Result<(), SqlError> {
+        if self.catalog.contains_key(name) {
+            return Err(SqlError::new(
+                "42P07",
+                format!("catalog item '{name}' already exists"),
+            ));
+        }
+        if name.starts_with("_tg_") || name.starts_with("mz_") {
+            return Err(SqlError::new(
+                "42939",
+                format!("unacceptable table name '{name}'"),
+            ));
+        }
+        let translated = sql::translate(text)?;
+        self.conn.execute_batch("SAVEPOINT tg_ddl")?;
+        let res = (|| -> Result<Vec<Column>, SqlError> {
+            self.conn.execute_batch(&translated)?;
+            let mut cols = Vec::new();
+            {
+                let mut st = self
+                    .conn
+                    .prepare(&format!("SELECT name, type FROM pragma_table_info({})", sql_str(name)))?;
+                let mut rows = st.query([])?;
+                while let Some(r) = rows.next()? {
+                    let n: String = r.get(0)?;
+                    let t: String = r.get(1)?;
+                    cols.push(Column::new(n, PgType::from_decl(&t)));
+                }
+            }
+            let log = quote(&format!("{LOG_PREFIX}{name}"));
+            let names: Vec<String> = cols.iter().map(|c| quote(&c.name)).collect();
+            let new: Vec<String> = cols.iter().map(|c| format!("NEW.{}", quote(&c.name))).collect();
+            let old: Vec<String> = cols.iter().map(|c| format!("OLD.{}", quote(&c.name))).collect();
+            let t = quote(name);
+            let trig = |kind: &str| quote(&format!("_tg_{kind}_{name}"));
+            self.conn.execute_batch(&format!(
+                "CREATE TABLE {log} (_tg_diff, {cols});
+                 CREATE TRIGGER {ti} AFTER INSERT ON {t} BEGIN INSERT INTO {log} VALUES (1, {new}); END;
+                 CREATE TRIGGER {td} AFTER DELETE ON {t} BEGIN INSERT INTO {log} VALUES (-1, {old}); END;
+                 CREATE TRIGGER {tu} AFTER UPDATE ON {t} BEGIN INSERT INTO {log} VALUES (-1, {old}); INSERT INTO {log} VALUES (1, {new}); END;",
+                cols = names.join(", "),
+                new = new.join(", "),
+                old = old.join(", "),
+                ti = trig("ins"),
+                td = trig("del"),
+                tu = trig("upd"),
+            ))?;
+            Ok(cols)
+        })();
+        match res {
+            Ok(columns) => {
+                self.conn.execute_batch("RELEASE tg_ddl")?;
+                self.seq += 1;
+                self.catalog.insert(
+                    name.to_owned(),
+                    RelInfo {
+                        kind: RelKind::Table,
+                        columns,
+                        deps: BTreeSet::new(),
+                        body: None,
+                        seq: self.seq,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK TO tg_ddl; RELEASE tg_ddl");
+                Err(e)
+            }
+        }
+    }
+
+    fn create_view(&mut self, name: &str, body: &str, replace: bool) -> Result<(), SqlError> {
+        if let Some(existing) = self.catalog.get(name) {
+            if !replace || existing.kind != RelKind::View {
+                return Err(SqlError::new(
+                    "42P07",
+                    format!("catalog item '{name}' already exists"),
+                ));
+            }
+            self.drop(DropKind::View, &[name.to_owned()], false, false)?;
+        }
+        let columns = self.describe(body)?;
+        let translated = sql::translate(body)?;
+        let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+        self.conn.execute_batch(&format!(
+            "CREATE VIEW {} ({}) AS {translated}",
+            quote(name),
+            names.join(", ")
+        ))?;
+        let deps = sql::identifiers(body)
+            .into_iter()
+            .filter(|i| self.catalog.contains_key(i))
+            .collect();
+        self.seq += 1;
+        self.catalog.insert(
+            name.to_owned(),
+            RelInfo {
+                kind: RelKind::View,
+                columns,
+                deps,
+                body: Some(translated),
+                seq: self.seq,
+            },
+        );
+        Ok(())
+    }
+
+    fn drop(
+        &mut self,
+        kind: DropKind,
+        names: &[String],
+        if_exists: bool,
+        cascade: bool,
+    ) -> Result<(), SqlError> {
+        if kind == DropKind::Index {
+            return Ok(());
+        }
+        for name in names {
+            let Some(info) = self.catalog.get(name) else {
+                if if_exists {
+                    continue;
+                }
+                return Err(SqlError::unknown_relation(name));
+            };
+            let want = match kind {
+                DropKind::Table => RelKind::Table,
+                _ => RelKind::View,
+            };
+            if info.kind != want {
+                return Err(SqlError::new(
+                    "42809",
+                    format!(
+                        "materialize.public.{name} is a {} not a {}",
+                        kind_name(info.kind),
+                        kind_name(want)
+                    ),
+                ));
+            }
+            let dependents: Vec<String> = self
+                .catalog
+                .iter()
+                .filter(|(_, r)| r.deps.contains(name))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if !dependents.is_empty() && !cascade {
+                return Err(SqlError::new(
+                    "2BP01",
+                    format!(
+                        "cannot drop {} \"materialize.public.{name}\": still depended upon by view \"materialize.public.{}\"",
+                        kind_name(info.kind),
+                        dependents.join("\", \"materialize.public.")
+                    ),
+                ));
+            }
+            for d in dependents {
+                self.drop(DropKind::View, &[d], true, true)?;
+            }
+            self.drop_one(name)?;
+        }
+        Ok(())
+    }
+
+    fn drop_one(&mut self, name: &str) -> Result<(), SqlError> {
+        let Some(info) = self.catalog.remove(name) else {
+            return Ok(());
+        };
+        match info.kind {
+            RelKind::Table => {
+                self.conn.execute_batch(&format!(
+                    "DROP TABLE {}; DROP TABLE IF EXISTS {};",
+                    quote(name),
+                    quote(&format!("{LOG_PREFIX}{name}"))
+                ))?;
+                self.history.remove(name);
+            }
+            RelKind::View => {
+                self.conn
+                    .execute_batch(&format!("DROP VIEW {}", quote(name)))?;
+            }
+        }
+        let affected: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.deps.contains(name))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in affected {
+            if let Some(sub) = self.subs.get(&id) {
+                let _ = sub.sink.send(SubEvent::Error(SqlError::new(
+                    "42704",
+                    format!("relation 'materialize.public.{name}' was dropped"),
+                )));
+            }
+            self.remove_sub(id);
+        }
+        Ok(())
+    }
+
+    fn remove_sub(&mut self, id: u64) {
+        if self.subs.remove(&id).is_some() {
+            let _ = self.conn.execute(
+                "DELETE FROM temp.mz_subscriptions WHERE id = ?1",
+                [format!("s{id}")],
+            );
+            self.update_sub_count();
+        }
+    }
+
+    fn update_sub_count(&self) {
+        self.counters
+            .subscriptions
+            .store(self.subs.len(), Ordering::Relaxed);
+    }
+
+    /// Resolves a SUBSCRIBE's relation and output layout without running it.
+    fn plan(&self, stmt: &SubscribeStmt) -> Result<Plan, SqlError> {
+        let (select, rel_columns, source_table) = match &stmt.relation {
+            Relation::Name(name) => {
+                let info = self
+                    .catalog
+                    .get(name)
+                    .ok_or_else(|| SqlError::unknown_relation(name))?;
+                let select = format!("SELECT * FROM {}", quote(name));
+                let table = (info.kind == RelKind::Table).then(|| name.clone());
+                (select, info.columns.clone(), table)
+            }
+            Relation::Query(q) => (q.clone(), self.describe(q)?, None),
+        };
+        let deps = match &stmt.relation {
+            Relation::Name(name) => {
+                let mut d = self.dependencies(name);
+                d.insert(name.clone());
+                d
+            }
+            Relation::Query(q) => self.dependencies(q),
+        };
+        let out = Output::new(stmt, rel_columns)?;
+        Ok(Plan {
+            translated: sql::translate(&select)?,
+            base_tables: deps
+                .iter()
+                .filter(|d| self.catalog.get(*d).is_some_and(|r| r.kind == RelKind::Table))
+                .cloned()
+                .collect(),
+            deps,
+            source_table,
+            out,
+        })
+    }
+
+    fn subscribe(
+        &mut self,
+        stmt: &SubscribeStmt,
+        session: u64,
+        sink: tmpsc::UnboundedSender<SubEvent>,
+    ) -> Result<SubStart, SqlError> {
+        let plan = self.plan(stmt)?;
+        let columns = plan.out.columns.clone();
+        if plan.deps.is_empty() {
+            // A constant collection: complete at once, stamped with the maximum (or,
+            // in TAIL's era, zero) timestamp.
+            let ts = if stmt.legacy { 0 } else { u64::MAX };
+            if let Some(up_to) = stmt.up_to {
+                if ts > up_to {
+                    return Err(bounds_error(ts, up_to));
+                }
+            }
+            if stmt.snapshot {
+                match self.eval_multiset(&plan.translated) {
+                    Ok(rows) => {
+                        let rows = plan.out.rows(ts, rows.into_iter().collect());
+                        if !rows.is_empty() {
+                            let _ = sink.send(SubEvent::Rows(rows));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = sink.send(SubEvent::Error(e));
+                        return Ok(SubStart { id: 0, columns });
+                    }
+                }
+            }
+            let _ = sink.send(SubEvent::Done);
+            return Ok(SubStart { id: 0, columns });
+        }
+
+        let since = self.since();
+        let read_ts = self.clock.read_ts();
+        let as_of = match stmt.as_of {
+            None => read_ts,
+            Some(a) if a.at_least => a.ts.max(since),
+            Some(a) if a.ts < since => {
+                return Err(SqlError::internal(format!(
+                    "Timestamp ({}) is not valid for all inputs: [Antichain {{ elements: [{since}] }}]",
+                    a.ts
+                )))
+            }
+            Some(a) => a.ts,
+        };
+        if as_of > read_ts.saturating_add(86_400_000) {
+            return Err(SqlError::unsupported(
+                "AS OF more than a day in the future is",
+            ));
+        }
+        if let Some(up_to) = stmt.up_to {
+            if as_of > up_to {
+                return Err(bounds_error(as_of, up_to));
+            }
+            if as_of == up_to {
+                let _ = sink.send(SubEvent::Done);
+                return Ok(SubStart { id: 0, columns });
+            }
+        }
+
+        // Snapshot at AS OF and every later change up to now, then go live.
+        let replay = if as_of >= self.clock.last_write {
+            let state = match &plan.source_table {
+                Some(t) => self.eval_multiset(&format!("SELECT * FROM {}", quote(t))),
+                None => self.eval_multiset(&plan.translated),
+            };
+            state.map(|s| (s.clone(), Vec::new(), s))
+        } else {
+            self.replay(&plan, as_of)
+        };
+        let (snapshot, batches, current) = match replay {
+            Ok(r) => r,
+            Err(e) if e.code == "XX000" && e.message.starts_with("Evaluation error") => {
+                let _ = sink.send(SubEvent::Error(e));
+                return Ok(SubStart { id: 0, columns });
+            }
+            Err(e) => return Err(e),
+        };
+        let out = plan.out;
+        let mut rows = Vec::new();
+        if out.progress && !out.legacy {
+            rows.push(out.progress_row(as_of));
+        }
+        if stmt.snapshot {
+            rows.extend(out.rows(as_of, snapshot.into_iter().collect()));
+        }
+        let mut last_progress = as_of + 1;
+        if out.progress && out.before_up_to(as_of + 1) {
+            rows.push(out.progress_row(as_of + 1));
+        }
+        for (ts, diffs) in batches {
+            rows.extend(out.rows(ts, diffs));
+            if out.progress && out.before_up_to(ts + 1) {
+                rows.push(out.progress_row(ts + 1));
+                last_progress = ts + 1;
+            }
+        }
+        if !rows.is_empty() {
+            let _ = sink.send(SubEvent::Rows(rows));
+        }
+        let frontier = as_of.max(self.clock.last_write) + 1;
+        self.clock.floor = self.clock.floor.max(frontier);
+        if !out.before_up_to(frontier) {
+            let _ = sink.send(SubEvent::Done);
+            return Ok(SubStart { id: 0, columns });
+        }
+        let id = self.next_sub;
+        self.next_sub += 1;
+        let source = match plan.source_table {
+            Some(t) => Source::Table(t),
+            None => Source::Query {
+                sql: plan.translated,
+                prev: current,
+            },
+        };
+        self.subs.insert(
+            id,
+            Sub {
+                source,
+                base_tables: plan.base_tables,
+                deps: plan.deps,
+                out,
+                sink,
+                last_progress,
+            },
+        );
+        let _ = self.conn.execute(
+            "INSERT INTO temp.mz_subscriptions VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![
+                format!("s{id}"),
+                session as i64,
+                stmt.text,
+                format_timestamptz_ms(now_ms())
+            ],
+        );
+        self.update_sub_count();
+        Ok(SubStart { id, columns })
+    }
+
+    /// Reconstructs the subscription's result at `as_of` and every change after it
+    /// from the table history. Returns (state at AS OF, later batches, current state).
+    #[allow(clippy::type_complexity)]
+    fn replay(
+        &mut self,
+        plan: &Plan,
+        as_of: u64,
+    ) -> Result<(HashMap<Row, i64>, Vec<(u64, Vec<(Row, i64)>)>, HashMap<Row, i64>), SqlError> {
+        // All history entries after AS OF for the tables involved, in time order.
+        let mut later: Vec<(u64, &str, &Row, i64)> = Vec::new();
+        for t in &plan.base_tables {
+            if let Some(h) = self.history.get(t) {
+                for (ts, row, diff) in h.iter().rev() {
+                    if *ts <= as_of {
+                        break;
+                    }
+                    later.push((*ts, t, row, *diff));
+                }
+            }
+        }
+        later.sort_by_key(|(ts, ..)| *ts);
+        let mut past: HashMap<String, HashMap<Row, i64>> = HashMap::new();
+        for t in &plan.base_tables {
+            let mut state = self.eval_multiset(&format!("SELECT * FROM {}", quote(t)))?;
+            for (_, table, row, diff) in later.iter().filter(|(_, table, ..)| table == t) {
+                let _ = table;
+                *state.entry((*row).clone()).or_insert(0) -= diff;
+            }
+            state.retain(|_, c| *c > 0);
+            past.insert(t.clone(), state);
+        }
+        let mut groups: Vec<(u64, Vec<(String, Row, i64)>)> = Vec::new();
+        for (ts, table, row, diff) in later {
+            match groups.last_mut() {
+                Some((g, entries)) if *g == ts => entries.push((table.to_owned(), row.clone(), diff)),
+                _ => groups.push((ts, vec![(table.to_owned(), row.clone(), diff)])),
+            }
+        }
+
+        if let Some(t) = &plan.source_table {
+            let snapshot = past.remove(t).unwrap_or_default();
+            let mut current = snapshot.clone();
+            let mut batches = Vec::new();
+            for (ts, entries) in groups {
+                let diffs = consolidate(entries.into_iter().map(|(_, r, d)| (r, d)));
+                for (r, d) in &diffs {
+                    *current.entry(r.clone()).or_insert(0) += d;
+                }
+                batches.push((ts, diffs));
+            }
+            current.retain(|_, c| *c != 0);
+            return Ok((snapshot, batches, current));
+        }
+
+        self.conn.execute_batch("SAVEPOINT tg_asof")?;
+        let res = self.replay_in_temp(plan, &past, groups);
+        let _ = self
+            .conn
+            .execute_batch("ROLLBACK TO tg_asof; RELEASE tg_asof");
+        self.take_dirty();
+        res
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn replay_in_temp(
+        &self,
+        plan: &Plan,
+        past: &HashMap<String, HashMap<Row, i64>>,
+        groups: Vec<(u64, Vec<(String, Row, i64)>)>,
+    ) -> Result<(HashMap<Row, i64>, Vec<(u64, Vec<(Row, i64)>)>, HashMap<Row, i64>), SqlError> {
+        for (t, state) in past {
+            let q = quote(t);
+            self.conn.execute_batch(&format!(
+                "CREATE TEMP TABLE {q} AS SELECT * FROM main.{q} WHERE 0"
+            ))?;
+            for (row, count) in state {
+                for _ in 0..*count {
+                    self.insert_temp(t, row)?;
+                }
+            }
+        }
+        let mut views: Vec<(&String, &RelInfo)> = plan
+            .deps
+            .iter()
+            .filter_map(|d| self.catalog.get(d).map(|r| (d, r)))
+            .filter(|(_, r)| r.kind == RelKind::View)
+            .collect();
+        views.sort_by_key(|(_, r)| r.seq);
+        for (name, info) in views {
+            let cols: Vec<String> = info.columns.iter().map(|c| quote(&c.name)).collect();
+            self.conn.execute_batch(&format!(
+                "CREATE TEMP VIEW {} ({}) AS {}",
+                quote(name),
+                cols.join(", "),
+                info.body.as_deref().unwrap_or("SELECT 1")
+            ))?;
+        }
+        let eval = |s: &Store| -> Result<HashMap<Row, i64>, SqlError> {
+            let mut stmt = s.conn.prepare(&plan.translated)?;
+            let n = stmt.column_count();
+            let mut rows = stmt.query([])?;
+            let mut out: HashMap<Row, i64> = HashMap::new();
+            while let Some(r) = rows.next()? {
+                let mut row = Vec::with_capacity(n);
+                for i in 0..n {
+                    row.push(Datum::from_sqlite(r.get_ref(i)?));
+                }
+                *out.entry(row).or_insert(0) += 1;
+            }
+            Ok(out)
+        };
+        let snapshot = eval(self)?;
+        let mut prev = snapshot.clone();
+        let mut batches = Vec::new();
+        for (ts, entries) in groups {
+            for (table, row, diff) in entries {
+                if diff > 0 {
+                    for _ in 0..diff {
+                        self.insert_temp(&table, &row)?;
+                    }
+                } else {
+                    self.delete_temp(&table, &row, -diff)?;
+                }
+            }
+            let next = eval(self)?;
+            let d = diff_maps(&prev, &next);
+            if !d.is_empty() {
+                batches.push((ts, d));
+            }
+            prev = next;
+        }
+        Ok((snapshot, batches, prev))
+    }
+
+    fn insert_temp(&self, table: &str, row: &Row) -> Result<(), SqlError> {
+        let marks: Vec<String> = (1..=row.len()).map(|i| format!("?{i}")).collect();
+        let mut st = self.conn.prepare_cached(&format!(
+            "INSERT INTO temp.{} VALUES ({})",
+            quote(table),
+            marks.join(", ")
+        ))?;
+        st.execute(rusqlite::params_from_iter(row.iter()))?;
+        Ok(())
+    }
+
+    fn delete_temp(&self, table: &str, row: &Row, count: i64) -> Result<(), SqlError> {
+        let Some(info) = self.catalog.get(table) else {
+            return Ok(());
+        };
+        let conds: Vec<String> = info
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} IS ?{}", quote(&c.name), i + 1))
+            .collect();
+        let q = quote(table);
+        let mut st = self.conn.prepare_cached(&format!(
+            "DELETE FROM temp.{q} WHERE rowid IN (SELECT rowid FROM temp.{q} WHERE {} LIMIT {count})",
+            conds.join(" AND ")
+        ))?;
+        st.execute(rusqlite::params_from_iter(row.iter()))?;
+        Ok(())
+    }
+}
+
+fn kind_name(k: RelKind) -> &'static str {
+    match k {
+        RelKind::Table => "table",
+        RelKind::View => "view",
+    }
+}
+
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn bounds_error(as_of: u64, up_to: u64) -> SqlError {
+    SqlError::new(
+        "22000",
+        format!(
+            "subscription lower bound (`AS OF`) is greater than its upper bound (`UP TO`): {as_of} > {up_to}"
+        ),
+    )
+}
+
+struct Plan {
+    translated: String,
+    deps: BTreeSet<String>,
+    base_tables: BTreeSet<String>,
+    source_table: Option<String>,
+    out: Output,
+}
+
+/// Version strings reported by `mz_version()` and friends.
+pub fn version_info(legacy: bool) -> (&'static str, i64) {
+    if legacy {
+        ("v0.26.4 (2b0ad1c4e)", 2604)
+    } else {
+        ("v0.160.0 (6f1e0c2a4)", 16000)
+    }
+}
+
+fn register_functions(conn: &Connection, legacy: bool) -> Result<(), rusqlite::Error> {
+    let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+    let volatile = FunctionFlags::SQLITE_UTF8;
+    let (version, num) = version_info(legacy);
+    conn.create_scalar_function("mz_version", 0, det, move |_| Ok(version.to_owned()))?;
+    conn.create_scalar_function("mz_version_num", 0, det, move |_| Ok(num))?;
+    let pg_version = format!(
+        "PostgreSQL 9.5 on x86_64-unknown-linux-gnu (Materialize {})",
+        version.split(' ').next().unwrap_or(version)
+    );
+    conn.create_scalar_function("version", 0, det, move |_| Ok(pg_version.clone()))?;
+    conn.create_scalar_function("current_database", 0, det, |_| Ok("materialize".to_owned()))?;
+    conn.create_scalar_function("current_schema", 0, det, |_| Ok("public".to_owned()))?;
+    conn.create_scalar_function("now", 0, volatile, |_| Ok(format_timestamptz_ms(now_ms())))?;
+    conn.create_scalar_function("mz_epoch_ms", 0, volatile, |_| Ok(now_ms()))?;
+    conn.create_scalar_function("mz_now", 0, volatile, |_| Ok(now_ms()))?;
+    conn.create_scalar_function("mz_bool", 1, det, |ctx| {
+        Ok(match ctx.get_raw(0) {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i64::from(i != 0)),
+            ValueRef::Real(f) => Value::Integer(i64::from(f != 0.0)),
+            ValueRef::Text(t) => match parse_bool(&String::from_utf8_lossy(t)) {
+                Some(b) => Value::Integer(i64::from(b)),
+                None => {
+                    return Err(rusqlite::Error::UserFunctionError(
+                        format!(
+                            "invalid input syntax for type boolean: \"{}\"",
+                            String::from_utf8_lossy(t)
+                        )
+                        .into(),
+                    ))
+                }
+            },
+            ValueRef::Blob(_) => Value::Null,
+        })
+    })?;
+    conn.create_scalar_function("mz_div", 2, det, |ctx| {
+        let num = |v: ValueRef<'_>| -> Option<Value> {
+            match v {
+                ValueRef::Integer(i) => Some(Value::Integer(i)),
+                ValueRef::Real(f) => Some(Value::Real(f)),
+                ValueRef::Text(t) => {
+                    let s = String::from_utf8_lossy(t);
+                    s.trim()
+                        .parse::<i64>()
+                        .map(Value::Integer)
+                        .or_else(|_| s.trim().parse::<f64>().map(Value::Real))
+                        .ok()
+                }
+                _ => None,
+            }
+        };
+        let (Some(a), Some(b)) = (num(ctx.get_raw(0)), num(ctx.get_raw(1))) else {
+            return Ok(Value::Null);
+        };
+        let zero = || rusqlite::Error::UserFunctionError(DIV_BY_ZERO_MARKER.into());
+        Ok(match (a, b) {
+            (Value::Integer(x), Value::Integer(y)) => {
+                if y == 0 {
+                    return Err(zero());
+                }
+                Value::Integer(x.checked_div(y).ok_or_else(|| {
+                    rusqlite::Error::UserFunctionError("bigint out of range".into())
+                })?)
+            }
+            (a, b) => {
+                let f = |v: Value| match v {
+                    Value::Integer(i) => i as f64,
+                    Value::Real(r) => r,
+                    _ => 0.0,
+                };
+                let y = f(b);
+                if y == 0.0 {
+                    return Err(zero());
+                }
+                Value::Real(f(a) / y)
+            }
+        })
+    })?;
+    Ok(())
+}
