@@ -27,6 +27,8 @@ const RESERVED_PATHS: [&str; 3] = ["/", "/metrics", "/healthz"];
 pub struct Config {
     /// The file it came from; relative paths inside it resolve against its directory.
     pub source: PathBuf,
+    /// Hash of the text it was parsed from, so reload can skip saves that change nothing.
+    pub digest: u64,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub embedded: EmbeddedConfig,
@@ -225,11 +227,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text)
 }
 
+/// The content hash used to recognise unchanged files.
+pub fn digest(text: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
 /// Validates config text that came from `path`.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut problems = Problems::new(text);
     let raw = RawConfig::from_text(text, &mut problems);
     let config = raw.and_then(|raw| raw.validate(path, &mut problems));
+    let config = config.map(|c| Config {
+        digest: digest(text.as_bytes()),
+        ..c
+    });
     match config {
         Some(c) if problems.list.is_empty() => Ok(c),
         _ => Err(ConfigError::Invalid {
@@ -388,7 +402,6 @@ impl RawConfig {
                 .map_err(|e| problems.toml(&e))
                 .ok()
         }
-        let mut saw_streams = false;
         for (key, value) in root.into_inner() {
             let name = key.get_ref().as_ref();
             match name {
@@ -397,7 +410,6 @@ impl RawConfig {
                 "embedded" => raw.embedded = section(value, problems),
                 "defaults" => raw.defaults = section(value, problems),
                 "streams" => {
-                    saw_streams = true;
                     let start = value.span().start;
                     match value.into_inner() {
                         DeValue::Array(entries) => {
@@ -416,9 +428,6 @@ impl RawConfig {
                     ),
                 ),
             }
-        }
-        if !saw_streams {
-            problems.at(0, "no [[streams]] defined");
         }
         Some(raw)
     }
@@ -572,6 +581,7 @@ impl RawConfig {
 
         Some(Config {
             source: path.to_path_buf(),
+            digest: 0,
             server,
             upstream,
             embedded,

@@ -51,6 +51,8 @@ pub struct Gateway {
     inner: CancellationToken,
     tracker: TaskTracker,
     triggers: (mpsc::Sender<Trigger>, mpsc::Receiver<Trigger>),
+    /// Watching starts before `build` returns, so no edit after loading is missed.
+    watcher: reload::WatcherGuard,
 }
 
 impl Gateway {
@@ -107,6 +109,14 @@ impl Gateway {
             server: ArcSwap::from_pointee(config.server.clone()),
             config_path: config.source.clone(),
         });
+        let triggers = mpsc::channel(16);
+        let watcher = reload::spawn_watchers(
+            &config.source,
+            config.digest,
+            triggers.0.clone(),
+            inner.clone(),
+            &tracker,
+        );
         info!(%addr, streams = config.streams.len(), "Gateway listening.");
         Ok(Gateway {
             config,
@@ -118,7 +128,8 @@ impl Gateway {
             shutdown,
             inner,
             tracker,
-            triggers: mpsc::channel(16),
+            triggers,
+            watcher,
         })
     }
 
@@ -156,7 +167,8 @@ impl Gateway {
             shutdown,
             inner,
             tracker,
-            triggers: (trigger_tx, mut triggers),
+            triggers: (_, mut triggers),
+            watcher,
             ..
         } = self;
         let grace = config.server.shutdown_grace;
@@ -166,8 +178,7 @@ impl Gateway {
             shutdown.clone(),
             grace,
         ));
-        let watcher = reload::spawn_watchers(&config.source, trigger_tx, inner.clone(), &tracker);
-        let mut hash = reload::content_hash(&config.source);
+        let mut hash = Some(config.digest);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -11,7 +11,6 @@
 //!
 //! The watcher task and the signal task stop when the gateway's token is cancelled.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,14 +40,8 @@ pub enum Trigger {
 }
 
 /// Hash of the file's content, or `None` if it cannot be read.
-pub fn content_hash(path: &Path) -> Option<u64> {
-    std::fs::read(path).ok().map(|b| hash_bytes(&b))
-}
-
-fn hash_bytes(b: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    b.hash(&mut h);
-    h.finish()
+fn content_hash(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|b| config::digest(&b))
 }
 
 /// Keeps the notify watcher alive; dropping it stops the events.
@@ -59,6 +52,7 @@ pub struct WatcherGuard {
 /// Starts the file watcher, the SIGHUP listener and the poll.
 pub fn spawn_watchers(
     path: &Path,
+    loaded: u64,
     triggers: mpsc::Sender<Trigger>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
@@ -107,7 +101,7 @@ pub fn spawn_watchers(
     };
 
     tracker.spawn(debounce(raw_rx, triggers.clone(), cancel.clone()));
-    tracker.spawn(poll(path, triggers.clone(), cancel.clone()));
+    tracker.spawn(poll(path, loaded, triggers.clone(), cancel.clone()));
     tracker.spawn(sighup(triggers, cancel));
     WatcherGuard { _watcher: watcher }
 }
@@ -137,8 +131,13 @@ async fn debounce(
 }
 
 /// Reports a change the watcher missed, once the content has been stable for two polls.
-async fn poll(path: PathBuf, triggers: mpsc::Sender<Trigger>, cancel: CancellationToken) {
-    let mut reported = content_hash(&path);
+async fn poll(
+    path: PathBuf,
+    loaded: u64,
+    triggers: mpsc::Sender<Trigger>,
+    cancel: CancellationToken,
+) {
+    let mut reported = Some(loaded);
     let mut previous = reported;
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -199,7 +198,7 @@ pub fn apply(
             return;
         }
     };
-    let hash = hash_bytes(&text);
+    let hash = config::digest(&text);
     if *seen == Some(hash) {
         return;
     }

@@ -278,17 +278,24 @@ impl StreamTask {
                                 pending.entry(ts).or_default().push(change)
                             }
                             Decoded::Progress(frontier) => {
+                                if !announced {
+                                    announced = true;
+                                    *attempt = 0;
+                                    self.hub.set_health(Health::Streaming);
+                                    // Materialize opens with a progress row at the AS OF
+                                    // time, before the snapshot rows stamped with it; that
+                                    // row closes nothing.
+                                    let opening = pending.range(..frontier).next().is_none();
+                                    if opening && !matches!(progress.phase, Phase::Live) {
+                                        continue;
+                                    }
+                                }
                                 self.close_timestamps(
                                     progress,
                                     &mut building,
                                     &mut pending,
                                     frontier,
                                 );
-                                if !announced {
-                                    announced = true;
-                                    *attempt = 0;
-                                    self.hub.set_health(Health::Streaming);
-                                }
                             }
                         }
                     }
@@ -314,6 +321,9 @@ impl StreamTask {
     ) {
         let rest = pending.split_off(&frontier);
         let closed = std::mem::replace(pending, rest);
+        if progress.frontier.is_some_and(|f| f > frontier) {
+            return;
+        }
         progress.frontier = Some(frontier);
         let at = frontier.saturating_sub(1);
         match progress.phase {

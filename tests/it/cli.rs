@@ -33,7 +33,8 @@ fn check_exits_zero_on_a_good_file_and_64_on_a_bad_one() {
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.toml:4:9"), "{stderr}");
+    assert!(stderr.contains("bad.toml:3:8"), "{stderr}");
+    assert!(stderr.contains("bad.toml:8:9"), "{stderr}");
     assert!(stderr.contains("duplicate path"), "{stderr}");
     assert!(stderr.contains("bad duration"), "{stderr}");
 }

@@ -202,7 +202,7 @@ async fn hostile_text_arrives_intact() {
         "",
     ];
     for (i, text) in hostile.iter().enumerate() {
-        sql.execute("INSERT INTO notes VALUES ($1, $2)", &[&(i as i32), text])
+        sql.execute("INSERT INTO notes VALUES ($1, $2)", &[&i.to_string(), text])
             .await
             .expect("insert hostile text");
     }

@@ -15,20 +15,22 @@ const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
     CREATE VIEW names AS SELECT name FROM items;\n\
     INSERT INTO items VALUES (1, 'one', 10);\n";
 
-fn streams(paths: &[&str]) -> String {
+fn streams_body(paths: &[&str]) -> String {
     let mut body = String::from("[embedded]\ninit = \"init.sql\"\n");
     for p in paths {
         body.push_str(&format!(
             "[[streams]]\npath = \"{p}\"\nview = \"items_v\"\n"
         ));
     }
-    config_text(&body)
+    body
+}
+
+fn streams(paths: &[&str]) -> String {
+    config_text(&streams_body(paths))
 }
 
 async fn start(paths: &[&str]) -> TestGateway {
-    let gw = TestGateway::start("", &[("init.sql", INIT)]).await;
-    std::fs::write(gw.config_path(), streams(paths)).expect("write");
-    // The first write above may or may not be seen as a reload; settle on it.
+    let gw = TestGateway::start(&streams_body(paths), &[("init.sql", INIT)]).await;
     wait_served(&gw, paths).await;
     gw
 }
