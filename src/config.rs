@@ -78,6 +78,8 @@ pub struct UpstreamConfig {
     pub backoff_max: Duration,
     /// Extra root certificates (PEM) for TLS, on top of the built-in web roots.
     pub ca_file: Option<PathBuf>,
+    /// A row larger than this degrades its stream instead of being served.
+    pub max_row_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -315,6 +317,7 @@ struct RawUpstream {
     backoff_initial: Option<Spanned<String>>,
     backoff_max: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    max_row_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -535,6 +538,7 @@ impl RawConfig {
             backoff_initial,
             backoff_max,
             ca_file: u.ca_file.as_ref().map(|f| resolve(f.get_ref())),
+            max_row_bytes: count(p, &u.max_row_bytes, 16 << 20, "max_row_bytes"),
         };
 
         let e = self.embedded.unwrap_or_default();

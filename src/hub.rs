@@ -373,6 +373,7 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub lagged: AtomicU64,
     pub resets: AtomicU64,
+    pub upstream_errors: AtomicU64,
     pub last_ts: AtomicU64,
 }
 

@@ -257,6 +257,7 @@ pub fn reconcile(running: &Config, mut new: Config) -> (Config, Vec<String>) {
         upstream.backoff_initial,
         upstream.backoff_max,
         upstream.ca_file,
+        upstream.max_row_bytes,
         embedded.init,
         embedded.legacy,
         embedded.retain,

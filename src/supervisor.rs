@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, StreamConfig, StreamPath};
 use crate::hub::{EndReason, Hub, Reason, Settings};
-use crate::upstream::{StreamTask, Target, Timing};
+use crate::upstream::{StreamTask, Target, Policy};
 
 /// A stream as the HTTP layer sees it.
 pub struct Route {
@@ -46,7 +46,7 @@ pub struct Applied {
 
 pub struct Supervisor {
     target: Arc<Target>,
-    timing: Timing,
+    policy: Policy,
     streams: BTreeMap<StreamPath, Running>,
     routes: Arc<ArcSwap<Routes>>,
     cancel: CancellationToken,
@@ -64,7 +64,7 @@ impl Supervisor {
     ) -> Supervisor {
         let mut sup = Supervisor {
             target,
-            timing: Timing::from(&config.upstream),
+            policy: Policy::from(&config.upstream),
             streams: BTreeMap::new(),
             routes,
             cancel,
@@ -172,7 +172,7 @@ impl Supervisor {
         let task = StreamTask {
             stream: Arc::clone(&config),
             target: Arc::clone(&self.target),
-            timing: self.timing.clone(),
+            policy: self.policy.clone(),
             hub: Arc::clone(&hub),
             delay: delay_rx,
             reason,

@@ -121,7 +121,7 @@ impl Metrics {
             "# TYPE sse_stall_disconnects_total counter\nsse_stall_disconnects_total {}",
             self.stall_disconnects.load(r)
         );
-        let families: [Family; 5] = [
+        let families: [Family; 6] = [
             ("sse_clients", "gauge", |h| {
                 h.stats.clients.load(Ordering::Relaxed) as u64
             }),
@@ -130,6 +130,9 @@ impl Metrics {
             }),
             ("sse_lagged_total", "counter", |h| {
                 h.stats.lagged.load(Ordering::Relaxed)
+            }),
+            ("upstream_errors_total", "counter", |h| {
+                h.stats.upstream_errors.load(Ordering::Relaxed)
             }),
             ("sse_resets_total", "counter", |h| {
                 h.stats.resets.load(Ordering::Relaxed)

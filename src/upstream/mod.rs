@@ -35,9 +35,6 @@ use decode::{DecodeError, Decoded, Layout};
 use crate::config::{StreamConfig, UpstreamConfig};
 use crate::hub::{Change, Health, Hub, Reason, State};
 
-/// Rows larger than this (sum of their text values) are rejected as a stream error.
-pub const MAX_ROW_BYTES: usize = 16 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error(transparent)]
@@ -84,18 +81,21 @@ fn query_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Ups
     move |source| UpstreamError::Query { context, source }
 }
 
-/// Timing knobs shared by every stream.
+/// Timeouts, backoff and limits shared by every stream.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Timing {
+pub struct Policy {
+    /// Rows larger than this (sum of their text values) are a stream error.
+    pub max_row_bytes: usize,
     pub connect_timeout: Duration,
     pub progress_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
 
-impl From<&UpstreamConfig> for Timing {
+impl From<&UpstreamConfig> for Policy {
     fn from(u: &UpstreamConfig) -> Self {
-        Timing {
+        Policy {
+            max_row_bytes: u.max_row_bytes,
             connect_timeout: u.connect_timeout,
             progress_timeout: u.progress_timeout,
             backoff_initial: u.backoff_initial,
@@ -108,7 +108,7 @@ impl From<&UpstreamConfig> for Timing {
 pub struct StreamTask {
     pub stream: Arc<StreamConfig>,
     pub target: Arc<Target>,
-    pub timing: Timing,
+    pub policy: Policy,
     pub hub: Arc<Hub>,
     /// The delay window; it can change on reload without restarting the task.
     pub delay: watch::Receiver<Duration>,
@@ -165,10 +165,11 @@ impl StreamTask {
                 continue;
             }
             warn!(stream = %path, error = %error, attempt, "Upstream lost; reconnecting.");
+            self.hub.stats.upstream_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.hub.set_health(Health::Reconnecting {
                 error: error.to_string(),
             });
-            let pause = backoff(&self.timing, attempt);
+            let pause = backoff(&self.policy, attempt);
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -186,7 +187,7 @@ impl StreamTask {
         let stream = Arc::clone(&self.stream);
         let (client, conn) = self
             .target
-            .connect(&stream.path, self.timing.connect_timeout)
+            .connect(&stream.path, self.policy.connect_timeout)
             .await?;
         // The connection task ends when the link does; aborting it on exit closes the
         // socket even if a query is still waiting.
@@ -243,8 +244,8 @@ impl StreamTask {
         loop {
             let deadline = progress.coalescer.deadline;
             let messages = tokio::select! {
-                r = tokio::time::timeout(self.timing.progress_timeout, &mut in_flight) => match r {
-                    Err(_) => return Err(UpstreamError::Silent(self.timing.progress_timeout)),
+                r = tokio::time::timeout(self.policy.progress_timeout, &mut in_flight) => match r {
+                    Err(_) => return Err(UpstreamError::Silent(self.policy.progress_timeout)),
                     Ok(r) => r.map_err(query_err("fetching"))?,
                 },
                 _ = &mut conn.0 => return Err(UpstreamError::Closed),
@@ -263,7 +264,7 @@ impl StreamTask {
                             &names,
                             &relation,
                             stream.key.as_deref(),
-                            MAX_ROW_BYTES,
+                            self.policy.max_row_bytes,
                         )?);
                     }
                     SimpleQueryMessage::Row(row) => {
@@ -441,7 +442,7 @@ fn subscribe_sql(stream: &StreamConfig, legacy: bool, resume_at: Option<u64>) ->
 }
 
 /// Capped exponential backoff with jitter (between half and all of the step).
-fn backoff(timing: &Timing, attempt: u32) -> Duration {
+fn backoff(timing: &Policy, attempt: u32) -> Duration {
     let step = timing
         .backoff_initial
         .saturating_mul(1u32 << attempt.min(16))
@@ -506,7 +507,8 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_and_jittered() {
-        let t = Timing {
+        let t = Policy {
+            max_row_bytes: 1,
             connect_timeout: Duration::from_secs(1),
             progress_timeout: Duration::from_secs(1),
             backoff_initial: Duration::from_millis(100),

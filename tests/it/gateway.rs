@@ -9,47 +9,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tailgate::sse::Item;
 
-use crate::support::{engine_subscriptions, multiset, Model, SseClient, TestGateway, WAIT};
+use crate::support::{converge, items_truth, engine_subscriptions, multiset, Model, TestGateway, WAIT};
 
 const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
     CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
     INSERT INTO items VALUES (1, 'one', 10), (2, 'two', 20);\n";
-
-fn items_row(id: i64, name: &str, qty: i64) -> Value {
-    json!({"id": id, "name": name, "qty": qty})
-}
-
-async fn items_truth(sql: &tokio_postgres::Client) -> Vec<(String, i64)> {
-    let rows = sql
-        .simple_query("SELECT id, name, qty FROM items_v")
-        .await
-        .expect("select");
-    multiset(rows.into_iter().filter_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => Some(items_row(
-            r.get(0).and_then(|v| v.parse().ok()).unwrap_or(-1),
-            r.get(1).unwrap_or(""),
-            r.get(2).and_then(|v| v.parse().ok()).unwrap_or(-1),
-        )),
-        _ => None,
-    }))
-}
-
-/// Reads events into `model` until `done` holds, failing after the wait limit.
-async fn converge(
-    client: &mut SseClient,
-    model: &mut Model,
-    event: &str,
-    done: impl Fn(&Model) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done(model) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        assert!(!left.is_zero(), "model did not converge: {model:?}");
-        if let Some(Item::Event(e)) = client.next_item(left.min(Duration::from_millis(500))).await {
-            model.apply(&e, event);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -389,4 +391,87 @@ pub fn multiset(rows: impl IntoIterator<Item = Value>) -> Vec<(String, i64)> {
     let mut v: Vec<_> = m.into_iter().collect();
     v.sort();
     v
+}
+
+/// A development engine running in this process, outside any gateway.
+pub struct TestEngine {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestEngine {
+    pub async fn start(init: &str, retain: Duration, tick: Duration) -> TestEngine {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("init.sql");
+        std::fs::write(&path, init).expect("init");
+        let shutdown = CancellationToken::new();
+        let running = tailgate::engine::start(
+            tailgate::engine::EngineConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                init: Some(path),
+                legacy: false,
+                retain,
+                tick,
+            },
+            shutdown.clone(),
+        )
+        .await
+        .expect("engine starts");
+        TestEngine {
+            addr: running.local_addr(),
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// The `[upstream]` section pointing at `addr` (the engine or a proxy before it).
+    pub fn upstream(addr: SocketAddr) -> String {
+        format!(
+            "[upstream]\nurl = \"postgres://materialize@{addr}/materialize?sslmode=disable\"\n\
+             progress_timeout = \"1s\"\nbackoff_initial = \"50ms\"\nbackoff_max = \"300ms\"\n"
+        )
+    }
+}
+
+/// `SELECT id, name, qty FROM items_v` as a multiset of JSON rows.
+pub async fn items_truth(sql: &tokio_postgres::Client) -> Vec<(String, i64)> {
+    let rows = sql
+        .simple_query("SELECT id, name, qty FROM items_v")
+        .await
+        .expect("select");
+    multiset(rows.into_iter().filter_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(serde_json::json!({
+            "id": r.get(0).and_then(|v| v.parse::<i64>().ok()),
+            "name": r.get(1),
+            "qty": r.get(2).and_then(|v| v.parse::<i64>().ok()),
+        })),
+        _ => None,
+    }))
+}
+
+/// Reads events into `model` until `done` holds, failing after the wait limit.
+pub async fn converge(
+    client: &mut SseClient,
+    model: &mut Model,
+    event: &str,
+    done: impl Fn(&Model) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done(model) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(!left.is_zero(), "model did not converge: {model:?}");
+        match client.next_item(left.min(Duration::from_millis(500))).await {
+            Some(Item::Event(e)) => model.apply(&e, event),
+            Some(_) => {}
+            None => assert!(!client.ended, "stream ended before converging: {model:?}"),
+        }
+    }
 }
