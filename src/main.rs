@@ -47,7 +47,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ))
+        }
     })
 }
 
@@ -79,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
             let engine = tailgate::engine::start(config, shutdown.clone())
                 .await
                 .context("starting the engine")?;
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
             shutdown.cancel();
             engine.stopped().await;
             Ok(())

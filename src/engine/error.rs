@@ -73,12 +73,12 @@ impl From<rusqlite::Error> for SqlError {
             return SqlError::new("42703", format!("column \"{name}\" does not exist"));
         }
         if let Some(name) = lower.strip_prefix("no such function: ") {
-            return SqlError::new(
-                "42883",
-                format!("function {name}() does not exist"),
-            );
+            return SqlError::new("42883", format!("function {name}() does not exist"));
         }
-        if lower.contains("syntax error") || lower.starts_with("near ") || lower.contains("incomplete input") {
+        if lower.contains("syntax error")
+            || lower.starts_with("near ")
+            || lower.contains("incomplete input")
+        {
             return SqlError::syntax(text);
         }
         if lower.contains("already exists") {

@@ -18,9 +18,15 @@ use futures::{SinkExt, StreamExt};
 use pgwire::api::{ClientInfo, PgWireConnectionState};
 use pgwire::error::ErrorInfo;
 use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
-use pgwire::messages::data::{DataRow, FieldDescription, NoData, ParameterDescription, RowDescription};
-use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete, PortalSuspended};
-use pgwire::messages::response::{CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::data::{
+    DataRow, FieldDescription, NoData, ParameterDescription, RowDescription,
+};
+use pgwire::messages::extendedquery::{
+    BindComplete, CloseComplete, ParseComplete, PortalSuspended,
+};
+use pgwire::messages::response::{
+    CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, ProtocolVersion};
 use pgwire::tokio::server::{negotiate_tls, MaybeTls, PgWireMessageServerCodec};
@@ -38,6 +44,9 @@ use super::value::{copy_escape, Column, Datum, PgType, Row};
 
 type Socket = Framed<MaybeTls, PgWireMessageServerCodec<()>>;
 
+/// A session's cancel secret and the cancel token of its running statement.
+type CancelEntry = (Bytes, Arc<Mutex<CancellationToken>>);
+
 /// State shared by the listener and every session.
 pub struct Shared {
     pub store: StoreHandle,
@@ -47,11 +56,16 @@ pub struct Shared {
     next_session: AtomicU64,
     /// pid → (secret, the running query's cancel token). A std Mutex: lookups are
     /// short and never span an `.await`.
-    cancels: Mutex<HashMap<i32, (Bytes, Arc<Mutex<CancellationToken>>)>>,
+    cancels: Mutex<HashMap<i32, CancelEntry>>,
 }
 
 impl Shared {
-    pub fn new(store: StoreHandle, legacy: bool, counters: Arc<Counters>, shutdown: CancellationToken) -> Shared {
+    pub fn new(
+        store: StoreHandle,
+        legacy: bool,
+        counters: Arc<Counters>,
+        shutdown: CancellationToken,
+    ) -> Shared {
         Shared {
             store,
             legacy,
@@ -63,11 +77,7 @@ impl Shared {
     }
 
     fn cancel(&self, pid: i32, secret: &SecretKey) {
-        let target = self
-            .cancels
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&pid).cloned());
+        let target = self.cancels.lock().ok().and_then(|m| m.get(&pid).cloned());
         if let Some((s, token)) = target {
             if s == secret.to_bytes() {
                 if let Ok(t) = token.lock() {
@@ -205,7 +215,11 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
     shared.store.send(Command::SessionOpened {
         id: session.id,
-        application_name: session.vars.get("application_name").cloned().unwrap_or_default(),
+        application_name: session
+            .vars
+            .get("application_name")
+            .cloned()
+            .unwrap_or_default(),
     });
     let result = session.run().await;
     if let Err(e) = &result {
@@ -256,7 +270,9 @@ async fn startup(mut socket: Socket, shared: Arc<Shared>) -> Result<Option<Sessi
                         _ => {}
                     }
                 }
-                socket.feed(PgWireBackendMessage::Authentication(Authentication::Ok)).await?;
+                socket
+                    .feed(PgWireBackendMessage::Authentication(Authentication::Ok))
+                    .await?;
                 for name in [
                     "server_version",
                     "server_encoding",
@@ -284,10 +300,14 @@ async fn startup(mut socket: Socket, shared: Arc<Shared>) -> Result<Option<Sessi
                     m.insert(pid, (secret.to_bytes(), cancel.clone()));
                 }
                 socket
-                    .feed(PgWireBackendMessage::BackendKeyData(BackendKeyData::new(pid, secret)))
+                    .feed(PgWireBackendMessage::BackendKeyData(BackendKeyData::new(
+                        pid, secret,
+                    )))
                     .await?;
                 socket
-                    .send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(TransactionStatus::Idle)))
+                    .send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(
+                        TransactionStatus::Idle,
+                    )))
                     .await?;
                 socket.set_state(PgWireConnectionState::ReadyForQuery);
                 return Ok(Some(Session {
@@ -418,7 +438,9 @@ fn copy_line(row: &Row, columns: &[Column]) -> Bytes {
 fn tag_for(stmt: &Stmt) -> &'static str {
     match stmt {
         Stmt::CreateTable { .. } => "CREATE TABLE",
-        Stmt::CreateView { materialized: true, .. } => "CREATE MATERIALIZED VIEW",
+        Stmt::CreateView {
+            materialized: true, ..
+        } => "CREATE MATERIALIZED VIEW",
         Stmt::CreateView { .. } => "CREATE VIEW",
         Stmt::CreateIndex => "CREATE INDEX",
         Stmt::Drop { kind, .. } => match kind {
@@ -489,8 +511,13 @@ impl Session {
         if let Ok(mut m) = self.shared.cancels.lock() {
             m.retain(|_, (_, t)| !Arc::ptr_eq(t, &self.cancel));
         }
-        self.shared.store.send(Command::SessionClosed { id: self.id });
-        self.shared.counters.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .store
+            .send(Command::SessionClosed { id: self.id });
+        self.shared
+            .counters
+            .sessions
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     fn status(&self) -> TransactionStatus {
@@ -536,7 +563,9 @@ impl Session {
                     } else {
                         self.portals.remove(&name);
                     }
-                    self.socket.feed(PgWireBackendMessage::CloseComplete(CloseComplete::new())).await?;
+                    self.socket
+                        .feed(PgWireBackendMessage::CloseComplete(CloseComplete::new()))
+                        .await?;
                     Ok(())
                 }
                 PgWireFrontendMessage::Flush(_) => {
@@ -568,7 +597,9 @@ impl Session {
     async fn ready(&mut self) -> Result<(), SessionError> {
         let status = self.status();
         self.socket
-            .send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(status)))
+            .send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(
+                status,
+            )))
             .await?;
         Ok(())
     }
@@ -610,7 +641,9 @@ impl Session {
         };
         if stmts.is_empty() {
             self.socket
-                .feed(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new()))
+                .feed(PgWireBackendMessage::EmptyQueryResponse(
+                    EmptyQueryResponse::new(),
+                ))
                 .await?;
         }
         for s in stmts {
@@ -641,7 +674,9 @@ impl Session {
     ) -> Result<(), ExecError> {
         if describe {
             self.socket
-                .feed(PgWireBackendMessage::RowDescription(row_description(columns, formats)))
+                .feed(PgWireBackendMessage::RowDescription(row_description(
+                    columns, formats,
+                )))
                 .await?;
         }
         let mut n = 0;
@@ -655,7 +690,9 @@ impl Session {
 
     async fn complete(&mut self, tag: &str) -> Result<(), ExecError> {
         self.socket
-            .feed(PgWireBackendMessage::CommandComplete(CommandComplete::new(tag.to_owned())))
+            .feed(PgWireBackendMessage::CommandComplete(CommandComplete::new(
+                tag.to_owned(),
+            )))
             .await?;
         Ok(())
     }
@@ -742,15 +779,20 @@ impl Session {
                         .collect()
                 } else {
                     let v = self.vars.get(&name).ok_or_else(|| {
-                        SqlError::new("42704", format!("unrecognized configuration parameter \"{name}\""))
+                        SqlError::new(
+                            "42704",
+                            format!("unrecognized configuration parameter \"{name}\""),
+                        )
                     })?;
                     vec![vec![Datum::Text(v.clone())]]
                 };
                 let columns = show_columns(&name);
                 if simple {
-                    self.send_rows(&columns, rows, formats, true, "SELECT").await
+                    self.send_rows(&columns, rows, formats, true, "SELECT")
+                        .await
                 } else {
-                    self.send_rows(&columns, rows, formats, false, "SELECT").await
+                    self.send_rows(&columns, rows, formats, false, "SELECT")
+                        .await
                 }
             }
             Stmt::Select { sql } => {
@@ -758,7 +800,8 @@ impl Session {
                 let res = store
                     .call(|reply| Command::Query { sql, params, reply })
                     .await?;
-                self.send_rows(&res.columns, res.rows, formats, simple, "SELECT").await
+                self.send_rows(&res.columns, res.rows, formats, simple, "SELECT")
+                    .await
             }
             Stmt::Write { sql, tag } => {
                 let count = if let Txn::Open { writes } = &mut self.txn {
@@ -794,7 +837,9 @@ impl Session {
             }
             Stmt::CreateTable { ref name, ref sql } => {
                 let (name, sql) = (name.clone(), sql.clone());
-                store.call(|reply| Command::CreateTable { name, sql, reply }).await?;
+                store
+                    .call(|reply| Command::CreateTable { name, sql, reply })
+                    .await?;
                 self.complete(tag_for(&stmt)).await
             }
             Stmt::CreateView {
@@ -835,7 +880,11 @@ impl Session {
             Stmt::CreateIndex | Stmt::Discard => self.complete(tag_for(&stmt)).await,
             Stmt::Declare { name, query } => {
                 if self.cursors.contains_key(&name) {
-                    return Err(SqlError::new("42P03", format!("cursor \"{name}\" already exists")).into());
+                    return Err(SqlError::new(
+                        "42P03",
+                        format!("cursor \"{name}\" already exists"),
+                    )
+                    .into());
                 }
                 let cursor = match query {
                     CursorQuery::Select(sql) => {
@@ -868,22 +917,26 @@ impl Session {
                 self.complete("DECLARE CURSOR").await
             }
             Stmt::Fetch(f) => {
-                let mut cursor = self
-                    .cursors
-                    .remove(&f.cursor)
-                    .ok_or_else(|| SqlError::new("34000", format!("cursor \"{}\" does not exist", f.cursor)))?;
+                let mut cursor = self.cursors.remove(&f.cursor).ok_or_else(|| {
+                    SqlError::new("34000", format!("cursor \"{}\" does not exist", f.cursor))
+                })?;
                 let res = self.fetch(&mut cursor, &f, token).await;
                 let columns = cursor.columns.clone();
                 self.cursors.insert(f.cursor.clone(), cursor);
                 let rows = res?;
-                self.send_rows(&columns, rows, formats, simple, "FETCH").await
+                self.send_rows(&columns, rows, formats, simple, "FETCH")
+                    .await
             }
             Stmt::Close { name } => {
                 match name {
                     None => self.cursors.clear(),
                     Some(n) => {
                         if self.cursors.remove(&n).is_none() {
-                            return Err(SqlError::new("34000", format!("cursor \"{n}\" does not exist")).into());
+                            return Err(SqlError::new(
+                                "34000",
+                                format!("cursor \"{n}\" does not exist"),
+                            )
+                            .into());
                         }
                     }
                 }
@@ -893,7 +946,10 @@ impl Session {
                 let mut sub = self.subscribe(s.clone()).await?;
                 if simple {
                     self.socket
-                        .feed(PgWireBackendMessage::RowDescription(row_description(&sub.columns, formats)))
+                        .feed(PgWireBackendMessage::RowDescription(row_description(
+                            &sub.columns,
+                            formats,
+                        )))
                         .await?;
                 }
                 if !self.shared.legacy {
@@ -903,9 +959,14 @@ impl Session {
                         "streaming SUBSCRIBE rows directly requires a client that does not buffer output"
                             .to_owned(),
                     );
-                    if self.vars.get("application_name").is_some_and(|a| a == "psql") {
+                    if self
+                        .vars
+                        .get("application_name")
+                        .is_some_and(|a| a == "psql")
+                    {
                         notice.hint = Some(
-                            "Wrap your SUBSCRIBE statement in `COPY (SUBSCRIBE ...) TO STDOUT`.".to_owned(),
+                            "Wrap your SUBSCRIBE statement in `COPY (SUBSCRIBE ...) TO STDOUT`."
+                                .to_owned(),
                         );
                     }
                     self.socket
@@ -953,16 +1014,25 @@ impl Session {
                 let count = res.rows.len();
                 for row in &res.rows {
                     self.socket
-                        .feed(PgWireBackendMessage::CopyData(CopyData::new(copy_line(row, &res.columns))))
+                        .feed(PgWireBackendMessage::CopyData(CopyData::new(copy_line(
+                            row,
+                            &res.columns,
+                        ))))
                         .await?;
                 }
-                self.socket.feed(PgWireBackendMessage::CopyDone(CopyDone::new())).await?;
+                self.socket
+                    .feed(PgWireBackendMessage::CopyDone(CopyDone::new()))
+                    .await?;
                 self.complete(&format!("COPY {count}")).await
             }
         }
     }
 
-    async fn copy_out(&mut self, sub: &mut Subscription, token: &CancellationToken) -> Result<(), ExecError> {
+    async fn copy_out(
+        &mut self,
+        sub: &mut Subscription,
+        token: &CancellationToken,
+    ) -> Result<(), ExecError> {
         let n = sub.columns.len();
         self.socket
             .send(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
@@ -977,14 +1047,19 @@ impl Session {
                 Some(SubEvent::Rows(rows)) => {
                     for row in rows {
                         self.socket
-                            .feed(PgWireBackendMessage::CopyData(CopyData::new(copy_line(&row, &sub.columns))))
+                            .feed(PgWireBackendMessage::CopyData(CopyData::new(copy_line(
+                                &row,
+                                &sub.columns,
+                            ))))
                             .await?;
                         count += 1;
                     }
                     self.socket.flush().await?;
                 }
                 Some(SubEvent::Done) => {
-                    self.socket.feed(PgWireBackendMessage::CopyDone(CopyDone::new())).await?;
+                    self.socket
+                        .feed(PgWireBackendMessage::CopyDone(CopyDone::new()))
+                        .await?;
                     return self.complete(&format!("COPY {count}")).await;
                 }
                 Some(SubEvent::Error(e)) => return Err(e.into()),
@@ -1008,7 +1083,10 @@ impl Session {
         Ok(Subscription {
             columns: start.columns,
             rx,
-            _guard: SubGuard { id: start.id, store },
+            _guard: SubGuard {
+                id: start.id,
+                store,
+            },
         })
     }
 
@@ -1076,7 +1154,12 @@ impl Session {
         if want == Some(0) {
             return Ok(Vec::new());
         }
-        fn apply(ev: SubEvent, buffer: &mut VecDeque<Row>, ended: &mut bool, error: &mut Option<SqlError>) {
+        fn apply(
+            ev: SubEvent,
+            buffer: &mut VecDeque<Row>,
+            ended: &mut bool,
+            error: &mut Option<SqlError>,
+        ) {
             match ev {
                 SubEvent::Rows(rows) => buffer.extend(rows),
                 SubEvent::Done => *ended = true,
@@ -1099,7 +1182,7 @@ impl Session {
             }
             Some(t) => {
                 let deadline = Instant::now() + t;
-                while !*ended && error.is_none() && !want.is_some_and(|w| buffer.len() >= w) {
+                while !*ended && error.is_none() && want.is_none_or(|w| buffer.len() < w) {
                     match self.wait_event(&mut sub.rx, token, Some(deadline)).await? {
                         Some(ev) => apply(ev, buffer, ended, error),
                         None => break,
@@ -1119,11 +1202,16 @@ impl Session {
         match stmts.as_slice() {
             [] => Ok(None),
             [one] => sql::parse(one, self.shared.legacy).map(Some),
-            _ => Err(SqlError::syntax("cannot insert multiple commands into a prepared statement")),
+            _ => Err(SqlError::syntax(
+                "cannot insert multiple commands into a prepared statement",
+            )),
         }
     }
 
-    async fn on_parse(&mut self, p: pgwire::messages::extendedquery::Parse) -> Result<(), ExecError> {
+    async fn on_parse(
+        &mut self,
+        p: pgwire::messages::extendedquery::Parse,
+    ) -> Result<(), ExecError> {
         let stmt = self.parse_one(&p.query)?;
         let n = param_count(&p.query).max(p.type_oids.len());
         let mut param_types = p.type_oids.clone();
@@ -1135,16 +1223,20 @@ impl Session {
         }
         self.statements
             .insert(p.name.unwrap_or_default(), Prepared { stmt, param_types });
-        self.socket.feed(PgWireBackendMessage::ParseComplete(ParseComplete::new())).await?;
+        self.socket
+            .feed(PgWireBackendMessage::ParseComplete(ParseComplete::new()))
+            .await?;
         Ok(())
     }
 
     async fn on_bind(&mut self, b: pgwire::messages::extendedquery::Bind) -> Result<(), ExecError> {
         let name = b.statement_name.unwrap_or_default();
-        let prepared = self
-            .statements
-            .get(&name)
-            .ok_or_else(|| SqlError::new("26000", format!("prepared statement \"{name}\" does not exist")))?;
+        let prepared = self.statements.get(&name).ok_or_else(|| {
+            SqlError::new(
+                "26000",
+                format!("prepared statement \"{name}\" does not exist"),
+            )
+        })?;
         let params = b
             .parameters
             .iter()
@@ -1162,8 +1254,11 @@ impl Session {
             remaining: None,
             ran: false,
         };
-        self.portals.insert(b.portal_name.unwrap_or_default(), portal);
-        self.socket.feed(PgWireBackendMessage::BindComplete(BindComplete::new())).await?;
+        self.portals
+            .insert(b.portal_name.unwrap_or_default(), portal);
+        self.socket
+            .feed(PgWireBackendMessage::BindComplete(BindComplete::new()))
+            .await?;
         Ok(())
     }
 
@@ -1178,36 +1273,48 @@ impl Session {
             Stmt::Show { name } => Some(show_columns(name)),
             Stmt::Subscribe(s) => {
                 let stmt = s.clone();
-                Some(store.call(|reply| Command::DescribeSubscribe { stmt, reply }).await?)
+                Some(
+                    store
+                        .call(|reply| Command::DescribeSubscribe { stmt, reply })
+                        .await?,
+                )
             }
             Stmt::Fetch(f) => Some(
                 self.cursors
                     .get(&f.cursor)
                     .map(|c| c.columns.clone())
-                    .ok_or_else(|| SqlError::new("34000", format!("cursor \"{}\" does not exist", f.cursor)))?,
+                    .ok_or_else(|| {
+                        SqlError::new("34000", format!("cursor \"{}\" does not exist", f.cursor))
+                    })?,
             ),
             _ => None,
         })
     }
 
-    async fn on_describe(&mut self, d: pgwire::messages::extendedquery::Describe) -> Result<(), ExecError> {
+    async fn on_describe(
+        &mut self,
+        d: pgwire::messages::extendedquery::Describe,
+    ) -> Result<(), ExecError> {
         let name = d.name.unwrap_or_default();
         let (stmt, formats, params) = if d.target_type == b'S' {
-            let p = self
-                .statements
-                .get(&name)
-                .ok_or_else(|| SqlError::new("26000", format!("prepared statement \"{name}\" does not exist")))?;
+            let p = self.statements.get(&name).ok_or_else(|| {
+                SqlError::new(
+                    "26000",
+                    format!("prepared statement \"{name}\" does not exist"),
+                )
+            })?;
             (p.stmt.clone(), Vec::new(), Some(p.param_types.clone()))
         } else {
-            let p = self
-                .portals
-                .get(&name)
-                .ok_or_else(|| SqlError::new("34000", format!("portal \"{name}\" does not exist")))?;
+            let p = self.portals.get(&name).ok_or_else(|| {
+                SqlError::new("34000", format!("portal \"{name}\" does not exist"))
+            })?;
             (p.stmt.clone(), p.formats.clone(), None)
         };
         if let Some(types) = params {
             self.socket
-                .feed(PgWireBackendMessage::ParameterDescription(ParameterDescription::new(types)))
+                .feed(PgWireBackendMessage::ParameterDescription(
+                    ParameterDescription::new(types),
+                ))
                 .await?;
         }
         let cols = match &stmt {
@@ -1217,15 +1324,24 @@ impl Session {
         match cols {
             Some(cols) => {
                 self.socket
-                    .feed(PgWireBackendMessage::RowDescription(row_description(&cols, &formats)))
+                    .feed(PgWireBackendMessage::RowDescription(row_description(
+                        &cols, &formats,
+                    )))
                     .await?
             }
-            None => self.socket.feed(PgWireBackendMessage::NoData(NoData::new())).await?,
+            None => {
+                self.socket
+                    .feed(PgWireBackendMessage::NoData(NoData::new()))
+                    .await?
+            }
         }
         Ok(())
     }
 
-    async fn on_execute(&mut self, e: pgwire::messages::extendedquery::Execute) -> Result<(), ExecError> {
+    async fn on_execute(
+        &mut self,
+        e: pgwire::messages::extendedquery::Execute,
+    ) -> Result<(), ExecError> {
         let name = e.name.unwrap_or_default();
         let max_rows = usize::try_from(e.max_rows).unwrap_or(0);
         let token = self.start_query();
@@ -1234,7 +1350,9 @@ impl Session {
         };
         let Some(stmt) = portal.stmt.clone() else {
             self.socket
-                .feed(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new()))
+                .feed(PgWireBackendMessage::EmptyQueryResponse(
+                    EmptyQueryResponse::new(),
+                ))
                 .await?;
             return Ok(());
         };
@@ -1244,7 +1362,9 @@ impl Session {
         portal.ran = true;
         let (params, formats) = (portal.params.clone(), portal.formats.clone());
         if let Some((cols, mut rows)) = portal.remaining.take() {
-            return self.send_partial(&name, cols, &mut rows, &formats, max_rows).await;
+            return self
+                .send_partial(&name, cols, &mut rows, &formats, max_rows)
+                .await;
         }
         if max_rows > 0 {
             if let Stmt::Select { sql } = &stmt {
@@ -1255,7 +1375,9 @@ impl Session {
                     .call(|reply| Command::Query { sql, params, reply })
                     .await?;
                 let mut rows: VecDeque<Row> = res.rows.into();
-                return self.send_partial(&name, res.columns, &mut rows, &formats, max_rows).await;
+                return self
+                    .send_partial(&name, res.columns, &mut rows, &formats, max_rows)
+                    .await;
             }
         }
         let res = self.execute(stmt, &params, &formats, false, &token).await;
@@ -1275,7 +1397,11 @@ impl Session {
         formats: &[i16],
         max_rows: usize,
     ) -> Result<(), ExecError> {
-        let n = if max_rows == 0 { rows.len() } else { max_rows.min(rows.len()) };
+        let n = if max_rows == 0 {
+            rows.len()
+        } else {
+            max_rows.min(rows.len())
+        };
         for row in rows.drain(..n) {
             let dr = data_row(&row, &cols, formats)?;
             self.socket.feed(PgWireBackendMessage::DataRow(dr)).await?;
@@ -1296,7 +1422,10 @@ impl Session {
 
 fn show_columns(name: &str) -> Vec<Column> {
     if name == "all" {
-        vec![Column::new("name", PgType::Text), Column::new("setting", PgType::Text)]
+        vec![
+            Column::new("name", PgType::Text),
+            Column::new("setting", PgType::Text),
+        ]
     } else {
         vec![Column::new(name, PgType::Text)]
     }

@@ -163,7 +163,9 @@ pub fn tokenize(sql: &str) -> Result<Vec<Token>, SqlError> {
             continue;
         }
         if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80) {
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+            {
                 i += 1;
             }
             out.push(Token {
@@ -250,11 +252,7 @@ pub fn tokenize(sql: &str) -> Result<Vec<Token>, SqlError> {
             }
         };
         i += 1;
-        out.push(Token {
-            tok,
-            start,
-            end: i,
-        });
+        out.push(Token { tok, start, end: i });
     }
     Ok(out)
 }
@@ -335,20 +333,48 @@ pub enum Stmt {
     Begin,
     Commit,
     Rollback,
-    Set { name: String, value: Option<String> },
-    Show { name: String },
+    Set {
+        name: String,
+        value: Option<String>,
+    },
+    Show {
+        name: String,
+    },
     Subscribe(SubscribeStmt),
-    Declare { name: String, query: CursorQuery },
+    Declare {
+        name: String,
+        query: CursorQuery,
+    },
     Fetch(FetchStmt),
-    Close { name: Option<String> },
+    Close {
+        name: Option<String>,
+    },
     CopySubscribe(SubscribeStmt),
     CopySelect(String),
-    CreateTable { name: String, sql: String },
-    CreateView { name: String, body: String, materialized: bool, replace: bool },
+    CreateTable {
+        name: String,
+        sql: String,
+    },
+    CreateView {
+        name: String,
+        body: String,
+        materialized: bool,
+        replace: bool,
+    },
     CreateIndex,
-    Drop { kind: DropKind, names: Vec<String>, if_exists: bool, cascade: bool },
-    Write { sql: String, tag: &'static str },
-    Select { sql: String },
+    Drop {
+        kind: DropKind,
+        names: Vec<String>,
+        if_exists: bool,
+        cascade: bool,
+    },
+    Write {
+        sql: String,
+        tag: &'static str,
+    },
+    Select {
+        sql: String,
+    },
     Discard,
 }
 
@@ -404,10 +430,7 @@ impl<'a> P<'a> {
 
     fn unexpected(&self, what: &str) -> SqlError {
         match self.peek() {
-            Some(t) => SqlError::syntax(format!(
-                "{what}, found {}",
-                &self.sql[t.start..t.end]
-            )),
+            Some(t) => SqlError::syntax(format!("{what}, found {}", &self.sql[t.start..t.end])),
             None => SqlError::syntax(format!("{what}, found EOF")),
         }
     }
@@ -573,9 +596,12 @@ pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
             })
         }
         "discard" => Ok(Stmt::Discard),
-        other => Err(SqlError::unsupported(format!(
-            "{} statements are",
-            other.to_uppercase()
+        "alter" | "grant" | "revoke" | "explain" | "prepare" | "execute" | "deallocate"
+        | "comment" | "validate" | "reassign" | "listen" | "notify" | "truncate" => Err(
+            SqlError::unsupported(format!("{} statements are", w.to_uppercase())),
+        ),
+        other => Err(SqlError::syntax(format!(
+            "Expected a keyword at the beginning of a statement, found identifier \"{other}\""
         ))),
     }
 }
@@ -604,7 +630,10 @@ fn parse_set(p: &mut P<'_>, reset: bool) -> Result<Stmt, SqlError> {
     if reset {
         return Ok(Stmt::Set { name, value: None });
     }
-    if !(p.eat_word("to") || p.eat(&Tok::Op("=".to_owned()))) && name != "timezone" && name != "client_encoding" {
+    if !(p.eat_word("to") || p.eat(&Tok::Op("=".to_owned())))
+        && name != "timezone"
+        && name != "client_encoding"
+    {
         return Err(p.unexpected("expected TO or ="));
     }
     if p.eat_word("default") {
@@ -683,7 +712,9 @@ fn parse_subscribe(p: &mut P<'_>, legacy: bool) -> Result<SubscribeStmt, SqlErro
         loop {
             let opt = p.ident()?;
             let mut value = true;
-            if p.eat(&Tok::Op("=".to_owned())) || !matches!(p.peek().map(|t| &t.tok), Some(Tok::Comma | Tok::RParen)) {
+            if p.eat(&Tok::Op("=".to_owned()))
+                || !matches!(p.peek().map(|t| &t.tok), Some(Tok::Comma | Tok::RParen))
+            {
                 let v = p.peek().and_then(|t| match &t.tok {
                     Tok::Word(w) | Tok::Str(w) => super::value::parse_bool(w),
                     Tok::Num(n) => super::value::parse_bool(n),
@@ -783,7 +814,10 @@ fn parse_timestamp_expr(p: &mut P<'_>, legacy: bool) -> Result<u64, SqlError> {
     if toks.is_empty() {
         return Err(SqlError::syntax("expected an expression"));
     }
-    if words.iter().any(|w| w == "now" || w == "mz_now" || w == "current_timestamp") {
+    if words
+        .iter()
+        .any(|w| w == "now" || w == "mz_now" || w == "current_timestamp")
+    {
         if legacy && toks.len() == 3 && words.first().is_some_and(|w| w == "now") {
             return u64::try_from(super::store::now_ms()).map_err(|_| castable());
         }
@@ -843,7 +877,10 @@ fn parse_fetch(p: &mut P<'_>) -> Result<FetchStmt, SqlError> {
     if p.eat_word("all") {
         count = None;
     } else if let Some(Tok::Num(n)) = p.peek().map(|t| &t.tok) {
-        count = Some(n.parse().map_err(|_| p.unexpected("expected a row count"))?);
+        count = Some(
+            n.parse()
+                .map_err(|_| p.unexpected("expected a row count"))?,
+        );
         p.i += 1;
     }
     if !p.eat_word("from") {
@@ -890,9 +927,12 @@ pub fn parse_interval(s: &str) -> Result<Duration, SqlError> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| SqlError::new("22007", format!("invalid input syntax for type interval: \"{s}\"")))?;
+    let n: f64 = num.parse().map_err(|_| {
+        SqlError::new(
+            "22007",
+            format!("invalid input syntax for type interval: \"{s}\""),
+        )
+    })?;
     let secs = match unit.trim() {
         "" | "s" | "sec" | "secs" | "second" | "seconds" => n,
         "ms" | "millisecond" | "milliseconds" => n / 1000.0,
@@ -930,22 +970,21 @@ fn parse_copy(p: &mut P<'_>, legacy: bool) -> Result<Stmt, SqlError> {
     };
     p.expect_word("to")?;
     p.expect_word("stdout")?;
-    if p.eat_word("with") || p.peek().is_some_and(|t| t.tok == Tok::LParen) {
-        if p.eat(&Tok::LParen) {
-            while !p.eat(&Tok::RParen) {
-                let opt = p.ident()?;
-                let val = p.peek().and_then(|t| t.ident()).unwrap_or_default();
-                if opt == "format" && val != "text" {
-                    return Err(SqlError::unsupported(format!("COPY FORMAT {val} is")));
-                }
-                if opt != "format" {
-                    return Err(SqlError::unsupported(format!("COPY option {opt} is")));
-                }
-                p.i += 1;
-                p.eat(&Tok::Comma);
-                if p.at_end() {
-                    return Err(SqlError::syntax("expected )"));
-                }
+    if (p.eat_word("with") || p.peek().is_some_and(|t| t.tok == Tok::LParen)) && p.eat(&Tok::LParen)
+    {
+        while !p.eat(&Tok::RParen) {
+            let opt = p.ident()?;
+            let val = p.peek().and_then(|t| t.ident()).unwrap_or_default();
+            if opt == "format" && val != "text" {
+                return Err(SqlError::unsupported(format!("COPY FORMAT {val} is")));
+            }
+            if opt != "format" {
+                return Err(SqlError::unsupported(format!("COPY option {opt} is")));
+            }
+            p.i += 1;
+            p.eat(&Tok::Comma);
+            if p.at_end() {
+                return Err(SqlError::syntax("expected )"));
             }
         }
     }
@@ -995,7 +1034,13 @@ fn parse_create(p: &mut P<'_>) -> Result<Stmt, SqlError> {
             replace,
         });
     }
-    Err(p.unexpected("expected TABLE, VIEW, MATERIALIZED VIEW or INDEX"))
+    match p.peek().and_then(|t| t.ident()) {
+        Some(kind) => Err(SqlError::unsupported(format!(
+            "CREATE {} is",
+            kind.to_uppercase()
+        ))),
+        None => Err(p.unexpected("expected TABLE, VIEW, MATERIALIZED VIEW or INDEX")),
+    }
 }
 
 fn parse_drop(p: &mut P<'_>) -> Result<Stmt, SqlError> {
@@ -1012,7 +1057,11 @@ fn parse_drop(p: &mut P<'_>) -> Result<Stmt, SqlError> {
     } else {
         return Err(SqlError::unsupported(format!(
             "DROP {} is",
-            p.rest_text().split_whitespace().next().unwrap_or("").to_uppercase()
+            p.rest_text()
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_uppercase()
         )));
     };
     let if_exists = if p.eat_word("if") {
@@ -1039,10 +1088,45 @@ fn parse_drop(p: &mut P<'_>) -> Result<Stmt, SqlError> {
 /// Words that end a primary expression when seen before `(`, so `IN (..)` is not
 /// mistaken for a function call.
 const KEYWORDS: &[&str] = &[
-    "select", "from", "where", "and", "or", "not", "in", "on", "as", "when", "then", "else",
-    "case", "by", "having", "join", "values", "exists", "all", "any", "some", "union", "is",
-    "like", "between", "using", "with", "distinct", "limit", "offset", "group", "order",
-    "intersect", "except", "over", "filter", "returning", "set", "into",
+    "select",
+    "from",
+    "where",
+    "and",
+    "or",
+    "not",
+    "in",
+    "on",
+    "as",
+    "when",
+    "then",
+    "else",
+    "case",
+    "by",
+    "having",
+    "join",
+    "values",
+    "exists",
+    "all",
+    "any",
+    "some",
+    "union",
+    "is",
+    "like",
+    "between",
+    "using",
+    "with",
+    "distinct",
+    "limit",
+    "offset",
+    "group",
+    "order",
+    "intersect",
+    "except",
+    "over",
+    "filter",
+    "returning",
+    "set",
+    "into",
 ];
 
 fn is_keyword(w: &str) -> bool {
@@ -1051,7 +1135,13 @@ fn is_keyword(w: &str) -> bool {
 
 /// Schemas that exist only in Materialize's catalog; the engine keeps everything
 /// in SQLite's main (and temp, for introspection) schema.
-const SCHEMAS: &[&str] = &["materialize", "public", "mz_internal", "mz_catalog", "pg_catalog"];
+const SCHEMAS: &[&str] = &[
+    "materialize",
+    "public",
+    "mz_internal",
+    "mz_catalog",
+    "pg_catalog",
+];
 
 /// Rewrites Postgres/Materialize SQL into SQLite SQL.
 pub fn translate(sql: &str) -> Result<String, SqlError> {
@@ -1080,28 +1170,34 @@ impl Translator<'_> {
         while i < toks.len() {
             let t = &toks[i];
             match &t.tok {
-                Tok::Word(w) if SCHEMAS.iter().any(|s| s.eq_ignore_ascii_case(w))
-                    && toks.get(i + 1).is_some_and(|n| n.tok == Tok::Dot)
-                    && toks.get(i + 2).is_some_and(|n| n.ident().is_some()) =>
+                Tok::Word(w)
+                    if SCHEMAS.iter().any(|s| s.eq_ignore_ascii_case(w))
+                        && toks.get(i + 1).is_some_and(|n| n.tok == Tok::Dot)
+                        && toks.get(i + 2).is_some_and(|n| n.ident().is_some()) =>
                 {
                     i += 2;
                     continue;
                 }
                 Tok::Word(w) if w.eq_ignore_ascii_case("ilike") => self.out.push("LIKE".into()),
-                Tok::Word(w) if w.eq_ignore_ascii_case("double")
-                    && toks.get(i + 1).is_some_and(|n| n.is_word("precision")) =>
+                Tok::Word(w)
+                    if w.eq_ignore_ascii_case("double")
+                        && toks.get(i + 1).is_some_and(|n| n.is_word("precision")) =>
                 {
-                    self.out.push("REAL".into());
+                    self.out.push("float8".into());
                     i += 2;
                     continue;
                 }
-                Tok::Word(w) if w.eq_ignore_ascii_case("timestamp")
-                    && toks.get(i + 1).is_some_and(|n| n.is_word("with") || n.is_word("without"))
-                    && toks.get(i + 2).is_some_and(|n| n.is_word("time"))
-                    && toks.get(i + 3).is_some_and(|n| n.is_word("zone")) =>
+                Tok::Word(w)
+                    if w.eq_ignore_ascii_case("timestamp")
+                        && toks
+                            .get(i + 1)
+                            .is_some_and(|n| n.is_word("with") || n.is_word("without"))
+                        && toks.get(i + 2).is_some_and(|n| n.is_word("time"))
+                        && toks.get(i + 3).is_some_and(|n| n.is_word("zone")) =>
                 {
                     let tz = toks.get(i + 1).is_some_and(|n| n.is_word("with"));
-                    self.out.push(if tz { "timestamptz" } else { "timestamp" }.into());
+                    self.out
+                        .push(if tz { "timestamptz" } else { "timestamp" }.into());
                     i += 4;
                     continue;
                 }
@@ -1115,7 +1211,10 @@ impl Translator<'_> {
                     self.out.push("(".into());
                 }
                 Tok::RParen => {
-                    let open = self.stack.pop().ok_or_else(|| SqlError::syntax("unbalanced parentheses"))?;
+                    let open = self
+                        .stack
+                        .pop()
+                        .ok_or_else(|| SqlError::syntax("unbalanced parentheses"))?;
                     self.groups.push((open, self.out.len()));
                     self.out.push(")".into());
                 }
@@ -1148,7 +1247,8 @@ impl Translator<'_> {
                         stack: Vec::new(),
                     };
                     sub.run(right_toks)?;
-                    self.out.push(format!("mz_div({left}, {})", sub.out.join(" ")));
+                    self.out
+                        .push(format!("mz_div({left}, {})", sub.out.join(" ")));
                     i = end;
                     continue;
                 }
@@ -1164,7 +1264,11 @@ impl Translator<'_> {
 
     /// Removes and returns the text of the primary expression at the end of `out`.
     fn pop_primary(&mut self) -> Result<String, SqlError> {
-        let last = self.out.len().checked_sub(1).ok_or_else(|| SqlError::syntax("expected an expression"))?;
+        let last = self
+            .out
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| SqlError::syntax("expected an expression"))?;
         let mut start = last;
         if self.out[last] == ")" {
             let open = self
@@ -1177,7 +1281,10 @@ impl Translator<'_> {
             if let Some(prev) = open.checked_sub(1).and_then(|p| self.out.get(p)) {
                 if is_function_name(prev) {
                     start = open - 1;
-                    while start >= 2 && self.out[start - 1] == "." && is_identifier(&self.out[start - 2]) {
+                    while start >= 2
+                        && self.out[start - 1] == "."
+                        && is_identifier(&self.out[start - 2])
+                    {
                         start -= 2;
                     }
                 }
@@ -1205,8 +1312,7 @@ impl Translator<'_> {
 }
 
 fn is_identifier(s: &str) -> bool {
-    s.starts_with('"')
-        || (s.starts_with(|c: char| c.is_alphabetic() || c == '_') && !is_keyword(s))
+    s.starts_with('"') || (s.starts_with(|c: char| c.is_alphabetic() || c == '_') && !is_keyword(s))
 }
 
 fn is_function_name(s: &str) -> bool {
@@ -1216,7 +1322,10 @@ fn is_function_name(s: &str) -> bool {
 /// Index just past the primary expression starting at `i` (unary sign,
 /// identifier chain, call, literal or group, then `::type` suffixes).
 fn primary_end(toks: &[Token], mut i: usize) -> Result<usize, SqlError> {
-    while toks.get(i).is_some_and(|t| matches!(&t.tok, Tok::Op(o) if o == "-" || o == "+")) {
+    while toks
+        .get(i)
+        .is_some_and(|t| matches!(&t.tok, Tok::Op(o) if o == "-" || o == "+"))
+    {
         i += 1;
     }
     let Some(t) = toks.get(i) else {
@@ -1256,7 +1365,10 @@ fn primary_end(toks: &[Token], mut i: usize) -> Result<usize, SqlError> {
         }
         _ => i + 1,
     };
-    while toks.get(i).is_some_and(|t| t.tok == Tok::Op("::".to_owned())) {
+    while toks
+        .get(i)
+        .is_some_and(|t| t.tok == Tok::Op("::".to_owned()))
+    {
         i = cast_type(toks, i + 1)?.1;
     }
     Ok(i)
@@ -1405,9 +1517,20 @@ pub fn select_items(sql: &str, lookup: ColumnLookup<'_>) -> Option<Vec<SelectIte
             Tok::LParen => d += 1,
             Tok::RParen => d -= 1,
             _ if d == 0
-                && ["from", "where", "group", "order", "limit", "union", "having", "except", "intersect", "offset"]
-                    .iter()
-                    .any(|k| t.is_word(k)) =>
+                && [
+                    "from",
+                    "where",
+                    "group",
+                    "order",
+                    "limit",
+                    "union",
+                    "having",
+                    "except",
+                    "intersect",
+                    "offset",
+                ]
+                .iter()
+                .any(|k| t.is_word(k)) =>
             {
                 end = j;
                 break;
@@ -1439,7 +1562,9 @@ fn split_items<'t>(toks: &'t [Token], items: &mut Vec<&'t [Token]>) {
 }
 
 fn analyze_item(toks: &[Token], lookup: ColumnLookup<'_>) -> SelectItem {
-    let star = toks.last().is_some_and(|t| t.tok == Tok::Op("*".to_owned()));
+    let star = toks
+        .last()
+        .is_some_and(|t| t.tok == Tok::Op("*".to_owned()));
     let mut expr = toks;
     let mut alias = None;
     let n = toks.len();
@@ -1461,7 +1586,9 @@ fn analyze_item(toks: &[Token], lookup: ColumnLookup<'_>) -> SelectItem {
         }
     }
     let column_ref = match expr {
-        [t] => t.ident().filter(|w| !is_keyword(w) && !["true", "false", "null"].contains(&w.as_str())),
+        [t] => t
+            .ident()
+            .filter(|w| !is_keyword(w) && !["true", "false", "null"].contains(&w.as_str())),
         [.., a, b, c] if b.tok == Tok::Dot && a.ident().is_some() => c.ident(),
         _ => None,
     };
@@ -1489,7 +1616,10 @@ fn default_name(expr: &[Token]) -> String {
     match expr {
         [t] => t.ident().unwrap_or_else(|| "?column?".to_owned()),
         [c, l, ..] if c.is_word("cast") && l.tok == Tok::LParen => {
-            let inner_end = expr.iter().rposition(|t| t.is_word("as")).unwrap_or(expr.len());
+            let inner_end = expr
+                .iter()
+                .rposition(|t| t.is_word("as"))
+                .unwrap_or(expr.len());
             default_name(expr.get(2..inner_end).unwrap_or(&[]))
         }
         [f, l, ..] if l.tok == Tok::LParen && expr.last().is_some_and(|t| t.tok == Tok::RParen) => {
@@ -1552,7 +1682,11 @@ pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
             },
             Tok::Word(w) if d == 0 => {
                 let w = w.to_ascii_lowercase();
-                if ["and", "or", "not", "is", "like", "ilike", "in", "between", "exists"].contains(&w.as_str()) {
+                if [
+                    "and", "or", "not", "is", "like", "ilike", "in", "between", "exists",
+                ]
+                .contains(&w.as_str())
+                {
                     has_bool = true;
                 }
                 if w == "case" && j == 0 {
@@ -1578,12 +1712,18 @@ pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
         if s < expr.len() {
             operands.push(&expr[s..]);
         }
-        let types: Vec<PgType> = operands.iter().filter_map(|o| expr_type(o, lookup)).collect();
+        let types: Vec<PgType> = operands
+            .iter()
+            .filter_map(|o| expr_type(o, lookup))
+            .collect();
         return Some(if types.iter().any(|t| t.is_float()) {
             PgType::Float8
-        } else if types.iter().any(|t| *t == PgType::Numeric) {
+        } else if types.contains(&PgType::Numeric) {
             PgType::Numeric
-        } else if types.iter().any(|t| matches!(t, PgType::Int8 | PgType::MzTimestamp)) {
+        } else if types
+            .iter()
+            .any(|t| matches!(t, PgType::Int8 | PgType::MzTimestamp))
+        {
             PgType::Int8
         } else {
             PgType::Int4
@@ -1604,10 +1744,14 @@ pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
             Tok::Word(w) if w.eq_ignore_ascii_case("true") || w.eq_ignore_ascii_case("false") => {
                 Some(PgType::Bool)
             }
-            Tok::Word(w) if w.eq_ignore_ascii_case("current_timestamp") => Some(PgType::Timestamptz),
+            Tok::Word(w) if w.eq_ignore_ascii_case("current_timestamp") => {
+                Some(PgType::Timestamptz)
+            }
             _ => t.ident().and_then(|c| lookup(&c)),
         },
-        [sign, rest @ ..] if matches!(&sign.tok, Tok::Op(o) if o == "-" || o == "+") => expr_type(rest, lookup),
+        [sign, rest @ ..] if matches!(&sign.tok, Tok::Op(o) if o == "-" || o == "+") => {
+            expr_type(rest, lookup)
+        }
         [.., a, dot, c] if expr.len() == 3 && dot.tok == Tok::Dot && a.ident().is_some() => {
             c.ident().and_then(|c| lookup(&c))
         }
@@ -1630,7 +1774,11 @@ pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
             split_items(args, &mut first_arg);
             let arg_ty = || {
                 first_arg.first().and_then(|a| {
-                    let a = if a.first().is_some_and(|t| t.is_word("distinct")) { &a[1..] } else { a };
+                    let a = if a.first().is_some_and(|t| t.is_word("distinct")) {
+                        &a[1..]
+                    } else {
+                        a
+                    };
                     expr_type(a, lookup)
                 })
             };
@@ -1646,7 +1794,10 @@ fn select_items_from_tokens(toks: &[Token], lookup: ColumnLookup<'_>) -> Option<
     };
     let _ = (a, b);
     let mut items = Vec::new();
-    let end = toks.iter().position(|t| t.is_word("from")).unwrap_or(toks.len());
+    let end = toks
+        .iter()
+        .position(|t| t.is_word("from"))
+        .unwrap_or(toks.len());
     split_items(toks.get(1..end)?, &mut items);
     match items.as_slice() {
         [one] => analyze_item(one, lookup).ty,
@@ -1716,7 +1867,13 @@ mod tests {
         let s = sub("SUBSCRIBE TO materialize.public.t WITH (PROGRESS, SNAPSHOT = false) AS OF AT LEAST 5 UP TO 10");
         assert_eq!(s.relation, Relation::Name("t".into()));
         assert!(s.progress && !s.snapshot);
-        assert_eq!(s.as_of, Some(AsOf { ts: 5, at_least: true }));
+        assert_eq!(
+            s.as_of,
+            Some(AsOf {
+                ts: 5,
+                at_least: true
+            })
+        );
         assert_eq!(s.up_to, Some(10));
         let s = sub("SUBSCRIBE (SELECT a, (b) FROM t) ENVELOPE UPSERT (KEY (a))");
         assert_eq!(s.relation, Relation::Query("SELECT a, (b) FROM t".into()));
@@ -1734,13 +1891,27 @@ mod tests {
         assert_eq!(err("TAIL t").message, "TAIL has been renamed to SUBSCRIBE");
         assert_eq!(err("SUBSCRIBE t UP TO -1").message, CASTABLE);
         assert_eq!(err("SUBSCRIBE t UP TO null").message, CASTABLE);
-        assert_eq!(err("SUBSCRIBE t UP TO null::mz_timestamp").message, CASTABLE);
+        assert_eq!(
+            err("SUBSCRIBE t UP TO null::mz_timestamp").message,
+            CASTABLE
+        );
         assert_eq!(err("SUBSCRIBE t UP TO 'xxx'").message, CASTABLE);
-        assert_eq!(err("SUBSCRIBE (SELECT 1) AS OF NULL::timestamptz").message, CASTABLE);
-        assert!(err("SUBSCRIBE t UP TO now()").message.contains("unmaterializable"));
-        assert!(err("SUBSCRIBE t UP TO mz_now()").message.contains("unmaterializable"));
-        assert!(err("SUBSCRIBE t UP TO current_database()::mz_timestamp").message.contains("unmaterializable"));
-        assert!(err("SUBSCRIBE t UP TO current_database()").message.contains("implicitly casting"));
+        assert_eq!(
+            err("SUBSCRIBE (SELECT 1) AS OF NULL::timestamptz").message,
+            CASTABLE
+        );
+        assert!(err("SUBSCRIBE t UP TO now()")
+            .message
+            .contains("unmaterializable"));
+        assert!(err("SUBSCRIBE t UP TO mz_now()")
+            .message
+            .contains("unmaterializable"));
+        assert!(err("SUBSCRIBE t UP TO current_database()::mz_timestamp")
+            .message
+            .contains("unmaterializable"));
+        assert!(err("SUBSCRIBE t UP TO current_database()")
+            .message
+            .contains("implicitly casting"));
         assert_eq!(parse("SUBSCRIBE t", true).unwrap_err().code, "42601");
     }
 
@@ -1759,8 +1930,10 @@ mod tests {
 
     #[test]
     fn cursor_statements() {
-        let Ok(Stmt::Declare { name, query: CursorQuery::Subscribe(s) }) =
-            parse("DECLARE c CURSOR FOR SUBSCRIBE t WITH (PROGRESS)", false)
+        let Ok(Stmt::Declare {
+            name,
+            query: CursorQuery::Subscribe(s),
+        }) = parse("DECLARE c CURSOR FOR SUBSCRIBE t WITH (PROGRESS)", false)
         else {
             panic!()
         };
@@ -1768,19 +1941,39 @@ mod tests {
         assert!(s.progress);
         assert_eq!(
             parse("FETCH 3 c WITH (timeout = '1s')", false).unwrap(),
-            Stmt::Fetch(FetchStmt { cursor: "c".into(), count: Some(3), timeout: Some(Duration::from_secs(1)) })
+            Stmt::Fetch(FetchStmt {
+                cursor: "c".into(),
+                count: Some(3),
+                timeout: Some(Duration::from_secs(1))
+            })
         );
         assert_eq!(
             parse("FETCH FORWARD ALL FROM c", false).unwrap(),
-            Stmt::Fetch(FetchStmt { cursor: "c".into(), count: None, timeout: None })
+            Stmt::Fetch(FetchStmt {
+                cursor: "c".into(),
+                count: None,
+                timeout: None
+            })
         );
         assert_eq!(
             parse("FETCH c", false).unwrap(),
-            Stmt::Fetch(FetchStmt { cursor: "c".into(), count: Some(1), timeout: None })
+            Stmt::Fetch(FetchStmt {
+                cursor: "c".into(),
+                count: Some(1),
+                timeout: None
+            })
         );
         assert!(parse("FETCH c WITH (timeout = '2d')", false).is_err());
-        assert!(matches!(parse("COPY (SUBSCRIBE t) TO STDOUT", false), Ok(Stmt::CopySubscribe(_))));
-        assert_eq!(parse("CLOSE c", false).unwrap(), Stmt::Close { name: Some("c".into()) });
+        assert!(matches!(
+            parse("COPY (SUBSCRIBE t) TO STDOUT", false),
+            Ok(Stmt::CopySubscribe(_))
+        ));
+        assert_eq!(
+            parse("CLOSE c", false).unwrap(),
+            Stmt::Close {
+                name: Some("c".into())
+            }
+        );
     }
 
     #[test]
@@ -1791,13 +1984,34 @@ mod tests {
 
     #[test]
     fn translation() {
-        assert_eq!(translate("SELECT 1/a FROM public.t").unwrap(), "SELECT mz_div(1, a) FROM t");
-        assert_eq!(translate("SELECT a*b/c").unwrap(), "SELECT mz_div(a * b, c)");
-        assert_eq!(translate("SELECT f(x)::text, 'a''b'").unwrap(), "SELECT CAST(f ( x ) AS TEXT) , 'a''b'");
-        assert_eq!(translate("SELECT (a+1)/2.0").unwrap(), "SELECT mz_div(( a + 1 ), 2.0)");
-        assert_eq!(translate("SELECT * FROM mz_internal.mz_sessions WHERE id = $1").unwrap(), "SELECT * FROM mz_sessions WHERE id = ?1");
-        assert_eq!(translate("SELECT 't'::bool").unwrap(), "SELECT mz_bool('t')");
-        assert_eq!(translate("CREATE TABLE x (a double precision)").unwrap(), "CREATE TABLE x ( a REAL )");
+        assert_eq!(
+            translate("SELECT 1/a FROM public.t").unwrap(),
+            "SELECT mz_div(1, a) FROM t"
+        );
+        assert_eq!(
+            translate("SELECT a*b/c").unwrap(),
+            "SELECT mz_div(a * b, c)"
+        );
+        assert_eq!(
+            translate("SELECT f(x)::text, 'a''b'").unwrap(),
+            "SELECT CAST(f ( x ) AS TEXT) , 'a''b'"
+        );
+        assert_eq!(
+            translate("SELECT (a+1)/2.0").unwrap(),
+            "SELECT mz_div(( a + 1 ), 2.0)"
+        );
+        assert_eq!(
+            translate("SELECT * FROM mz_internal.mz_sessions WHERE id = $1").unwrap(),
+            "SELECT * FROM mz_sessions WHERE id = ?1"
+        );
+        assert_eq!(
+            translate("SELECT 't'::bool").unwrap(),
+            "SELECT mz_bool('t')"
+        );
+        assert_eq!(
+            translate("CREATE TABLE x (a double precision)").unwrap(),
+            "CREATE TABLE x ( a float8 )"
+        );
     }
 
     #[test]
@@ -1807,8 +2021,13 @@ mod tests {
             "f" => Some(PgType::Float8),
             _ => None,
         };
-        let items = select_items("SELECT count(*), sum(a) AS s, a, 1/a, 'x' || a, a > 1, avg(f) m, 1 FROM t", &lookup).unwrap();
-        let got: Vec<(String, Option<PgType>)> = items.into_iter().map(|i| (i.name, i.ty)).collect();
+        let items = select_items(
+            "SELECT count(*), sum(a) AS s, a, 1/a, 'x' || a, a > 1, avg(f) m, 1 FROM t",
+            &lookup,
+        )
+        .unwrap();
+        let got: Vec<(String, Option<PgType>)> =
+            items.into_iter().map(|i| (i.name, i.ty)).collect();
         assert_eq!(
             got,
             vec![
@@ -1826,6 +2045,9 @@ mod tests {
         assert_eq!(items[1].name, "column2");
         assert_eq!(items[1].ty, Some(PgType::Text));
         let items = select_items("SELECT sum(a)::text FROM t", &lookup).unwrap();
-        assert_eq!((items[0].name.as_str(), items[0].ty), ("sum", Some(PgType::Text)));
+        assert_eq!(
+            (items[0].name.as_str(), items[0].ty),
+            ("sum", Some(PgType::Text))
+        );
     }
 }

@@ -143,10 +143,7 @@ impl StoreHandle {
     }
 
     /// Sends a command built around a reply channel and awaits the answer.
-    pub async fn call<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> Result<T, SqlError> {
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, SqlError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
@@ -729,9 +726,10 @@ impl Store {
             self.conn.execute_batch(&translated)?;
             let mut cols = Vec::new();
             {
-                let mut st = self
-                    .conn
-                    .prepare(&format!("SELECT name, type FROM pragma_table_info({})", sql_str(name)))?;
+                let mut st = self.conn.prepare(&format!(
+                    "SELECT name, type FROM pragma_table_info({})",
+                    sql_str(name)
+                ))?;
                 let mut rows = st.query([])?;
                 while let Some(r) = rows.next()? {
                     let n: String = r.get(0)?;
@@ -741,8 +739,14 @@ impl Store {
             }
             let log = quote(&format!("{LOG_PREFIX}{name}"));
             let names: Vec<String> = cols.iter().map(|c| quote(&c.name)).collect();
-            let new: Vec<String> = cols.iter().map(|c| format!("NEW.{}", quote(&c.name))).collect();
-            let old: Vec<String> = cols.iter().map(|c| format!("OLD.{}", quote(&c.name))).collect();
+            let new: Vec<String> = cols
+                .iter()
+                .map(|c| format!("NEW.{}", quote(&c.name)))
+                .collect();
+            let old: Vec<String> = cols
+                .iter()
+                .map(|c| format!("OLD.{}", quote(&c.name)))
+                .collect();
             let t = quote(name);
             let trig = |kind: &str| quote(&format!("_tg_{kind}_{name}"));
             self.conn.execute_batch(&format!(
@@ -776,7 +780,9 @@ impl Store {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK TO tg_ddl; RELEASE tg_ddl");
+                let _ = self
+                    .conn
+                    .execute_batch("ROLLBACK TO tg_ddl; RELEASE tg_ddl");
                 Err(e)
             }
         }
@@ -952,7 +958,11 @@ impl Store {
             translated: sql::translate(&select)?,
             base_tables: deps
                 .iter()
-                .filter(|d| self.catalog.get(*d).is_some_and(|r| r.kind == RelKind::Table))
+                .filter(|d| {
+                    self.catalog
+                        .get(*d)
+                        .is_some_and(|r| r.kind == RelKind::Table)
+                })
                 .cloned()
                 .collect(),
             deps,
@@ -969,7 +979,7 @@ impl Store {
     ) -> Result<SubStart, SqlError> {
         let plan = self.plan(stmt)?;
         let columns = plan.out.columns.clone();
-        if plan.deps.is_empty() {
+        if plan.base_tables.is_empty() {
             // A constant collection: complete at once, stamped with the maximum (or,
             // in TAIL's era, zero) timestamp.
             let ts = if stmt.legacy { 0 } else { u64::MAX };
@@ -1003,9 +1013,9 @@ impl Store {
             Some(a) if a.at_least => a.ts.max(since),
             Some(a) if a.ts < since => {
                 return Err(SqlError::internal(format!(
-                    "Timestamp ({}) is not valid for all inputs: [Antichain {{ elements: [{since}] }}]",
-                    a.ts
-                )))
+                "Timestamp ({}) is not valid for all inputs: [Antichain {{ elements: [{since}] }}]",
+                a.ts
+            )))
             }
             Some(a) => a.ts,
         };
@@ -1110,7 +1120,14 @@ impl Store {
         &mut self,
         plan: &Plan,
         as_of: u64,
-    ) -> Result<(HashMap<Row, i64>, Vec<(u64, Vec<(Row, i64)>)>, HashMap<Row, i64>), SqlError> {
+    ) -> Result<
+        (
+            HashMap<Row, i64>,
+            Vec<(u64, Vec<(Row, i64)>)>,
+            HashMap<Row, i64>,
+        ),
+        SqlError,
+    > {
         // All history entries after AS OF for the tables involved, in time order.
         let mut later: Vec<(u64, &str, &Row, i64)> = Vec::new();
         for t in &plan.base_tables {
@@ -1137,7 +1154,9 @@ impl Store {
         let mut groups: Vec<(u64, Vec<(String, Row, i64)>)> = Vec::new();
         for (ts, table, row, diff) in later {
             match groups.last_mut() {
-                Some((g, entries)) if *g == ts => entries.push((table.to_owned(), row.clone(), diff)),
+                Some((g, entries)) if *g == ts => {
+                    entries.push((table.to_owned(), row.clone(), diff))
+                }
                 _ => groups.push((ts, vec![(table.to_owned(), row.clone(), diff)])),
             }
         }
@@ -1172,7 +1191,14 @@ impl Store {
         plan: &Plan,
         past: &HashMap<String, HashMap<Row, i64>>,
         groups: Vec<(u64, Vec<(String, Row, i64)>)>,
-    ) -> Result<(HashMap<Row, i64>, Vec<(u64, Vec<(Row, i64)>)>, HashMap<Row, i64>), SqlError> {
+    ) -> Result<
+        (
+            HashMap<Row, i64>,
+            Vec<(u64, Vec<(Row, i64)>)>,
+            HashMap<Row, i64>,
+        ),
+        SqlError,
+    > {
         for (t, state) in past {
             let q = quote(t);
             self.conn.execute_batch(&format!(

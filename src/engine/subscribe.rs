@@ -76,8 +76,7 @@ impl Output {
                     })?;
                     key_idx.push(i);
                 }
-                let val_idx: Vec<usize> =
-                    (0..rel.len()).filter(|i| !key_idx.contains(i)).collect();
+                let val_idx: Vec<usize> = (0..rel.len()).filter(|i| !key_idx.contains(i)).collect();
                 columns.push(Column::new("mz_state", PgType::Text));
                 for &i in key_idx.iter().chain(val_idx.iter()) {
                     if let Some(c) = rel.get(i) {
@@ -178,7 +177,10 @@ mod tests {
         };
         Output::new(
             &s,
-            vec![Column::new("a", PgType::Int4), Column::new("b", PgType::Int4)],
+            vec![
+                Column::new("a", PgType::Int4),
+                Column::new("b", PgType::Int4),
+            ],
         )
         .unwrap()
     }
@@ -189,7 +191,10 @@ mod tests {
 
     #[test]
     fn column_layouts() {
-        assert_eq!(names(&output("SUBSCRIBE t")), ["mz_timestamp", "mz_diff", "a", "b"]);
+        assert_eq!(
+            names(&output("SUBSCRIBE t")),
+            ["mz_timestamp", "mz_diff", "a", "b"]
+        );
         assert_eq!(
             names(&output("SUBSCRIBE t WITH (PROGRESS)")),
             ["mz_timestamp", "mz_progressed", "mz_diff", "a", "b"]
@@ -199,7 +204,9 @@ mod tests {
             ["mz_timestamp", "mz_state", "a", "b"]
         );
         assert_eq!(
-            names(&output("SUBSCRIBE t ENVELOPE UPSERT (KEY (b)) WITH (PROGRESS)")),
+            names(&output(
+                "SUBSCRIBE t ENVELOPE UPSERT (KEY (b)) WITH (PROGRESS)"
+            )),
             ["mz_timestamp", "mz_progressed", "mz_state", "b", "a"]
         );
     }
@@ -211,7 +218,10 @@ mod tests {
         assert_eq!(c, vec![(r(1), 3)]);
         let old: HashMap<Row, i64> = [(r(1), 1), (r(2), 2)].into_iter().collect();
         let new: HashMap<Row, i64> = [(r(2), 1), (r(3), 1)].into_iter().collect();
-        assert_eq!(diff_maps(&old, &new), vec![(r(1), -1), (r(2), -1), (r(3), 1)]);
+        assert_eq!(
+            diff_maps(&old, &new),
+            vec![(r(1), -1), (r(2), -1), (r(3), 1)]
+        );
     }
 
     #[test]
@@ -231,7 +241,12 @@ mod tests {
         );
         let states: Vec<(String, Option<String>)> = rows
             .iter()
-            .map(|row| (row[1].to_text(PgType::Text).unwrap(), row[3].to_text(PgType::Int4)))
+            .map(|row| {
+                (
+                    row[1].to_text(PgType::Text).unwrap(),
+                    row[3].to_text(PgType::Int4),
+                )
+            })
             .collect();
         assert_eq!(
             states,
@@ -248,8 +263,14 @@ mod tests {
     #[test]
     fn up_to_cuts_rows_and_progress() {
         let o = output("SUBSCRIBE t WITH (PROGRESS) UP TO 10");
-        assert!(o.rows(10, vec![(vec![Datum::Int(1), Datum::Int(1)], 1)]).is_empty());
-        assert_eq!(o.rows(9, vec![(vec![Datum::Int(1), Datum::Int(1)], 1)]).len(), 1);
+        assert!(o
+            .rows(10, vec![(vec![Datum::Int(1), Datum::Int(1)], 1)])
+            .is_empty());
+        assert_eq!(
+            o.rows(9, vec![(vec![Datum::Int(1), Datum::Int(1)], 1)])
+                .len(),
+            1
+        );
         let p = o.progress_row(4);
         assert_eq!(p.len(), 5);
         assert_eq!(p[1], Datum::Int(1));

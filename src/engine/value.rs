@@ -238,10 +238,16 @@ impl Datum {
         };
         Ok(Some(match ty {
             PgType::Bool => vec![u8::from(self.to_text(ty).as_deref() == Some("t"))],
-            PgType::Int2 => (self.as_i64().ok_or_else(bad)? as i16).to_be_bytes().to_vec(),
-            PgType::Int4 => (self.as_i64().ok_or_else(bad)? as i32).to_be_bytes().to_vec(),
+            PgType::Int2 => (self.as_i64().ok_or_else(bad)? as i16)
+                .to_be_bytes()
+                .to_vec(),
+            PgType::Int4 => (self.as_i64().ok_or_else(bad)? as i32)
+                .to_be_bytes()
+                .to_vec(),
             PgType::Int8 => self.as_i64().ok_or_else(bad)?.to_be_bytes().to_vec(),
-            PgType::Float4 => (self.as_f64().ok_or_else(bad)? as f32).to_be_bytes().to_vec(),
+            PgType::Float4 => (self.as_f64().ok_or_else(bad)? as f32)
+                .to_be_bytes()
+                .to_vec(),
             PgType::Float8 => self.as_f64().ok_or_else(bad)?.to_be_bytes().to_vec(),
             PgType::Numeric | PgType::MzTimestamp => {
                 numeric_binary(&self.to_text(ty).unwrap_or_default()).ok_or_else(bad)?
@@ -578,10 +584,7 @@ mod tests {
         assert_eq!(text, "2023-11-14 22:13:20.123+00");
         assert_eq!(parse_timestamp_micros(&text), Some(ms * 1000));
         assert_eq!(parse_timestamp_micros("1970-01-01"), Some(0));
-        assert_eq!(
-            parse_timestamp_micros("1970-01-01 01:00:00+01:00"),
-            Some(0)
-        );
+        assert_eq!(parse_timestamp_micros("1970-01-01 01:00:00+01:00"), Some(0));
     }
 
     #[test]
