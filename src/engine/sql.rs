@@ -966,6 +966,9 @@ fn parse_copy(p: &mut P<'_>, legacy: bool) -> Result<Stmt, SqlError> {
         let (Some(a), Some(b)) = (p.toks.get(open + 1), p.toks.get(close.saturating_sub(2))) else {
             return Err(SqlError::syntax("expected a query"));
         };
+        if close - open < 3 {
+            return Err(SqlError::syntax("expected a query"));
+        }
         Stmt::CopySelect(p.sql[a.start..b.end].to_owned())
     };
     p.expect_word("to")?;
@@ -2049,5 +2052,40 @@ mod tests {
             (items[0].name.as_str(), items[0].ty),
             ("sum", Some(PgType::Text))
         );
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let alphabet: Vec<char> = "SELECT SUBSCRIBE FETCH ( ) ' \" ; , . :: / * $1 a t 1 é -- \n WITH AS OF UP TO KEY ENVELOPE COPY DECLARE"
+            .chars()
+            .collect();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..3000 {
+            let len = (seed % 40) as usize;
+            let mut text = String::new();
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push(alphabet[(seed % alphabet.len() as u64) as usize]);
+            }
+            let _ = split_statements(&text);
+            let _ = parse(&text, false);
+            let _ = parse(&text, true);
+            let _ = translate(&text);
+            let _ = select_items(&text, &|_| None);
+            for prefix in [
+                "SUBSCRIBE ",
+                "COPY (",
+                "DECLARE c CURSOR FOR ",
+                "FETCH ",
+                "SELECT ",
+            ] {
+                let t = format!("{prefix}{text}");
+                let _ = parse(&t, false);
+                let _ = translate(&t);
+                let _ = select_items(&t, &|_| None);
+            }
+        }
     }
 }
