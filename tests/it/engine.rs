@@ -558,9 +558,6 @@ async fn fetch_data(c: &Client, n: usize) -> Vec<Vec<Option<String>>> {
     while data.len() < n {
         assert!(Instant::now() < deadline, "only {} of {n} rows", data.len());
         let batch = rows(c, "FETCH ALL c WITH (timeout = '50ms')").await;
-        if std::env::var("DEBUG_FETCH").is_ok() {
-            eprintln!("{batch:?}");
-        }
         for r in batch {
             if r[1] == s("f") {
                 data.push(r);
