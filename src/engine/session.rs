@@ -44,6 +44,9 @@ use super::value::{copy_escape, Column, Datum, PgType, Row};
 
 type Socket = Framed<MaybeTls, PgWireMessageServerCodec<()>>;
 
+/// A session's cancel secret and the cancel token of its running statement.
+type CancelEntry = (Bytes, Arc<Mutex<CancellationToken>>);
+
 /// State shared by the listener and every session.
 pub struct Shared {
     pub store: StoreHandle,
@@ -53,7 +56,7 @@ pub struct Shared {
     next_session: AtomicU64,
     /// pid → (secret, the running query's cancel token). A std Mutex: lookups are
     /// short and never span an `.await`.
-    cancels: Mutex<HashMap<i32, (Bytes, Arc<Mutex<CancellationToken>>)>>,
+    cancels: Mutex<HashMap<i32, CancelEntry>>,
 }
 
 impl Shared {
@@ -1179,7 +1182,7 @@ impl Session {
             }
             Some(t) => {
                 let deadline = Instant::now() + t;
-                while !*ended && error.is_none() && !want.is_some_and(|w| buffer.len() >= w) {
+                while !*ended && error.is_none() && want.is_none_or(|w| buffer.len() < w) {
                     match self.wait_event(&mut sub.rx, token, Some(deadline)).await? {
                         Some(ev) => apply(ev, buffer, ended, error),
                         None => break,

@@ -596,9 +596,12 @@ pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
             })
         }
         "discard" => Ok(Stmt::Discard),
-        other => Err(SqlError::unsupported(format!(
-            "{} statements are",
-            other.to_uppercase()
+        "alter" | "grant" | "revoke" | "explain" | "prepare" | "execute" | "deallocate"
+        | "comment" | "validate" | "reassign" | "listen" | "notify" | "truncate" => Err(
+            SqlError::unsupported(format!("{} statements are", w.to_uppercase())),
+        ),
+        other => Err(SqlError::syntax(format!(
+            "Expected a keyword at the beginning of a statement, found identifier \"{other}\""
         ))),
     }
 }
@@ -963,26 +966,28 @@ fn parse_copy(p: &mut P<'_>, legacy: bool) -> Result<Stmt, SqlError> {
         let (Some(a), Some(b)) = (p.toks.get(open + 1), p.toks.get(close.saturating_sub(2))) else {
             return Err(SqlError::syntax("expected a query"));
         };
+        if close - open < 3 {
+            return Err(SqlError::syntax("expected a query"));
+        }
         Stmt::CopySelect(p.sql[a.start..b.end].to_owned())
     };
     p.expect_word("to")?;
     p.expect_word("stdout")?;
-    if p.eat_word("with") || p.peek().is_some_and(|t| t.tok == Tok::LParen) {
-        if p.eat(&Tok::LParen) {
-            while !p.eat(&Tok::RParen) {
-                let opt = p.ident()?;
-                let val = p.peek().and_then(|t| t.ident()).unwrap_or_default();
-                if opt == "format" && val != "text" {
-                    return Err(SqlError::unsupported(format!("COPY FORMAT {val} is")));
-                }
-                if opt != "format" {
-                    return Err(SqlError::unsupported(format!("COPY option {opt} is")));
-                }
-                p.i += 1;
-                p.eat(&Tok::Comma);
-                if p.at_end() {
-                    return Err(SqlError::syntax("expected )"));
-                }
+    if (p.eat_word("with") || p.peek().is_some_and(|t| t.tok == Tok::LParen)) && p.eat(&Tok::LParen)
+    {
+        while !p.eat(&Tok::RParen) {
+            let opt = p.ident()?;
+            let val = p.peek().and_then(|t| t.ident()).unwrap_or_default();
+            if opt == "format" && val != "text" {
+                return Err(SqlError::unsupported(format!("COPY FORMAT {val} is")));
+            }
+            if opt != "format" {
+                return Err(SqlError::unsupported(format!("COPY option {opt} is")));
+            }
+            p.i += 1;
+            p.eat(&Tok::Comma);
+            if p.at_end() {
+                return Err(SqlError::syntax("expected )"));
             }
         }
     }
@@ -1032,7 +1037,13 @@ fn parse_create(p: &mut P<'_>) -> Result<Stmt, SqlError> {
             replace,
         });
     }
-    Err(p.unexpected("expected TABLE, VIEW, MATERIALIZED VIEW or INDEX"))
+    match p.peek().and_then(|t| t.ident()) {
+        Some(kind) => Err(SqlError::unsupported(format!(
+            "CREATE {} is",
+            kind.to_uppercase()
+        ))),
+        None => Err(p.unexpected("expected TABLE, VIEW, MATERIALIZED VIEW or INDEX")),
+    }
 }
 
 fn parse_drop(p: &mut P<'_>) -> Result<Stmt, SqlError> {
@@ -1175,7 +1186,7 @@ impl Translator<'_> {
                     if w.eq_ignore_ascii_case("double")
                         && toks.get(i + 1).is_some_and(|n| n.is_word("precision")) =>
                 {
-                    self.out.push("REAL".into());
+                    self.out.push("float8".into());
                     i += 2;
                     continue;
                 }
@@ -1710,7 +1721,7 @@ pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
             .collect();
         return Some(if types.iter().any(|t| t.is_float()) {
             PgType::Float8
-        } else if types.iter().any(|t| *t == PgType::Numeric) {
+        } else if types.contains(&PgType::Numeric) {
             PgType::Numeric
         } else if types
             .iter()
@@ -2002,7 +2013,7 @@ mod tests {
         );
         assert_eq!(
             translate("CREATE TABLE x (a double precision)").unwrap(),
-            "CREATE TABLE x ( a REAL )"
+            "CREATE TABLE x ( a float8 )"
         );
     }
 
@@ -2041,5 +2052,40 @@ mod tests {
             (items[0].name.as_str(), items[0].ty),
             ("sum", Some(PgType::Text))
         );
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let alphabet: Vec<char> = "SELECT SUBSCRIBE FETCH ( ) ' \" ; , . :: / * $1 a t 1 é -- \n WITH AS OF UP TO KEY ENVELOPE COPY DECLARE"
+            .chars()
+            .collect();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..3000 {
+            let len = (seed % 40) as usize;
+            let mut text = String::new();
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push(alphabet[(seed % alphabet.len() as u64) as usize]);
+            }
+            let _ = split_statements(&text);
+            let _ = parse(&text, false);
+            let _ = parse(&text, true);
+            let _ = translate(&text);
+            let _ = select_items(&text, &|_| None);
+            for prefix in [
+                "SUBSCRIBE ",
+                "COPY (",
+                "DECLARE c CURSOR FOR ",
+                "FETCH ",
+                "SELECT ",
+            ] {
+                let t = format!("{prefix}{text}");
+                let _ = parse(&t, false);
+                let _ = translate(&t);
+                let _ = select_items(&t, &|_| None);
+            }
+        }
     }
 }

@@ -979,7 +979,7 @@ impl Store {
     ) -> Result<SubStart, SqlError> {
         let plan = self.plan(stmt)?;
         let columns = plan.out.columns.clone();
-        if plan.deps.is_empty() {
+        if plan.base_tables.is_empty() {
             // A constant collection: complete at once, stamped with the maximum (or,
             // in TAIL's era, zero) timestamp.
             let ts = if stmt.legacy { 0 } else { u64::MAX };
@@ -1011,10 +1011,12 @@ impl Store {
         let as_of = match stmt.as_of {
             None => read_ts,
             Some(a) if a.at_least => a.ts.max(since),
-            Some(a) if a.ts < since => return Err(SqlError::internal(format!(
+            Some(a) if a.ts < since => {
+                return Err(SqlError::internal(format!(
                 "Timestamp ({}) is not valid for all inputs: [Antichain {{ elements: [{since}] }}]",
                 a.ts
-            ))),
+            )))
+            }
             Some(a) => a.ts,
         };
         if as_of > read_ts.saturating_add(86_400_000) {
