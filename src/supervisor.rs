@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, StreamConfig, StreamPath};
 use crate::hub::{EndReason, Hub, Reason, Settings};
-use crate::upstream::{StreamTask, Target, Policy};
+use crate::upstream::{Policy, StreamTask, Target};
 
 /// A stream as the HTTP layer sees it.
 pub struct Route {

@@ -165,7 +165,10 @@ impl StreamTask {
                 continue;
             }
             warn!(stream = %path, error = %error, attempt, "Upstream lost; reconnecting.");
-            self.hub.stats.upstream_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.hub
+                .stats
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.hub.set_health(Health::Reconnecting {
                 error: error.to_string(),
             });

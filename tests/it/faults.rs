@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{
-    converge, engine_subscriptions, get, items_truth, sql, wait_for, Model, SseClient,
-    TestEngine, TestGateway, WAIT,
+    converge, engine_subscriptions, get, items_truth, sql, wait_for, Model, SseClient, TestEngine,
+    TestGateway, WAIT,
 };
 
 const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
@@ -75,14 +75,21 @@ async fn outage(reset: bool) {
             .await
             .expect("insert");
     }
-    direct.batch_execute("DELETE FROM items WHERE id = 1").await.expect("delete");
+    direct
+        .batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .expect("delete");
     let restored = Instant::now();
     proxy.set(Mode::Pass);
     wait_status(&mut client, &mut model, "streaming").await;
     let recovered = restored.elapsed();
     let truth = items_truth(&direct).await;
     converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
-    assert_eq!(model.snapshots, vec!["initial"], "resumed without a snapshot");
+    assert_eq!(
+        model.snapshots,
+        vec!["initial"],
+        "resumed without a snapshot"
+    );
     eprintln!(
         "link {}: detected in {:?}, streaming again {:?} after the link returned",
         if reset { "reset" } else { "closed" },
@@ -159,7 +166,9 @@ async fn lost_upstream_history_is_resynchronised_with_a_diff() {
     proxy.cut_all(true);
     wait_status(&mut client, &mut model, "reconnecting").await;
     direct
-        .batch_execute("UPDATE items SET qty = 0 WHERE id = 1; INSERT INTO items VALUES (3, 'three', 3)")
+        .batch_execute(
+            "UPDATE items SET qty = 0 WHERE id = 1; INSERT INTO items VALUES (3, 'three', 3)",
+        )
         .await
         .expect("writes");
     tokio::time::sleep(Duration::from_millis(800)).await; // let the history expire
@@ -170,7 +179,11 @@ async fn lost_upstream_history_is_resynchronised_with_a_diff() {
     proxy.set(Mode::Pass);
     let truth = items_truth(&direct).await;
     converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
-    assert_eq!(model.snapshots, vec!["initial"], "only the difference was sent");
+    assert_eq!(
+        model.snapshots,
+        vec!["initial"],
+        "only the difference was sent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +206,13 @@ async fn browsers_resume_within_history_and_get_a_snapshot_outside_it() {
         ids.push(e.id.clone().expect("id"));
     }
     drop(client);
-    db.batch_execute("INSERT INTO items VALUES (40, 'missed', 1)").await.expect("insert");
+    db.batch_execute("INSERT INTO items VALUES (40, 'missed', 1)")
+        .await
+        .expect("insert");
 
     // Resume from the first update: the other two and the missed one, no snapshot.
-    let mut resumed = SseClient::connect(gw.addr, "/items", &[("last-event-id", ids[0].as_str())]).await;
+    let mut resumed =
+        SseClient::connect(gw.addr, "/items", &[("last-event-id", ids[0].as_str())]).await;
     let mut replay = Model {
         rows: model.rows.clone(),
         last_id: ids[0].parse().ok(),
@@ -208,7 +224,10 @@ async fn browsers_resume_within_history_and_get_a_snapshot_outside_it() {
     replay.rows.remove("{\"id\":32,\"name\":\"r\",\"qty\":1}");
     let truth = items_truth(&db).await;
     converge(&mut resumed, &mut replay, "update", |m| m.sorted() == truth).await;
-    assert!(replay.snapshots.is_empty(), "resume replays without a snapshot");
+    assert!(
+        replay.snapshots.is_empty(),
+        "resume replays without a snapshot"
+    );
     assert_eq!(replay.updates, 3);
 
     // The query parameter works on a first request.
@@ -218,25 +237,41 @@ async fn browsers_resume_within_history_and_get_a_snapshot_outside_it() {
     assert_eq!(e.event, "update");
     assert!(e.data.contains("missed"));
 
-    // Push the first ids out of the six-event history.
+    // Push the first ids out of the six-event history, watching a live client so the
+    // gateway is known to have them.
     for id in 50..58 {
         db.batch_execute(&format!("INSERT INTO items VALUES ({id}, 'h', 1)"))
             .await
             .expect("insert");
     }
-    wait_for("history to move on", WAIT, || async {
-        let (_, listing) = get(gw.addr, "/", &[]).await;
-        listing.contains("\"ready\":true").then_some(())
-    })
-    .await;
+    let mut seen = 0;
+    while seen < 8 {
+        if by_query.next_data_event(WAIT).await.event == "update" {
+            seen += 1;
+        }
+    }
     let future = (u64::MAX - 1).to_string();
-    for id in [ids[0].as_str(), "abc", "1\u{0}", "99999999999999999999999", "-5", future.as_str()] {
-        let mut c = SseClient::connect(gw.addr, "/items", &[("last-event-id", id)]).await;
+    // A NUL cannot travel in a header (HTTP rejects it), only percent-encoded in the query.
+    let cases = [
+        (ids[0].as_str(), "/items"),
+        ("abc", "/items"),
+        ("", "/items?last_event_id=1%00"),
+        ("99999999999999999999999", "/items"),
+        ("-5", "/items"),
+        (future.as_str(), "/items"),
+    ];
+    for (id, path) in cases {
+        let headers: &[(&str, &str)] = if id.is_empty() {
+            &[]
+        } else {
+            &[("last-event-id", id)]
+        };
+        let mut c = SseClient::connect(gw.addr, path, headers).await;
         assert_eq!(c.status, 200);
         let e = c.next_data_event(WAIT).await;
-        assert_eq!(e.event, "snapshot", "id {id:?}");
+        assert_eq!(e.event, "snapshot", "id {id:?} {path}");
         let v: Value = serde_json::from_str(&e.data).expect("json");
-        assert_eq!(v["reason"], "resume-gap", "id {id:?}");
+        assert_eq!(v["reason"], "resume-gap", "id {id:?} {path}");
     }
 }
 
@@ -254,7 +289,9 @@ async fn the_same_id_resumes_on_a_second_gateway() {
     initial(&mut on_b).await;
     let mut on_a = a.sse("/items").await;
     let mut model = initial(&mut on_a).await;
-    db.batch_execute("INSERT INTO items VALUES (60, 'x', 1)").await.expect("insert");
+    db.batch_execute("INSERT INTO items VALUES (60, 'x', 1)")
+        .await
+        .expect("insert");
     let e = on_a.next_data_event(WAIT).await;
     model.apply(&e, "update");
     let id = e.id.clone().expect("id");
@@ -268,7 +305,11 @@ async fn the_same_id_resumes_on_a_second_gateway() {
     let mut moved = SseClient::connect(b.addr, "/items", &[("last-event-id", id.as_str())]).await;
     let truth = items_truth(&db).await;
     converge(&mut moved, &mut model, "update", |m| m.sorted() == truth).await;
-    assert_eq!(model.snapshots, vec!["initial"], "resumed on the replica without a snapshot");
+    assert_eq!(
+        model.snapshots,
+        vec!["initial"],
+        "resumed on the replica without a snapshot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,13 +340,20 @@ async fn broken_streams_degrade_alone() {
         .await
         .expect("break two");
     let huge = "x".repeat(5000);
-    db.execute("INSERT INTO blobs VALUES ($1)", &[&huge]).await.expect("big row");
+    db.execute("INSERT INTO blobs VALUES ($1)", &[&huge])
+        .await
+        .expect("big row");
 
-    for (c, needle) in clients.iter_mut().zip(["dropped", "division by zero", "exceeds"]) {
+    for (c, needle) in clients
+        .iter_mut()
+        .zip(["dropped", "division by zero", "exceeds"])
+    {
         let item = c
-            .wait_item(needle, WAIT, |i| {
-                matches!(i, Item::Event(e) if e.event == "status" && e.data.contains(needle))
-            })
+            .wait_item(
+                needle,
+                WAIT,
+                |i| matches!(i, Item::Event(e) if e.event == "status" && e.data.contains(needle)),
+            )
             .await;
         assert!(matches!(item, Item::Event(_)));
     }
@@ -317,7 +365,10 @@ async fn broken_streams_degrade_alone() {
             .expect("insert");
         let e = ok.next_data_event(WAIT).await;
         ok_model.apply(&e, "update");
-        assert!(sent.elapsed() < Duration::from_secs(2), "healthy stream delayed");
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "healthy stream delayed"
+        );
     }
     let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
     for path in ["/dropped", "/eval", "/big"] {
@@ -335,7 +386,10 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
     let gw = TestGateway::start(
         "[embedded]\ninit = \"init.sql\"\n\
          [[streams]]\npath = \"/blob\"\nview = \"blob\"\nkey = [\"id\"]\nclient_queue = 4\n",
-        &[("init.sql", "CREATE TABLE blob (id int, body text);\nINSERT INTO blob VALUES (1, 'start');\n")],
+        &[(
+            "init.sql",
+            "CREATE TABLE blob (id int, body text);\nINSERT INTO blob VALUES (1, 'start');\n",
+        )],
     )
     .await;
     let db = gw.sql().await;
@@ -345,9 +399,12 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
     // 30 MB of updates while the client reads nothing: more than the socket buffers hold.
     let body = "y".repeat(200_000);
     for i in 0..150 {
-        db.execute("UPDATE blob SET body = $1 WHERE id = 1", &[&format!("{i}:{body}")])
-            .await
-            .expect("update");
+        db.execute(
+            "UPDATE blob SET body = $1 WHERE id = 1",
+            &[&format!("{i}:{body}")],
+        )
+        .await
+        .expect("update");
     }
     let mut lagged = false;
     let deadline = Instant::now() + WAIT;
@@ -407,7 +464,10 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_others() {
         assert_eq!(e.event, "update");
         worst = worst.max(sent.elapsed());
     }
-    assert!(worst < Duration::from_secs(1), "healthy client delayed by {worst:?}");
+    assert!(
+        worst < Duration::from_secs(1),
+        "healthy client delayed by {worst:?}"
+    );
     wait_for("the stuck client to be disconnected", WAIT, || async {
         let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
         (!metrics.contains("sse_stall_disconnects_total 0")).then_some(())
@@ -483,8 +543,14 @@ async fn connection_churn_leaves_nothing_behind() {
     churn(5000).await;
     settled(fds).await;
     let grown = rss_kib().saturating_sub(rss);
-    eprintln!("churn of 5000: fds {fds} -> {}, RSS grew {grown} KiB", open_fds());
-    assert!(grown < 16 * 1024, "RSS grew {grown} KiB over 5,000 connections");
+    eprintln!(
+        "churn of 5000: fds {fds} -> {}, RSS grew {grown} KiB",
+        open_fds()
+    );
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew {grown} KiB over 5,000 connections"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,8 +566,13 @@ async fn max_lifetime_ends_streams_and_browsers_resume() {
     let started = Instant::now();
     while client.next_item(WAIT).await.is_some() {}
     let life = started.elapsed();
-    assert!(life >= Duration::from_millis(700) && life < Duration::from_secs(3), "{life:?}");
-    db.batch_execute("INSERT INTO items VALUES (80, 'after', 1)").await.expect("insert");
+    assert!(
+        life >= Duration::from_millis(700) && life < Duration::from_secs(3),
+        "{life:?}"
+    );
+    db.batch_execute("INSERT INTO items VALUES (80, 'after', 1)")
+        .await
+        .expect("insert");
     let id = model.last_id.expect("id").to_string();
     let mut again = SseClient::connect(gw.addr, "/items", &[("last-event-id", id.as_str())]).await;
     let truth = items_truth(&db).await;

@@ -9,7 +9,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tailgate::sse::Item;
 
-use crate::support::{converge, items_truth, engine_subscriptions, multiset, Model, TestGateway, WAIT};
+use crate::support::{
+    converge, engine_subscriptions, items_truth, multiset, Model, TestGateway, WAIT,
+};
 
 const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
     CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
