@@ -579,3 +579,95 @@ async fn max_lifetime_ends_streams_and_browsers_resume() {
     converge(&mut again, &mut model, "update", |m| m.sorted() == truth).await;
     assert_eq!(model.snapshots, vec!["initial"]);
 }
+
+/// The engine as a child process, so it can be killed for real.
+struct EngineProcess {
+    child: std::process::Child,
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EngineProcess {
+    async fn start(addr: std::net::SocketAddr, init: &std::path::Path) -> EngineProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+            .args([
+                "engine",
+                "--listen",
+                &addr.to_string(),
+                "--tick",
+                "200ms",
+                "--init",
+            ])
+            .arg(init)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn engine");
+        wait_for("the engine to accept connections", WAIT, || async {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+        EngineProcess { child }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_and_restarting_the_engine_resyncs_without_a_snapshot() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let init = dir.path().join("init.sql");
+    std::fs::write(&init, INIT).expect("init");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut engine = EngineProcess::start(addr, &init).await;
+    let gw = TestGateway::start(
+        &format!(
+            "{}[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+            TestEngine::upstream(addr)
+        ),
+        &[],
+    )
+    .await;
+    let mut client = gw.sse("/items").await;
+    let mut model = initial(&mut client).await;
+    {
+        let db = sql(addr).await;
+        db.batch_execute("INSERT INTO items VALUES (85, 'before kill', 1)")
+            .await
+            .expect("insert");
+        let truth = items_truth(&db).await;
+        converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
+    }
+
+    let killed = Instant::now();
+    engine.child.kill().expect("SIGKILL");
+    let _ = engine.child.wait();
+    let detected = wait_status(&mut client, &mut model, "reconnecting").await - killed;
+    // The restarted engine has lost the earlier writes (it keeps tables in memory),
+    // and takes new ones before the gateway is back.
+    drop(engine);
+    let restarted = Instant::now();
+    let _engine = EngineProcess::start(addr, &init).await;
+    let db = sql(addr).await;
+    db.batch_execute(
+        "INSERT INTO items VALUES (90, 'after restart', 1); UPDATE items SET qty = 7 WHERE id = 2",
+    )
+    .await
+    .expect("writes after restart");
+    let truth = items_truth(&db).await;
+    converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
+    assert_eq!(
+        model.snapshots,
+        vec!["initial"],
+        "the restart reached clients as changes, not a snapshot"
+    );
+    eprintln!(
+        "engine kill: detected in {detected:?}, converged {:?} after the restart began",
+        restarted.elapsed()
+    );
+}
