@@ -1,10 +1,10 @@
 //! The real binary: `check` exit codes, and SIGHUP reloading a running gateway.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::config_text;
+use crate::support::{config_text, ChildGateway};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tailgate");
 
@@ -39,69 +39,6 @@ fn check_exits_zero_on_a_good_file_and_64_on_a_bad_one() {
     assert!(stderr.contains("bad duration"), "{stderr}");
 }
 
-struct Gateway {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    fn start(config: &std::path::Path) -> (Gateway, std::net::SocketAddr) {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn gateway");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut gw = Gateway { child, lines };
-        let line = gw.wait_line("Gateway listening", Duration::from_secs(20));
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .and_then(|a| a.parse().ok())
-            .expect("address in the log line");
-        (gw, addr)
-    }
-
-    fn wait_line(&mut self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_unreloadable_fields_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -113,7 +50,7 @@ async fn sighup_reloads_and_unreloadable_fields_are_named() {
         ))
     };
     std::fs::write(&path, body("")).expect("config");
-    let (mut gw, addr) = Gateway::start(&path);
+    let (mut gw, addr) = ChildGateway::start(&path);
 
     // Hold the file open after writing: no close event reaches the watcher, and the
     // fallback poll needs two intervals, so a prompt reload can only be SIGHUP's.

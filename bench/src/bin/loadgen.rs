@@ -1,0 +1,572 @@
+//! The load client: opens N SSE connections from rotating 127.x source addresses,
+//! parses every stream, and reports deliveries, latency, connect times, time to first
+//! event, and its own and the server's CPU as JSON.
+//!
+//! One single-threaded runtime (pin it with `taskset`); one task per connection, all
+//! reading into one shared scratch buffer. Optionally it also feeds the server: HTTP
+//! POSTs (nchan) or SQL statements over pgwire (the tutorial's engine) at a fixed rate.
+//! Every phase has a deadline and the process always exits by itself.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser as _;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+
+use tailgate_bench::measure::{ClientTicks, LatencySummary, Spread, Totals, Window};
+use tailgate_bench::sse::{Dechunker, Parser};
+use tailgate_bench::sys::{self, ProcSample};
+use tailgate_bench::tick_json;
+
+#[derive(clap::Parser, Debug, Clone)]
+#[command(about = "SSE load client: N connections, one report")]
+struct Args {
+    /// Server address (loopback only).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Stream path; repeat to spread clients round-robin over several streams.
+    #[arg(long, default_value = "/ticks")]
+    path: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// New connections per second; 0 opens all at once (a storm).
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// Second octet of the 127.x.y.z source addresses; rotate it between runs.
+    #[arg(long, default_value_t = 1)]
+    src_net: u8,
+    /// Deadline for the connect phase, seconds after the last connect started.
+    #[arg(long, default_value_t = 30.0)]
+    connect_timeout: f64,
+    /// Seconds between "all connected" and the measurement window.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Length of the measurement window, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to keep reading after the window, for ticks sent inside it.
+    #[arg(long, default_value_t = 2.0)]
+    drain: f64,
+    /// The server's pid, sampled for CPU and RSS.
+    #[arg(long)]
+    server_pid: Vec<u32>,
+    /// Also sample the server's RSS when this many clients are connected (RSS slope).
+    #[arg(long)]
+    rss_at: Option<usize>,
+    /// Quiet seconds before each RSS checkpoint.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Publish each tick with an HTTP POST to this loopback URL (http://127.0.0.1:P/pub).
+    #[arg(long)]
+    publish_url: Option<String>,
+    /// Run a statement over pgwire per tick, e.g. "host=127.0.0.1 port=6875 user=materialize".
+    #[arg(long)]
+    feed_pg: Option<String>,
+    #[arg(long, default_value = "UPDATE ticks SET seq = seq + 1, sent_ms = mz_epoch_ms()")]
+    feed_sql: String,
+    /// Ticks per second for --publish-url / --feed-pg.
+    #[arg(long, default_value_t = 10.0)]
+    feed_rate: f64,
+    /// A client that received nothing in the last this-many seconds of the window is silent.
+    #[arg(long, default_value_t = 5.0)]
+    silence: f64,
+    /// Write the JSON report here instead of stdout.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+/// State shared by every connection task (single-threaded, so `RefCell`).
+#[derive(Default)]
+struct Shared {
+    totals: Totals,
+    window: Window,
+    connected: usize,
+    failed: usize,
+    settled: usize,
+    disconnects: usize,
+    disconnects_in_window: usize,
+    bad_status: usize,
+    errors: BTreeMap<String, usize>,
+    connect_ms: Vec<f64>,
+    /// Per client: epoch µs of the connect start and of the first event (0 = none yet).
+    started_us: Vec<u64>,
+    first_us: Vec<u64>,
+    last_us: Vec<u64>,
+    comments: u64,
+    retry: Option<u64>,
+    published: u64,
+    publish_errors: u64,
+}
+
+impl Shared {
+    fn fail(&mut self, what: String) {
+        self.failed += 1;
+        self.settled += 1;
+        *self.errors.entry(what).or_default() += 1;
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    clients: usize,
+    connected: usize,
+    failed: usize,
+    bad_status: usize,
+    errors: BTreeMap<String, usize>,
+    disconnects: usize,
+    disconnects_in_window: usize,
+    connect: Spread,
+    /// From each client's connect start to its first event.
+    first_event: Spread,
+    /// From the first connect start to each client's first event (storm time).
+    first_event_since_start: Spread,
+    clients_without_event: usize,
+    window_s: f64,
+    connected_at_window: usize,
+    /// Ticks produced during the window (seq span seen by any client).
+    produced: u64,
+    delivered: u64,
+    expected: u64,
+    delivered_ratio: f64,
+    delivered_per_s: f64,
+    gaps: u64,
+    events: u64,
+    snapshots: u64,
+    lagged_snapshots: u64,
+    silent_clients: usize,
+    latency: LatencySummary,
+    comments: u64,
+    retry_ms: Option<u64>,
+    published: u64,
+    publish_errors: u64,
+    loadgen_cpu: f64,
+    server_cpu: f64,
+    server_start: Vec<ProcSample>,
+    server_end: Vec<ProcSample>,
+    /// (connected clients, server RSS kB summed over --server-pid) checkpoints.
+    rss_points: Vec<(usize, u64)>,
+    slab_kb_start: u64,
+    slab_kb_end: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !args.addr.ip().is_loopback() {
+        bail!("--addr must be a loopback address");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    let report = local.block_on(&rt, run(args.clone()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    match &args.out {
+        Some(p) => std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?,
+        None => println!("{json}"),
+    }
+    // Open sockets and tasks end with the process.
+    std::process::exit(0);
+}
+
+fn server_samples(pids: &[u32]) -> Vec<ProcSample> {
+    pids.iter().map(|p| sys::sample(Some(*p)).unwrap_or_default()).collect()
+}
+
+fn rss_sum(pids: &[u32]) -> u64 {
+    server_samples(pids).iter().map(|s| s.rss_kb).sum()
+}
+
+async fn run(args: Args) -> anyhow::Result<Report> {
+    let n = args.clients;
+    let shared = Rc::new(RefCell::new(Shared {
+        started_us: vec![0; n],
+        first_us: vec![0; n],
+        last_us: vec![0; n],
+        ..Shared::default()
+    }));
+    let scratch = Rc::new(RefCell::new(vec![0u8; 64 * 1024]));
+    let start = Instant::now();
+    let start_us = sys::now_us();
+    let connect_timeout = Duration::from_secs_f64(args.connect_timeout);
+    // Everything stops by this time, whatever happens.
+    let ramp = if args.connect_rate > 0.0 { n as f64 / args.connect_rate } else { 0.0 };
+    let hard_end = start
+        + Duration::from_secs_f64(
+            ramp + args.connect_timeout + 2.0 * args.settle + args.warmup + args.duration + args.drain + 5.0,
+        );
+    let feed_stop = hard_end;
+    if let Some(url) = args.publish_url.clone() {
+        tokio::task::spawn_local(publisher(url, args.feed_rate, feed_stop, shared.clone()));
+    }
+    if let Some(conninfo) = args.feed_pg.clone() {
+        tokio::task::spawn_local(feeder(conninfo, args.feed_sql.clone(), args.feed_rate, feed_stop, shared.clone()));
+    }
+
+    let mut rss_points = Vec::new();
+    let settle = Duration::from_secs_f64(args.settle);
+    for i in 0..n {
+        if args.rss_at == Some(i) && i > 0 {
+            wait_settled(&shared, i, Instant::now() + connect_timeout).await;
+            sleep(settle).await;
+            let c = shared.borrow().connected;
+            rss_points.push((c, rss_sum(&args.server_pid)));
+        }
+        if args.connect_rate > 0.0 {
+            sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate)).await;
+        }
+        let path = args.path[i % args.path.len()].clone();
+        tokio::task::spawn_local(client(
+            i,
+            args.addr,
+            path,
+            sys::source_addr(args.src_net, i),
+            connect_timeout,
+            shared.clone(),
+            scratch.clone(),
+        ));
+    }
+    wait_settled(&shared, n, Instant::now() + connect_timeout).await;
+    if args.rss_at.is_some() {
+        sleep(settle).await;
+        let c = shared.borrow().connected;
+        rss_points.push((c, rss_sum(&args.server_pid)));
+    }
+    sleep(Duration::from_secs_f64(args.warmup)).await;
+
+    // The measurement window.
+    let connected_at_window = {
+        let mut s = shared.borrow_mut();
+        s.window = Window {
+            start_ms: sys::now_ms(),
+            end_ms: u64::MAX,
+        };
+        s.connected - s.disconnects
+    };
+    let slab_kb_start = sys::slab_kb();
+    let server_start = server_samples(&args.server_pid);
+    let self_start = sys::sample(None)?;
+    sleep(Duration::from_secs_f64(args.duration)).await;
+    let self_end = sys::sample(None)?;
+    let server_end = server_samples(&args.server_pid);
+    let slab_kb_end = sys::slab_kb();
+    let window_end_us = sys::now_us();
+    shared.borrow_mut().window.end_ms = window_end_us / 1000;
+    sleep_until((Instant::now() + Duration::from_secs_f64(args.drain)).min(hard_end)).await;
+
+    let s = shared.borrow();
+    let t = &s.totals;
+    let produced = match (t.min_seq, t.max_seq) {
+        (Some(a), Some(b)) => b - a + 1,
+        _ => 0,
+    };
+    let expected = produced * connected_at_window as u64;
+    let silent_before = window_end_us.saturating_sub((args.silence * 1e6) as u64);
+    let mut first = Vec::new();
+    let mut first_since_start = Vec::new();
+    let mut without = 0;
+    let mut silent = 0;
+    for i in 0..n {
+        if s.started_us[i] == 0 {
+            continue;
+        }
+        if s.first_us[i] == 0 {
+            without += 1;
+        } else {
+            first.push((s.first_us[i] - s.started_us[i]) as f64 / 1000.0);
+            first_since_start.push(s.first_us[i].saturating_sub(start_us) as f64 / 1000.0);
+        }
+        if s.last_us[i] != 0 && s.last_us[i] < silent_before {
+            silent += 1;
+        }
+    }
+    let server_cpu = server_start
+        .iter()
+        .zip(&server_end)
+        .map(|(a, b)| sys::cpu_share(a, b))
+        .sum();
+    Ok(Report {
+        clients: n,
+        connected: s.connected,
+        failed: s.failed,
+        bad_status: s.bad_status,
+        errors: s.errors.clone(),
+        disconnects: s.disconnects,
+        disconnects_in_window: s.disconnects_in_window,
+        connect: Spread::of(s.connect_ms.clone()),
+        first_event: Spread::of(first),
+        first_event_since_start: Spread::of(first_since_start),
+        clients_without_event: without,
+        window_s: args.duration,
+        connected_at_window,
+        produced,
+        delivered: t.delivered_in_window,
+        expected,
+        delivered_ratio: if expected == 0 { 0.0 } else { t.delivered_in_window as f64 / expected as f64 },
+        delivered_per_s: t.delivered_in_window as f64 / args.duration,
+        gaps: t.gaps_in_window,
+        events: t.events,
+        snapshots: t.snapshots,
+        lagged_snapshots: t.lagged_snapshots,
+        silent_clients: silent,
+        latency: t.latency.summary(),
+        comments: s.comments,
+        retry_ms: s.retry,
+        published: s.published,
+        publish_errors: s.publish_errors,
+        loadgen_cpu: sys::cpu_share(&self_start, &self_end),
+        server_cpu,
+        server_start,
+        server_end,
+        rss_points,
+        slab_kb_start,
+        slab_kb_end,
+    })
+}
+
+async fn wait_settled(shared: &Rc<RefCell<Shared>>, n: usize, deadline: Instant) {
+    while shared.borrow().settled < n && Instant::now() < deadline {
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn client(
+    i: usize,
+    addr: SocketAddr,
+    path: String,
+    src: std::net::Ipv4Addr,
+    connect_timeout: Duration,
+    shared: Rc<RefCell<Shared>>,
+    scratch: Rc<RefCell<Vec<u8>>>,
+) {
+    let t0 = sys::now_us();
+    shared.borrow_mut().started_us[i] = t0;
+    let sock = match sys::bound_socket(src) {
+        Ok(s) => s,
+        Err(e) => return shared.borrow_mut().fail(format!("socket: {e}")),
+    };
+    let mut stream = match timeout(connect_timeout, sock.connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return shared.borrow_mut().fail(format!("connect: {e}")),
+        Err(_) => return shared.borrow_mut().fail("connect: timeout".into()),
+    };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+    );
+    if let Err(e) = stream.write_all(req.as_bytes()).await {
+        return shared.borrow_mut().fail(format!("write: {e}"));
+    }
+    // Response head.
+    let mut head = Vec::with_capacity(512);
+    let body_start = loop {
+        let mut buf = [0u8; 2048];
+        let r = timeout(connect_timeout, stream.read(&mut buf)).await;
+        match r {
+            Ok(Ok(0)) => return shared.borrow_mut().fail("closed before response".into()),
+            Ok(Ok(k)) => head.extend_from_slice(&buf[..k]),
+            Ok(Err(e)) => return shared.borrow_mut().fail(format!("read: {e}")),
+            Err(_) => return shared.borrow_mut().fail("response: timeout".into()),
+        }
+        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if head.len() > 16 * 1024 {
+            return shared.borrow_mut().fail("response head too long".into());
+        }
+    };
+    let head_text = String::from_utf8_lossy(&head[..body_start]).to_ascii_lowercase();
+    if !head_text.starts_with("http/1.1 200") && !head_text.starts_with("http/1.0 200") {
+        let status = head_text.lines().next().unwrap_or("").to_string();
+        let mut s = shared.borrow_mut();
+        s.bad_status += 1;
+        return s.fail(format!("status: {status}"));
+    }
+    let chunked = head_text.contains("transfer-encoding: chunked");
+    {
+        let mut s = shared.borrow_mut();
+        s.connected += 1;
+        s.settled += 1;
+        s.connect_ms.push((sys::now_us() - t0) as f64 / 1000.0);
+    }
+    let mut conn = Conn {
+        i,
+        parser: Parser::new(),
+        dechunker: chunked.then(Dechunker::new),
+        ticks: ClientTicks::default(),
+    };
+    conn.body(&head[body_start..], &shared);
+    drop(head);
+    loop {
+        if stream.readable().await.is_err() {
+            break;
+        }
+        let mut buf = scratch.borrow_mut();
+        match stream.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                if !conn.body(&buf[..k], &shared) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        }
+    }
+    let mut s = shared.borrow_mut();
+    s.disconnects += 1;
+    if s.window.start_ms != 0 && s.window.end_ms == u64::MAX {
+        s.disconnects_in_window += 1;
+    }
+    s.comments += conn.parser.counters.comments;
+}
+
+struct Conn {
+    i: usize,
+    parser: Parser,
+    dechunker: Option<Dechunker>,
+    ticks: ClientTicks,
+}
+
+impl Conn {
+    /// Feeds body bytes; false when the body is malformed or finished.
+    fn body(&mut self, bytes: &[u8], shared: &Rc<RefCell<Shared>>) -> bool {
+        let Conn {
+            i,
+            parser,
+            dechunker,
+            ticks,
+        } = self;
+        let mut s = shared.borrow_mut();
+        let s = &mut *s;
+        let now = sys::now_us();
+        let mut on_body = |b: &[u8]| {
+            parser.feed(b, |ev| {
+                if s.first_us[*i] == 0 {
+                    s.first_us[*i] = now;
+                }
+                s.last_us[*i] = now;
+                match ev.event {
+                    "status" | "end" => {}
+                    name => ticks.on_event(ev.data, name == "snapshot", now, s.window, &mut s.totals),
+                }
+            })
+        };
+        let ok = match dechunker {
+            Some(d) => d.feed(bytes, &mut on_body).is_ok() && !d.finished,
+            None => {
+                on_body(bytes);
+                true
+            }
+        };
+        if parser.counters.retry.is_some() {
+            s.retry = parser.counters.retry;
+        }
+        ok
+    }
+}
+
+/// POSTs one tick per period to `url` over a keep-alive connection (nchan's publisher).
+async fn publisher(url: String, rate: f64, stop: Instant, shared: Rc<RefCell<Shared>>) {
+    let Some(rest) = url.strip_prefix("http://") else {
+        shared.borrow_mut().publish_errors += 1;
+        return;
+    };
+    let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let Ok(addr) = hostport.parse::<SocketAddr>() else {
+        shared.borrow_mut().publish_errors += 1;
+        return;
+    };
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let t0 = Instant::now();
+    let t0_ms = sys::now_ms();
+    let mut seq: u64 = 0;
+    let mut conn: Option<TcpStream> = None;
+    while Instant::now() < stop {
+        seq += 1;
+        let due = t0 + period * (seq as u32);
+        sleep_until(due).await;
+        let sent_ms = t0_ms + (period * seq as u32).as_millis() as u64;
+        let body = tick_json(seq, sent_ms);
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if conn.is_none() {
+            conn = TcpStream::connect(addr).await.ok();
+        }
+        let ok = match conn.as_mut() {
+            Some(c) => post(c, req.as_bytes()).await.is_ok(),
+            None => false,
+        };
+        let mut s = shared.borrow_mut();
+        if ok {
+            s.published += 1;
+        } else {
+            s.publish_errors += 1;
+            conn = None;
+        }
+    }
+}
+
+async fn post(c: &mut TcpStream, req: &[u8]) -> anyhow::Result<()> {
+    timeout(Duration::from_secs(5), async {
+        c.write_all(req).await?;
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let k = c.read(&mut buf).await?;
+            if k == 0 {
+                bail!("closed");
+            }
+            head.extend_from_slice(&buf[..k]);
+            if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&head[..p]).to_ascii_lowercase();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut have = head.len() - p - 4;
+                while have < len {
+                    let k = c.read(&mut buf).await?;
+                    if k == 0 {
+                        bail!("closed");
+                    }
+                    have += k;
+                }
+                if !(text.starts_with("http/1.1 2") || text.starts_with("http/1.0 2")) {
+                    bail!("status");
+                }
+                return Ok(());
+            }
+        }
+    })
+    .await?
+}
+
+/// Runs `sql` once per period over pgwire (the tutorial's engine has no scheduler).
+async fn feeder(conninfo: String, sql: String, rate: f64, stop: Instant, shared: Rc<RefCell<Shared>>) {
+    let Ok((client, connection)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await else {
+        shared.borrow_mut().publish_errors += 1;
+        return;
+    };
+    tokio::task::spawn_local(connection);
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let t0 = Instant::now();
+    let mut k: u32 = 0;
+    while Instant::now() < stop {
+        k += 1;
+        sleep_until(t0 + period * k).await;
+        let ok = client.simple_query(&sql).await.is_ok();
+        let mut s = shared.borrow_mut();
+        if ok {
+            s.published += 1;
+        } else {
+            s.publish_errors += 1;
+        }
+    }
+}
