@@ -49,7 +49,8 @@ pub fn scan_ticks(data: &[u8], mut f: impl FnMut(Tick)) {
 
 /// True when the data says `"reason":"lagged"` (a resync after overflowing the queue).
 pub fn is_lagged(data: &[u8]) -> bool {
-    data.windows(18).any(|w| w == b"\"reason\":\"lagged\"")
+    let needle = b"\"reason\":\"lagged\"";
+    data.windows(needle.len()).any(|w| w == needle)
 }
 
 fn number(s: &[u8]) -> Option<u64> {
@@ -119,6 +120,9 @@ impl Histogram {
             seen += c;
             if seen >= rank {
                 let b = b as u64;
+                if b == FINE + COARSE {
+                    return self.max_us;
+                }
                 let edge = if b < FINE {
                     (b + 1) * 10
                 } else {
@@ -201,7 +205,14 @@ impl ClientTicks {
     /// Accounts for one event received at `now_us` (epoch µs). A snapshot moves the
     /// client to its state without counting deliveries; an update counts every tick
     /// above the last one seen.
-    pub fn on_event(&mut self, data: &[u8], snapshot: bool, now_us: u64, win: Window, totals: &mut Totals) {
+    pub fn on_event(
+        &mut self,
+        data: &[u8],
+        snapshot: bool,
+        now_us: u64,
+        win: Window,
+        totals: &mut Totals,
+    ) {
         self.events += 1;
         if snapshot {
             totals.snapshots += 1;
@@ -224,7 +235,9 @@ impl ClientTicks {
                 return;
             }
             totals.delivered_in_window += 1;
-            totals.latency.record(now_us.saturating_sub(t.sent_ms * 1000));
+            totals
+                .latency
+                .record(now_us.saturating_sub(t.sent_ms * 1000));
             totals.min_seq = Some(totals.min_seq.map_or(t.seq, |m| m.min(t.seq)));
             totals.max_seq = Some(totals.max_seq.map_or(t.seq, |m| m.max(t.seq)));
         });
@@ -269,12 +282,18 @@ mod tests {
     #[test]
     fn finds_ticks_in_every_contenders_payload() {
         // k0, naive-axum, nchan: a flat object.
-        assert_eq!(ticks(r#"{"seq":12,"sent_ms":1700000000123,"pad":"xx"}"#), vec![(12, 1700000000123)]);
+        assert_eq!(
+            ticks(r#"{"seq":12,"sent_ms":1700000000123,"pad":"xx"}"#),
+            vec![(12, 1700000000123)]
+        );
         // tailgate: retraction and insertion, keys sorted, numbers as strings.
         let tg = r#"{"ts":"9","changes":[{"diff":-1,"row":{"pad":"x","sent_ms":"100","seq":"4"}},{"diff":1,"row":{"pad":"x","sent_ms":"150","seq":"5"}}]}"#;
         assert_eq!(ticks(tg), vec![(4, 100), (5, 150)]);
         // the tutorial: a list of rows with spaces after colons.
-        assert_eq!(ticks(r#"[{"seq": 3, "sent_ms": 7}, {"seq": 4, "sent_ms": 8}]"#), vec![(3, 7), (4, 8)]);
+        assert_eq!(
+            ticks(r#"[{"seq": 3, "sent_ms": 7}, {"seq": 4, "sent_ms": 8}]"#),
+            vec![(3, 7), (4, 8)]
+        );
         assert_eq!(ticks(r#"{"seq":null,"sent_ms":5}"#), vec![]);
         assert!(is_lagged(br#"{"ts":"1","reason":"lagged","changes":[]}"#));
         assert!(!is_lagged(br#"{"ts":"1","reason":"initial","changes":[]}"#));
@@ -299,10 +318,19 @@ mod tests {
 
     #[test]
     fn snapshot_sets_the_state_and_updates_count_once() {
-        let win = Window { start_ms: 100, end_ms: u64::MAX };
+        let win = Window {
+            start_ms: 100,
+            end_ms: u64::MAX,
+        };
         let mut t = Totals::default();
         let mut c = ClientTicks::default();
-        c.on_event(br#"{"reason":"initial","changes":[{"row":{"seq":1,"sent_ms":90}}]}"#, true, 0, win, &mut t);
+        c.on_event(
+            br#"{"reason":"initial","changes":[{"row":{"seq":1,"sent_ms":90}}]}"#,
+            true,
+            0,
+            win,
+            &mut t,
+        );
         assert_eq!((t.snapshots, t.delivered_in_window), (1, 0));
         // Update carrying the retraction of 1 and the insertion of 2: one delivery.
         c.on_event(br#"{"changes":[{"diff":-1,"row":{"seq":1,"sent_ms":90}},{"diff":1,"row":{"seq":2,"sent_ms":110}}]}"#, false, 115_000, win, &mut t);
@@ -314,14 +342,26 @@ mod tests {
         assert_eq!((t.delivered_in_window, t.gaps_in_window), (2, 2));
         assert_eq!((t.min_seq, t.max_seq), (Some(2), Some(5)));
         // A lagged snapshot resyncs without counting deliveries.
-        c.on_event(br#"{"reason":"lagged","changes":[{"row":{"seq":9,"sent_ms":180}}]}"#, true, 190_000, win, &mut t);
-        assert_eq!((t.lagged_snapshots, t.delivered_in_window, c.last_seq), (1, 2, Some(9)));
+        c.on_event(
+            br#"{"reason":"lagged","changes":[{"row":{"seq":9,"sent_ms":180}}]}"#,
+            true,
+            190_000,
+            win,
+            &mut t,
+        );
+        assert_eq!(
+            (t.lagged_snapshots, t.delivered_in_window, c.last_seq),
+            (1, 2, Some(9))
+        );
         assert_eq!(t.events, 3);
     }
 
     #[test]
     fn ticks_outside_the_window_are_not_counted() {
-        let win = Window { start_ms: 100, end_ms: 200 };
+        let win = Window {
+            start_ms: 100,
+            end_ms: 200,
+        };
         let mut t = Totals::default();
         let mut c = ClientTicks::default();
         c.on_event(br#"{"seq":1,"sent_ms":50}"#, false, 60_000, win, &mut t);
@@ -335,7 +375,10 @@ mod tests {
     #[test]
     fn spread_quantiles() {
         let s = Spread::of((1..=100).map(|v| v as f64).collect());
-        assert_eq!((s.count, s.p50_ms, s.p99_ms, s.max_ms), (100, 50.0, 99.0, 100.0));
+        assert_eq!(
+            (s.count, s.p50_ms, s.p99_ms, s.max_ms),
+            (100, 50.0, 99.0, 100.0)
+        );
         assert_eq!(Spread::of(vec![]), Spread::default());
     }
 }

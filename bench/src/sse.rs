@@ -115,7 +115,8 @@ impl Parser {
             }
             b"retry" => {
                 if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                    self.counters.retry = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
+                    self.counters.retry =
+                        std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
                 }
             }
             _ => {}
@@ -124,7 +125,11 @@ impl Parser {
 
     fn dispatch(&mut self, on_event: &mut impl FnMut(EventRef<'_>)) {
         if self.has_data {
-            let event = if self.event.is_empty() { "message" } else { &self.event };
+            let event = if self.event.is_empty() {
+                "message"
+            } else {
+                &self.event
+            };
             on_event(EventRef {
                 event,
                 data: &self.data,
@@ -184,15 +189,13 @@ impl Dechunker {
                         _ => return Err(ChunkError),
                     }
                 }
-                ChunkState::SizeRest => {
-                    match input.iter().position(|&b| b == b'\n') {
-                        Some(i) => {
-                            input = &input[i + 1..];
-                            self.end_size_line();
-                        }
-                        None => input = &[],
+                ChunkState::SizeRest => match input.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        input = &input[i + 1..];
+                        self.end_size_line();
                     }
-                }
+                    None => input = &[],
+                },
                 ChunkState::Data => {
                     let n = (self.size as usize).min(input.len());
                     out(&input[..n]);
@@ -287,7 +290,12 @@ mod tests {
             for split in 0..=body.len() {
                 let mut p = Parser::new();
                 let got = collect(&mut p, &[&body[..split], &body[split..]]);
-                assert_eq!(got, want, "split at {split} of {:?}", String::from_utf8_lossy(body));
+                assert_eq!(
+                    got,
+                    want,
+                    "split at {split} of {:?}",
+                    String::from_utf8_lossy(body)
+                );
             }
             // One byte at a time.
             let mut p = Parser::new();
@@ -321,8 +329,10 @@ mod tests {
         for split in 0..=body.len() {
             let mut d = Dechunker::new();
             let mut out = Vec::new();
-            d.feed(&body[..split], |b| out.extend_from_slice(b)).unwrap();
-            d.feed(&body[split..], |b| out.extend_from_slice(b)).unwrap();
+            d.feed(&body[..split], |b| out.extend_from_slice(b))
+                .unwrap();
+            d.feed(&body[split..], |b| out.extend_from_slice(b))
+                .unwrap();
             assert_eq!(out, b"event: hello\n0123456789");
             assert!(d.finished);
         }

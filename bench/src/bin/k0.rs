@@ -72,7 +72,9 @@ const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCach
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, run(args))
 }
@@ -87,7 +89,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let state = state.clone();
         tokio::task::spawn_local(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { continue };
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = state.clone();
                 tokio::task::spawn_local(async move {
                     if let Ok(Ok(s)) = timeout(Duration::from_secs(10), handshake(s)).await {
@@ -155,7 +159,12 @@ async fn handshake(mut s: TcpStream) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-async fn writer(args: &Args, state: Rc<RefCell<State>>, stop: Instant, record: Rc<RefCell<Record>>) {
+async fn writer(
+    args: &Args,
+    state: Rc<RefCell<State>>,
+    stop: Instant,
+    record: Rc<RefCell<Record>>,
+) {
     let period = Duration::from_secs_f64(1.0 / args.rate);
     let t0 = Instant::now();
     let t0_ms = sys::now_ms();
@@ -171,7 +180,13 @@ async fn writer(args: &Args, state: Rc<RefCell<State>>, stop: Instant, record: R
         while seq < due.max(first + 1) {
             seq += 1;
             let sent_ms = t0_ms + (period * seq as u32).as_millis() as u64;
-            buf.extend_from_slice(format!("event: tick\nid: {seq}\ndata: {}\n\n", tick_json(seq, sent_ms)).as_bytes());
+            buf.extend_from_slice(
+                format!(
+                    "event: tick\nid: {seq}\ndata: {}\n\n",
+                    tick_json(seq, sent_ms)
+                )
+                .as_bytes(),
+            );
         }
         let bytes: Bytes = buf.freeze();
         clients.extend(state.borrow_mut().joining.drain(..).map(|stream| Client {
@@ -208,7 +223,11 @@ async fn writer(args: &Args, state: Rc<RefCell<State>>, stop: Instant, record: R
                 }
             }
         });
-        sweeps.push((clients.len(), started.elapsed().as_secs_f64() * 1000.0, seq - first));
+        sweeps.push((
+            clients.len(),
+            started.elapsed().as_secs_f64() * 1000.0,
+            seq - first,
+        ));
         stats.ticks = seq;
         stats.max_clients = stats.max_clients.max(clients.len());
     }
@@ -245,7 +264,11 @@ fn summarize(stats: &Stats, sweeps: &[(usize, f64, u64)]) -> Stats {
         max_clients: peak,
         full_sweeps: full.len(),
         sweep: Spread::of(full.iter().map(|s| s.1).collect()),
-        ticks_per_sweep_mean: if full.is_empty() { 0.0 } else { ticks as f64 / full.len() as f64 },
+        ticks_per_sweep_mean: if full.is_empty() {
+            0.0
+        } else {
+            ticks as f64 / full.len() as f64
+        },
         writes: stats.writes,
         would_block: stats.would_block,
         dropped_backlogs: stats.dropped_backlogs,

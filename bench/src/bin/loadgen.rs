@@ -69,7 +69,10 @@ struct Args {
     /// Run a statement over pgwire per tick, e.g. "host=127.0.0.1 port=6875 user=materialize".
     #[arg(long)]
     feed_pg: Option<String>,
-    #[arg(long, default_value = "UPDATE ticks SET seq = seq + 1, sent_ms = mz_epoch_ms()")]
+    #[arg(
+        long,
+        default_value = "UPDATE ticks SET seq = seq + 1, sent_ms = mz_epoch_ms()"
+    )]
     feed_sql: String,
     /// Ticks per second for --publish-url / --feed-pg.
     #[arg(long, default_value_t = 10.0)]
@@ -161,12 +164,16 @@ fn main() -> anyhow::Result<()> {
     if !args.addr.ip().is_loopback() {
         bail!("--addr must be a loopback address");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     let report = local.block_on(&rt, run(args.clone()))?;
     let json = serde_json::to_string_pretty(&report)?;
     match &args.out {
-        Some(p) => std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?,
+        Some(p) => {
+            std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?
+        }
         None => println!("{json}"),
     }
     // Open sockets and tasks end with the process.
@@ -174,7 +181,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn server_samples(pids: &[u32]) -> Vec<ProcSample> {
-    pids.iter().map(|p| sys::sample(Some(*p)).unwrap_or_default()).collect()
+    pids.iter()
+        .map(|p| sys::sample(Some(*p)).unwrap_or_default())
+        .collect()
 }
 
 fn rss_sum(pids: &[u32]) -> u64 {
@@ -194,17 +203,32 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let start_us = sys::now_us();
     let connect_timeout = Duration::from_secs_f64(args.connect_timeout);
     // Everything stops by this time, whatever happens.
-    let ramp = if args.connect_rate > 0.0 { n as f64 / args.connect_rate } else { 0.0 };
+    let ramp = if args.connect_rate > 0.0 {
+        n as f64 / args.connect_rate
+    } else {
+        0.0
+    };
     let hard_end = start
         + Duration::from_secs_f64(
-            ramp + args.connect_timeout + 2.0 * args.settle + args.warmup + args.duration + args.drain + 5.0,
+            ramp + args.connect_timeout
+                + 2.0 * args.settle
+                + args.warmup
+                + args.duration
+                + args.drain
+                + 5.0,
         );
     let feed_stop = hard_end;
     if let Some(url) = args.publish_url.clone() {
         tokio::task::spawn_local(publisher(url, args.feed_rate, feed_stop, shared.clone()));
     }
     if let Some(conninfo) = args.feed_pg.clone() {
-        tokio::task::spawn_local(feeder(conninfo, args.feed_sql.clone(), args.feed_rate, feed_stop, shared.clone()));
+        tokio::task::spawn_local(feeder(
+            conninfo,
+            args.feed_sql.clone(),
+            args.feed_rate,
+            feed_stop,
+            shared.clone(),
+        ));
     }
 
     let mut rss_points = Vec::new();
@@ -306,7 +330,11 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         produced,
         delivered: t.delivered_in_window,
         expected,
-        delivered_ratio: if expected == 0 { 0.0 } else { t.delivered_in_window as f64 / expected as f64 },
+        delivered_ratio: if expected == 0 {
+            0.0
+        } else {
+            t.delivered_in_window as f64 / expected as f64
+        },
         delivered_per_s: t.delivered_in_window as f64 / args.duration,
         gaps: t.gaps_in_window,
         events: t.events,
@@ -451,7 +479,9 @@ impl Conn {
                 s.last_us[*i] = now;
                 match ev.event {
                     "status" | "end" => {}
-                    name => ticks.on_event(ev.data, name == "snapshot", now, s.window, &mut s.totals),
+                    name => {
+                        ticks.on_event(ev.data, name == "snapshot", now, s.window, &mut s.totals)
+                    }
                 }
             })
         };
@@ -475,7 +505,10 @@ async fn publisher(url: String, rate: f64, stop: Instant, shared: Rc<RefCell<Sha
         shared.borrow_mut().publish_errors += 1;
         return;
     };
-    let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (hostport, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let Ok(addr) = hostport.parse::<SocketAddr>() else {
         shared.borrow_mut().publish_errors += 1;
         return;
@@ -549,8 +582,15 @@ async fn post(c: &mut TcpStream, req: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Runs `sql` once per period over pgwire (the tutorial's engine has no scheduler).
-async fn feeder(conninfo: String, sql: String, rate: f64, stop: Instant, shared: Rc<RefCell<Shared>>) {
-    let Ok((client, connection)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await else {
+async fn feeder(
+    conninfo: String,
+    sql: String,
+    rate: f64,
+    stop: Instant,
+    shared: Rc<RefCell<Shared>>,
+) {
+    let Ok((client, connection)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+    else {
         shared.borrow_mut().publish_errors += 1;
         return;
     };

@@ -30,7 +30,9 @@ struct Args {
     duration: f64,
 }
 
-async fn sse(State(tx): State<broadcast::Sender<String>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn sse(
+    State(tx): State<broadcast::Sender<String>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = BroadcastStream::new(tx.subscribe())
         .filter_map(|m| async move { m.ok() })
         .map(|data| Ok(Event::default().event("tick").data(data)));
@@ -59,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let app = Router::new().route("/ticks", get(sse)).with_state(tx);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let _ = tokio::time::timeout(Duration::from_secs_f64(args.duration), axum::serve(listener, app)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs_f64(args.duration),
+        axum::serve(listener, app),
+    )
+    .await;
     std::process::exit(0);
 }
