@@ -616,7 +616,8 @@ impl Hub {
             }
             ended = inner.catch_up(&mut pos, &mut first, &hub.stats);
         }
-        rx.mark_unchanged();
+        // `rx` was subscribed before the lock was taken, so anything pushed after the
+        // catch-up above wakes it; at worst a wake-up finds nothing new.
         let guard = ClientGuard::new(&hub);
         async_stream::stream! {
             let _guard = guard;
