@@ -1,0 +1,206 @@
+//! A real browser: headless Chromium's `EventSource` follows the wire contract,
+//! reconnects when the gateway rotates connections (`max_lifetime`), resumes with its
+//! own `Last-Event-ID`, and ends up with exactly the view's rows.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::support::{items_truth, TestGateway, WAIT};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+const PAGE: &str = r#"<!doctype html><meta charset=utf-8><title>tailgate</title><script>
+const rows = new Map();
+const seen = { opens: 0, snapshots: [], updates: 0, lastId: null };
+const apply = (changes) => {
+  for (const c of changes) {
+    const k = JSON.stringify(c.row), n = (rows.get(k) || 0) + c.diff;
+    if (n === 0) rows.delete(k); else rows.set(k, n);
+  }
+};
+const report = () => fetch("/report", { method: "POST",
+  body: JSON.stringify({ ...seen, rows: [...rows.entries()] }) });
+const es = new EventSource("GATEWAY/items");
+es.onopen = () => { seen.opens++; report(); };
+es.addEventListener("snapshot", (e) => {
+  const d = JSON.parse(e.data); rows.clear(); apply(d.changes);
+  seen.snapshots.push(d.reason); seen.lastId = e.lastEventId; report();
+});
+es.addEventListener("update", (e) => {
+  apply(JSON.parse(e.data).changes); seen.updates++; seen.lastId = e.lastEventId; report();
+});
+</script>"#;
+
+/// Serves the page and collects the page's reports.
+async fn page_server(
+    gateway: std::net::SocketAddr,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Value>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let page = PAGE.replace("GATEWAY", &format!("http://{gateway}"));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let page = page.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let head_end = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = if head.starts_with("post /report") {
+                    if let Ok(v) = serde_json::from_slice(&buf[head_end..head_end + len]) {
+                        let _ = tx.send(v);
+                    }
+                    String::new()
+                } else {
+                    page
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The page's rows, canonicalised like the test's truth.
+fn page_rows(report: &Value) -> Vec<(String, i64)> {
+    let mut rows: HashMap<String, i64> = HashMap::new();
+    for entry in report["rows"].as_array().into_iter().flatten() {
+        let row: Value =
+            serde_json::from_str(entry[0].as_str().unwrap_or("null")).unwrap_or(Value::Null);
+        *rows.entry(row.to_string()).or_insert(0) += entry[1].as_i64().unwrap_or(0);
+    }
+    let mut v: Vec<_> = rows.into_iter().collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_eventsource_resumes_across_rotations_and_matches_the_view() {
+    if !std::path::Path::new(CHROMIUM).exists() {
+        // CI installs Chromium (.ci/run), so there its absence is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromium is missing in CI"
+        );
+        eprintln!("chromium not installed; skipping");
+        return;
+    }
+    let gw = TestGateway::start(
+        "max_lifetime = \"1s\"\ncors_origins = [\"*\"]\n[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/items\"\nview = \"items_v\"\nretry = \"100ms\"\n",
+        &[(
+            "init.sql",
+            "CREATE TABLE items (id int, name text, qty int);\n\
+             CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
+             INSERT INTO items VALUES (1, 'one', 10), (2, 'two \"quoted\"\\n', 20);\n",
+        )],
+    )
+    .await;
+    let db = gw.sql().await;
+    let (page, mut reports) = page_server(gw.addr).await;
+    let profile = tempfile::tempdir().expect("profile dir");
+    let _browser = tokio::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{page}/"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chromium");
+
+    let mut latest = Value::Null;
+    let mut next_report = async || -> Value {
+        tokio::time::timeout(Duration::from_secs(60), reports.recv())
+            .await
+            .expect("a report from the page")
+            .expect("page server alive")
+    };
+    while latest["snapshots"].as_array().is_none_or(Vec::is_empty) {
+        latest = next_report().await;
+    }
+    assert_eq!(latest["snapshots"], serde_json::json!(["initial"]));
+
+    // Write one change at a time until the browser has reconnected at least twice.
+    let mut id = 10;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while latest["opens"].as_u64().unwrap_or(0) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the browser reconnected {} times",
+            latest["opens"]
+        );
+        db.batch_execute(&format!("INSERT INTO items VALUES ({id}, 'w{id}', {id})"))
+            .await
+            .expect("insert");
+        let want = latest["updates"].as_u64().unwrap_or(0) + 1;
+        while latest["updates"].as_u64().unwrap_or(0) < want {
+            latest = next_report().await;
+        }
+        id += 1;
+    }
+    db.batch_execute("DELETE FROM items WHERE id = 1; UPDATE items SET qty = 0 WHERE id = 2")
+        .await
+        .expect("writes");
+    let truth = items_truth(&db).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while page_rows(&latest) != truth {
+        assert!(tokio::time::Instant::now() < deadline, "page: {latest}");
+        latest = next_report().await;
+    }
+    assert_eq!(
+        latest["snapshots"],
+        serde_json::json!(["initial"]),
+        "reconnects resumed from Last-Event-ID without a snapshot"
+    );
+}
