@@ -107,17 +107,12 @@ impl Parser {
                 self.data.extend_from_slice(value);
                 self.has_data = true;
             }
-            b"id" => {
-                if !value.contains(&0) {
-                    self.id.clear();
-                    self.id.extend_from_slice(value);
-                }
+            b"id" if !value.contains(&0) => {
+                self.id.clear();
+                self.id.extend_from_slice(value);
             }
-            b"retry" => {
-                if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                    self.counters.retry =
-                        std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
-                }
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                self.counters.retry = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
             }
             _ => {}
         }

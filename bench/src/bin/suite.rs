@@ -1,1 +1,1554 @@
-fn main() {}
+//! The suite: starts each contender (server on CPU 0), drives it with `loadgen` (CPU 1),
+//! evaluates every goal as a ratio against an anchor measured in the same run, and
+//! writes `results/<date>.json` and `results/latest.md`.
+//!
+//! Contenders: tailgate on its embedded engine, k0 (the ceiling), naive-axum, nchan
+//! (nginx, one worker) and the tutorial's FastAPI + sse-starlette stack on the legacy
+//! engine. A contender whose software is missing is skipped and its goals say so.
+//! Every child process is stopped (SIGTERM, then SIGKILL) before the next run starts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use tailgate_bench::{sys, PAD};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "tailgate's side-by-side benchmark suite")]
+struct Args {
+    /// Scenario to run (repeat): idle, storm, fanout, light, overload, economy, tutorial, all.
+    #[arg(long, default_value = "all")]
+    scenario: Vec<String>,
+    /// A 10-second fan-out check of tailgate against k0 (CI): no nginx, no Python;
+    /// fails only when nothing is delivered.
+    #[arg(long)]
+    smoke: bool,
+    /// The bench directory (binaries in target/release, the tutorial, results).
+    #[arg(long, default_value = "bench")]
+    bench_dir: PathBuf,
+    /// The gateway binary.
+    #[arg(long, default_value = "target/release/tailgate")]
+    tailgate: PathBuf,
+    /// Where results go (default: <bench-dir>/results; a temp dir with --smoke).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Fan-out rates, events per second.
+    #[arg(long, value_delimiter = ',', default_value = "10,20,50")]
+    rates: Vec<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    Tailgate,
+    K0,
+    NaiveAxum,
+    Nchan,
+    Tutorial,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tailgate => "tailgate",
+            Kind::K0 => "k0",
+            Kind::NaiveAxum => "naive-axum",
+            Kind::Nchan => "nchan",
+            Kind::Tutorial => "tutorial",
+        }
+    }
+}
+
+/// How to start a contender.
+#[derive(Clone, Debug)]
+struct Spec {
+    kind: Kind,
+    /// Ticks per second; 0 = idle.
+    rate: f64,
+    /// Streams (tailgate only; clients spread round-robin).
+    streams: usize,
+    client_queue: Option<usize>,
+}
+
+impl Spec {
+    fn new(kind: Kind, rate: f64) -> Self {
+        Self {
+            kind,
+            rate,
+            streams: 1,
+            client_queue: None,
+        }
+    }
+}
+
+/// A running contender.
+struct Server {
+    children: Vec<Child>,
+    /// Processes whose CPU and RSS count as the server's.
+    pids: Vec<u32>,
+    port: u16,
+    paths: Vec<String>,
+    /// pgwire conninfo of the engine (tailgate's embedded one, or the tutorial's).
+    engine: Option<String>,
+    publish_url: Option<String>,
+    feed_pg: Option<String>,
+    stats: Option<PathBuf>,
+    rss_idle_kb: u64,
+}
+
+/// How to drive a contender.
+#[derive(Clone, Debug)]
+struct Load {
+    clients: usize,
+    connect_rate: f64,
+    warmup: f64,
+    duration: f64,
+    drain: f64,
+    rss_at: Option<usize>,
+    connect_timeout: f64,
+}
+
+impl Load {
+    fn steady(clients: usize, duration: f64) -> Self {
+        Self {
+            clients,
+            connect_rate: 2500.0,
+            warmup: 2.0,
+            duration,
+            drain: 2.0,
+            rss_at: None,
+            connect_timeout: 30.0,
+        }
+    }
+}
+
+/// One loadgen run with its context, kept in the JSON results.
+#[derive(Serialize, Clone)]
+struct Run {
+    scenario: String,
+    contender: Kind,
+    clients: usize,
+    rate: f64,
+    streams: usize,
+    report: Value,
+    /// k0's own sweep statistics.
+    k0: Option<Value>,
+    extra: BTreeMap<String, Value>,
+}
+
+impl Run {
+    fn f(&self, path: &str) -> f64 {
+        let mut v = &self.report;
+        for p in path.split('.') {
+            v = &v[p];
+        }
+        v.as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+/// One goal: value / anchor against a limit.
+#[derive(Serialize, Clone)]
+struct Goal {
+    scenario: String,
+    goal: String,
+    value: f64,
+    anchor: f64,
+    ratio: f64,
+    /// "<= 0.75", ">= 10", ...
+    limit: String,
+    pass: Option<bool>,
+    unit: String,
+    note: String,
+}
+
+struct Suite {
+    args: Args,
+    bin: PathBuf,
+    tmp: PathBuf,
+    next_port: u16,
+    net: u8,
+    pin: bool,
+    runs: Vec<Run>,
+    goals: Vec<Goal>,
+    skipped: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match real_main(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("suite: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<ExitCode> {
+    let tmp = std::env::temp_dir().join(format!("tailgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let pin = std::thread::available_parallelism()
+        .map(|n| n.get() >= 2)
+        .unwrap_or(false);
+    let mut s = Suite {
+        bin: args.bench_dir.join("target/release"),
+        tmp: tmp.clone(),
+        next_port: 17_000 + (std::process::id() % 20) as u16 * 100,
+        // Rotate the 127.x source networks between runs (TIME_WAIT from earlier runs).
+        net: 10 + (sys::now_ms() / 1000 % 200) as u8,
+        pin,
+        runs: Vec::new(),
+        goals: Vec::new(),
+        skipped: Vec::new(),
+        args: args.clone(),
+    };
+    let started = Instant::now();
+    let load_before = loadavg();
+    let all = args.scenario.iter().any(|x| x == "all");
+    let want = |name: &str| all || args.scenario.iter().any(|x| x == name);
+    let mut result = Ok(());
+    if args.smoke {
+        result = s.smoke();
+    } else {
+        for (name, f) in [
+            (
+                "fanout",
+                Suite::fanout as fn(&mut Suite) -> anyhow::Result<()>,
+            ),
+            ("light", Suite::light),
+            ("idle", Suite::idle),
+            ("storm", Suite::storm),
+            ("overload", Suite::overload),
+            ("economy", Suite::economy),
+            ("tutorial", Suite::tutorial),
+        ] {
+            if want(name) {
+                eprintln!("== {name} (load average {})", loadavg());
+                if let Err(e) = f(&mut s) {
+                    eprintln!("scenario {name} failed: {e:#}");
+                    s.skipped.push(format!("{name}: error: {e:#}"));
+                }
+            }
+        }
+    }
+    let out_dir = match (&args.out_dir, args.smoke) {
+        (Some(d), _) => d.clone(),
+        (None, true) => tmp.join("results"),
+        (None, false) => args.bench_dir.join("results"),
+    };
+    std::fs::create_dir_all(&out_dir)?;
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H%M%SZ"])
+        .output()?;
+    let date = String::from_utf8_lossy(&date.stdout).trim().to_string();
+    let machine = json!({
+        "date": date,
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpu": cpu_model(),
+        "load_average_before": load_before,
+        "load_average_after": loadavg(),
+        "pinning": if s.pin { "server: taskset -c 0; loadgen: taskset -c 1" } else { "none (1 CPU)" },
+        "fd_limit": fd_limit(),
+        "duration_s": started.elapsed().as_secs_f64().round(),
+        "smoke": args.smoke,
+    });
+    let doc = json!({ "machine": machine, "goals": s.goals, "runs": s.runs, "skipped": s.skipped });
+    let name = if args.smoke {
+        format!("smoke-{date}.json")
+    } else {
+        format!("{date}.json")
+    };
+    std::fs::write(
+        out_dir.join(&name),
+        serde_json::to_string_pretty(&doc)? + "\n",
+    )?;
+    let md = markdown(&machine, &s.goals, &s.runs, &s.skipped);
+    let md_name = if args.smoke { "smoke.md" } else { "latest.md" };
+    std::fs::write(out_dir.join(md_name), &md)?;
+    println!("{md}");
+    eprintln!(
+        "wrote {} and {}",
+        out_dir.join(&name).display(),
+        out_dir.join(md_name).display()
+    );
+    let _ = std::fs::remove_dir_all(tmp.join("work"));
+    result?;
+    if args.smoke {
+        // A missed ratio is not a failure here; nothing delivered is.
+        let dead = s
+            .runs
+            .iter()
+            .filter(|r| r.f("delivered") <= 0.0 || r.f("connected") <= 0.0)
+            .map(|r| r.contender.name())
+            .collect::<Vec<_>>();
+        if s.runs.len() < 2 || !dead.is_empty() {
+            eprintln!("smoke: no events delivered by {dead:?}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    r.rlim_cur
+}
+
+fn wait_port(port: u16, deadline: Duration, child: &mut Child) -> anyhow::Result<()> {
+    let end = Instant::now() + deadline;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("exited before listening on {port}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listening on {port} after {deadline:?}")
+}
+
+fn stop_child(c: &mut Child) {
+    if let Ok(None) = c.try_wait() {
+        // SAFETY: signalling a child we started, by its pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+    }
+    let _ = c.wait();
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn ticks_sql() -> String {
+    format!("CREATE TABLE ticks (seq bigint, sent_ms bigint, pad text);\nINSERT INTO ticks VALUES (0, 0, '{PAD}');\n")
+}
+
+/// Counts the engine's active subscriptions (`mz_internal.mz_subscriptions`).
+fn count_subscriptions(conninfo: &str) -> anyhow::Result<i64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, conn) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_postgres::connect(conninfo, tokio_postgres::NoTls),
+        )
+        .await??;
+        tokio::spawn(conn);
+        let msgs = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.simple_query("SELECT count(*) FROM mz_internal.mz_subscriptions"),
+        )
+        .await??;
+        for m in msgs {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                return Ok(r.get(0).unwrap_or("0").parse::<i64>()?);
+            }
+        }
+        bail!("no row")
+    })
+}
+
+impl Suite {
+    fn port(&mut self) -> u16 {
+        self.next_port += 1;
+        self.next_port
+    }
+
+    fn pinned(&self, cpu: &str, program: &Path) -> Command {
+        if self.pin {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn available(&self, kind: Kind) -> Result<(), String> {
+        let nchan = Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so").exists()
+            && which("nginx").is_some();
+        let venv = self
+            .args
+            .bench_dir
+            .join("tutorial/.venv/bin/uvicorn")
+            .exists();
+        match kind {
+            Kind::Nchan if !nchan => Err("nginx/nchan not installed".into()),
+            Kind::Tutorial if !venv => Err("tutorial venv missing".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn start(&mut self, spec: &Spec) -> anyhow::Result<Server> {
+        let port = self.port();
+        let dir = self
+            .tmp
+            .join("work")
+            .join(format!("{}-{port}", spec.kind.name()));
+        std::fs::create_dir_all(&dir)?;
+        let mut server = Server {
+            children: Vec::new(),
+            pids: Vec::new(),
+            port,
+            paths: vec!["/ticks".into()],
+            engine: None,
+            publish_url: None,
+            feed_pg: None,
+            stats: None,
+            rss_idle_kb: 0,
+        };
+        match spec.kind {
+            Kind::Tailgate => {
+                std::fs::write(dir.join("ticks.sql"), ticks_sql())?;
+                let mut toml = format!(
+                    "[server]\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"15s\"\nmax_connections = 19500\n\n\
+                     [upstream]\nurl = \"embedded\"\n\n[embedded]\ninit = \"{}\"\n\n",
+                    dir.join("ticks.sql").display()
+                );
+                if spec.rate > 0.0 {
+                    let every_us = (1e6 / spec.rate).round() as u64;
+                    write!(
+                        toml,
+                        "[[embedded.schedule]]\nevery = \"{every_us}us\"\nsql = \"UPDATE ticks SET seq = seq + 1, sent_ms = mz_epoch_ms()\"\n\n"
+                    )?;
+                }
+                if let Some(q) = spec.client_queue {
+                    write!(toml, "[defaults]\nclient_queue = {q}\n\n")?;
+                }
+                server.paths.clear();
+                for i in 0..spec.streams {
+                    let path = if spec.streams == 1 {
+                        "/ticks".to_string()
+                    } else {
+                        format!("/ticks/{i}")
+                    };
+                    write!(
+                        toml,
+                        "[[streams]]\npath = \"{path}\"\nquery = \"SELECT seq, sent_ms, pad, {i} AS stream FROM ticks\"\nevent = \"tick\"\n\n"
+                    )?;
+                    server.paths.push(path);
+                }
+                let cfg = dir.join("tailgate.toml");
+                std::fs::write(&cfg, toml)?;
+                let log = std::fs::File::create(dir.join("tailgate.log"))?;
+                let child = self
+                    .pinned("0", &self.args.tailgate.clone())
+                    .arg("--config")
+                    .arg(&cfg)
+                    .env("RUST_LOG", "info")
+                    .env("NO_COLOR", "1")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .with_context(|| format!("starting {}", self.args.tailgate.display()))?;
+                server.pids.push(child.id());
+                server.children.push(child);
+                wait_port(port, Duration::from_secs(20), &mut server.children[0])?;
+                // The embedded engine's address, for counting its subscriptions.
+                let end = Instant::now() + Duration::from_secs(10);
+                while server.engine.is_none() && Instant::now() < end {
+                    let text =
+                        std::fs::read_to_string(dir.join("tailgate.log")).unwrap_or_default();
+                    server.engine = text
+                        .lines()
+                        .find(|l| l.contains("Embedded development engine started"))
+                        .and_then(|l| l.split("addr=").nth(1))
+                        .and_then(|a| a.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                        .map(|a| {
+                            format!(
+                                "host={} port={} user=materialize dbname=materialize",
+                                a.ip(),
+                                a.port()
+                            )
+                        });
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Kind::K0 | Kind::NaiveAxum => {
+                let stats = dir.join("k0.json");
+                let prog = self.bin.join(if spec.kind == Kind::K0 {
+                    "k0"
+                } else {
+                    "naive-axum"
+                });
+                let mut cmd = self.pinned("0", &prog);
+                cmd.arg("--listen")
+                    .arg(format!("127.0.0.1:{port}"))
+                    .arg("--rate")
+                    .arg(spec.rate.to_string())
+                    .arg("--duration")
+                    .arg("600")
+                    .stdout(Stdio::null());
+                if spec.kind == Kind::K0 {
+                    cmd.arg("--stats").arg(&stats);
+                    server.stats = Some(stats);
+                }
+                let child = cmd
+                    .spawn()
+                    .with_context(|| format!("starting {}", prog.display()))?;
+                server.pids.push(child.id());
+                server.children.push(child);
+                wait_port(port, Duration::from_secs(10), &mut server.children[0])?;
+            }
+            Kind::Nchan => {
+                self.available(Kind::Nchan).map_err(anyhow::Error::msg)?;
+                let conf = format!(
+                    "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;\n\
+                     daemon off;\nmaster_process on;\nuser root;\nworker_processes 1;\n\
+                     worker_rlimit_nofile 19990;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+                     events {{ worker_connections 19990; }}\n\
+                     http {{\n  access_log off;\n  nchan_shared_memory_size 64M;\n\
+                     \x20 client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+                     \x20 fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
+                     \x20 server {{\n    listen 127.0.0.1:{port} backlog=4096;\n\
+                     \x20   location = /ticks {{ nchan_subscriber eventsource; nchan_channel_id s;\n\
+                     \x20                       nchan_subscriber_first_message newest; }}\n\
+                     \x20   location = /pub {{ nchan_publisher; nchan_channel_id s;\n\
+                     \x20                     nchan_message_buffer_length 16; nchan_message_timeout 10s; }}\n  }}\n}}\n",
+                    dir = dir.display()
+                );
+                let cfg = dir.join("nginx.conf");
+                std::fs::write(&cfg, conf)?;
+                let err = std::fs::File::create(dir.join("stderr.log"))?;
+                let child = self
+                    .pinned("0", Path::new("nginx"))
+                    .arg("-p")
+                    .arg(&dir)
+                    .arg("-c")
+                    .arg(&cfg)
+                    .stdout(Stdio::null())
+                    .stderr(err)
+                    .spawn()
+                    .context("starting nginx")?;
+                let master = child.id();
+                server.children.push(child);
+                wait_port(port, Duration::from_secs(10), &mut server.children[0])?;
+                // Measure the worker (taskset execs nginx, so the master is our child).
+                let end = Instant::now() + Duration::from_secs(5);
+                let mut workers = children_of(master);
+                while workers.is_empty() && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(50));
+                    workers = children_of(master);
+                }
+                server.pids = if workers.is_empty() {
+                    vec![master]
+                } else {
+                    workers
+                };
+                if spec.rate > 0.0 {
+                    server.publish_url = Some(format!("http://127.0.0.1:{port}/pub"));
+                }
+            }
+            Kind::Tutorial => {
+                self.available(Kind::Tutorial).map_err(anyhow::Error::msg)?;
+                std::fs::write(dir.join("ticks.sql"), ticks_sql())?;
+                let eport = self.port();
+                let engine = self
+                    .pinned("0", &self.args.tailgate.clone())
+                    .args(["engine", "--legacy", "--listen"])
+                    .arg(format!("127.0.0.1:{eport}"))
+                    .arg("--init")
+                    .arg(dir.join("ticks.sql"))
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.join("engine.log"))?)
+                    .spawn()
+                    .context("starting the legacy engine")?;
+                server.pids.push(engine.id());
+                server.children.push(engine);
+                wait_port(eport, Duration::from_secs(10), &mut server.children[0])?;
+                let conninfo =
+                    format!("host=127.0.0.1 port={eport} user=materialize dbname=materialize");
+                let venv = self.args.bench_dir.join("tutorial/.venv/bin/uvicorn");
+                let app = self
+                    .pinned("0", &venv)
+                    .args(["app:app", "--app-dir"])
+                    .arg(self.args.bench_dir.join("tutorial"))
+                    .args(["--host", "127.0.0.1", "--port"])
+                    .arg(port.to_string())
+                    .args([
+                        "--loop",
+                        "uvloop",
+                        "--http",
+                        "httptools",
+                        "--backlog",
+                        "4096",
+                        "--log-level",
+                        "warning",
+                        "--no-access-log",
+                    ])
+                    .env("TUTORIAL_DSN", &conninfo)
+                    .env("STREAM_DELAY", "1")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.join("uvicorn.log"))?)
+                    .spawn()
+                    .context("starting uvicorn")?;
+                server.pids.push(app.id());
+                server.children.push(app);
+                wait_port(port, Duration::from_secs(20), &mut server.children[1])?;
+                server.engine = Some(conninfo.clone());
+                if spec.rate > 0.0 {
+                    server.feed_pg = Some(conninfo);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        server.rss_idle_kb = server
+            .pids
+            .iter()
+            .map(|p| sys::sample(Some(*p)).map(|s| s.rss_kb).unwrap_or(0))
+            .sum();
+        Ok(server)
+    }
+
+    fn stop(&mut self, mut server: Server) -> Option<Value> {
+        for c in server.children.iter_mut().rev() {
+            stop_child(c);
+        }
+        server
+            .stats
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+    }
+
+    fn loadgen(
+        &mut self,
+        server: &Server,
+        load: &Load,
+        rate: f64,
+    ) -> anyhow::Result<(Child, PathBuf, f64)> {
+        self.net = if self.net >= 250 { 10 } else { self.net + 1 };
+        let out = self
+            .tmp
+            .join(format!("load-{}-{}.json", server.port, self.net));
+        let mut cmd = self.pinned("1", &self.bin.join("loadgen"));
+        cmd.arg("--addr")
+            .arg(format!("127.0.0.1:{}", server.port))
+            .arg("--clients")
+            .arg(load.clients.to_string())
+            .arg("--connect-rate")
+            .arg(load.connect_rate.to_string())
+            .arg("--src-net")
+            .arg(self.net.to_string())
+            .arg("--warmup")
+            .arg(load.warmup.to_string())
+            .arg("--duration")
+            .arg(load.duration.to_string())
+            .arg("--drain")
+            .arg(load.drain.to_string())
+            .arg("--connect-timeout")
+            .arg(load.connect_timeout.to_string())
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null());
+        for p in &server.paths {
+            cmd.arg("--path").arg(p);
+        }
+        for p in &server.pids {
+            cmd.arg("--server-pid").arg(p.to_string());
+        }
+        if let Some(n) = load.rss_at {
+            cmd.arg("--rss-at").arg(n.to_string());
+        }
+        if let Some(u) = &server.publish_url {
+            cmd.arg("--publish-url")
+                .arg(u)
+                .arg("--feed-rate")
+                .arg(rate.to_string());
+        }
+        if let Some(c) = &server.feed_pg {
+            cmd.arg("--feed-pg")
+                .arg(c)
+                .arg("--feed-rate")
+                .arg(rate.to_string());
+        }
+        let ramp = if load.connect_rate > 0.0 {
+            load.clients as f64 / load.connect_rate
+        } else {
+            0.0
+        };
+        let bound =
+            ramp + load.connect_timeout + 4.0 + load.warmup + load.duration + load.drain + 30.0;
+        let child = cmd.spawn().context("starting loadgen")?;
+        Ok((child, out, bound))
+    }
+
+    fn finish_load(&mut self, mut child: Child, out: PathBuf, bound: f64) -> anyhow::Result<Value> {
+        let end = Instant::now() + Duration::from_secs_f64(bound);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("loadgen failed: {status}");
+                }
+                break;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("loadgen did not finish within {bound:.0} s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let text =
+            std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Starts the contender, runs one load against it, stops it; records the run.
+    fn measure(&mut self, scenario: &str, spec: &Spec, load: &Load) -> anyhow::Result<Option<Run>> {
+        if let Err(why) = self.available(spec.kind) {
+            let msg = format!("{scenario}/{}: skipped ({why})", spec.kind.name());
+            eprintln!("{msg}");
+            if !self.skipped.contains(&msg) {
+                self.skipped.push(msg);
+            }
+            return Ok(None);
+        }
+        eprintln!(
+            "  {scenario}: {} N={} rate={} streams={}",
+            spec.kind.name(),
+            load.clients,
+            spec.rate,
+            spec.streams
+        );
+        let server = self.start(spec)?;
+        let mut extra = BTreeMap::new();
+        extra.insert("rss_idle_kb".into(), json!(server.rss_idle_kb));
+        let result = (|| {
+            let (child, out, bound) = self.loadgen(&server, load, spec.rate)?;
+            if scenario == "economy" {
+                // Count the engine's subscriptions in the middle of the window.
+                let ramp = load.clients as f64 / load.connect_rate.max(1.0);
+                std::thread::sleep(Duration::from_secs_f64(
+                    ramp + load.warmup + load.duration / 2.0 + 1.0,
+                ));
+                let subs = server.engine.as_deref().map(count_subscriptions);
+                extra.insert(
+                    "subscriptions".into(),
+                    match subs {
+                        Some(Ok(n)) => json!(n),
+                        Some(Err(e)) => json!(format!("error: {e}")),
+                        None => json!(null),
+                    },
+                );
+            }
+            self.finish_load(child, out, bound)
+        })();
+        let k0 = self.stop(server);
+        let report = result?;
+        let run = Run {
+            scenario: scenario.into(),
+            contender: spec.kind,
+            clients: load.clients,
+            rate: spec.rate,
+            streams: spec.streams,
+            report,
+            k0,
+            extra,
+        };
+        eprintln!(
+            "    connected {} failed {} delivered {:.4} ({:.0}/s) p50 {:.1} ms p99 {:.1} ms first-event max {:.0} ms server CPU {:.2}",
+            run.f("connected"),
+            run.f("failed"),
+            run.f("delivered_ratio"),
+            run.f("delivered_per_s"),
+            run.f("latency.p50_ms"),
+            run.f("latency.p99_ms"),
+            run.f("first_event_since_start.max_ms"),
+            run.f("server_cpu"),
+        );
+        self.runs.push(run.clone());
+        Ok(Some(run))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn goal(
+        &mut self,
+        scenario: &str,
+        goal: &str,
+        value: f64,
+        anchor: f64,
+        op: &str,
+        limit: f64,
+        unit: &str,
+        note: &str,
+    ) {
+        let ratio = if anchor == 0.0 && value == 0.0 {
+            1.0
+        } else {
+            value / anchor
+        };
+        let pass = if value.is_nan() || anchor.is_nan() {
+            None
+        } else if op == "<=" {
+            Some(ratio <= limit)
+        } else if op == "<" {
+            Some(ratio < limit)
+        } else {
+            Some(ratio >= limit)
+        };
+        self.goals.push(Goal {
+            scenario: scenario.into(),
+            goal: goal.into(),
+            value,
+            anchor,
+            ratio,
+            limit: format!("{op} {limit}"),
+            pass,
+            unit: unit.into(),
+            note: note.into(),
+        });
+    }
+
+    fn missing(&mut self, scenario: &str, goal: &str, why: &str) {
+        self.goals.push(Goal {
+            scenario: scenario.into(),
+            goal: goal.into(),
+            value: f64::NAN,
+            anchor: f64::NAN,
+            ratio: f64::NAN,
+            limit: String::new(),
+            pass: None,
+            unit: String::new(),
+            note: why.into(),
+        });
+    }
+
+    // --- scenarios -------------------------------------------------------------------
+
+    fn smoke(&mut self) -> anyhow::Result<()> {
+        let load = Load {
+            clients: 500,
+            connect_rate: 2000.0,
+            warmup: 1.0,
+            duration: 6.0,
+            drain: 1.0,
+            rss_at: None,
+            connect_timeout: 10.0,
+        };
+        let tg = self.measure("smoke", &Spec::new(Kind::Tailgate, 10.0), &load)?;
+        let k0 = self.measure("smoke", &Spec::new(Kind::K0, 10.0), &load)?;
+        if let (Some(tg), Some(k0)) = (tg, k0) {
+            let sweep = k0
+                .k0
+                .as_ref()
+                .and_then(|v| v["sweep"]["p50_ms"].as_f64())
+                .unwrap_or(f64::NAN);
+            self.goal(
+                "smoke",
+                "delivered (tailgate / expected)",
+                tg.f("delivered"),
+                tg.f("expected"),
+                ">=",
+                1.0,
+                "ticks",
+                "",
+            );
+            self.goal(
+                "smoke",
+                "p99 latency vs k0 sweep(500)",
+                tg.f("latency.p99_ms"),
+                sweep,
+                "<=",
+                1.3,
+                "ms",
+                "informational in CI",
+            );
+        }
+        Ok(())
+    }
+
+    fn fanout(&mut self) -> anyhow::Result<()> {
+        let n = 5000;
+        let load = Load::steady(n, 8.0);
+        let rates = self.args.rates.clone();
+        let mut by: BTreeMap<(Kind, u64), Run> = BTreeMap::new();
+        for &rate in &rates {
+            for kind in [Kind::Tailgate, Kind::K0, Kind::NaiveAxum, Kind::Nchan] {
+                match self.measure("fanout", &Spec::new(kind, rate), &load) {
+                    Ok(Some(run)) => {
+                        by.insert((kind, rate as u64), run);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("    {} at {rate}/s: {e:#}", kind.name());
+                        self.skipped
+                            .push(format!("fanout/{} {rate}/s: {e:#}", kind.name()));
+                    }
+                }
+            }
+        }
+        for &rate in rates.iter().filter(|r| **r <= 20.0) {
+            match by.get(&(Kind::Tailgate, rate as u64)) {
+                Some(r) => self.goal(
+                    "fanout",
+                    &format!("delivered at {rate}/s, N={n} (delivered / expected)"),
+                    r.f("delivered"),
+                    r.f("expected"),
+                    ">=",
+                    1.0,
+                    "ticks",
+                    &format!("gaps {}", r.f("gaps")),
+                ),
+                None => self.missing(
+                    "fanout",
+                    &format!("delivered at {rate}/s"),
+                    "tailgate run missing",
+                ),
+            }
+        }
+        let sweep = by
+            .get(&(Kind::K0, rates[0] as u64))
+            .and_then(|r| r.k0.as_ref())
+            .and_then(|k| k["sweep"]["p50_ms"].as_f64());
+        match (by.get(&(Kind::Tailgate, rates[0] as u64)), sweep) {
+            (Some(tg), Some(sweep)) => self.goal(
+                "fanout",
+                &format!("p99 at {}/s vs k0 sweep time (N={n})", rates[0]),
+                tg.f("latency.p99_ms"),
+                sweep,
+                "<=",
+                1.3,
+                "ms",
+                "sweep = k0's median time to write one event to every client",
+            ),
+            _ => self.missing("fanout", "p99 vs k0 sweep", "run missing"),
+        }
+        let knee = |kind: Kind| -> Option<f64> {
+            let mut best = 0.0;
+            let mut any = false;
+            for &rate in &rates {
+                if let Some(r) = by.get(&(kind, rate as u64)) {
+                    any = true;
+                    if r.f("latency.p99_ms") <= 100.0
+                        && r.f("delivered_ratio") >= 0.999
+                        && rate > best
+                    {
+                        best = rate;
+                    }
+                }
+            }
+            any.then_some(best)
+        };
+        let tg = knee(Kind::Tailgate);
+        for (anchor, limit) in [(Kind::K0, 0.8), (Kind::Nchan, 1.5)] {
+            match (tg, knee(anchor)) {
+                (Some(t), Some(a)) => self.goal(
+                    "fanout",
+                    &format!(
+                        "knee vs {} (highest rate with p99 <= 100 ms, >= 99.9% delivered)",
+                        anchor.name()
+                    ),
+                    t,
+                    a,
+                    ">=",
+                    limit,
+                    "ev/s",
+                    &format!("rates tried {rates:?}"),
+                ),
+                _ => self.missing(
+                    "fanout",
+                    &format!("knee vs {}", anchor.name()),
+                    "run missing",
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn light(&mut self) -> anyhow::Result<()> {
+        let load = Load {
+            drain: 3.0,
+            ..Load::steady(1000, 10.0)
+        };
+        let mut p99 = BTreeMap::new();
+        for kind in [Kind::Tailgate, Kind::NaiveAxum, Kind::Nchan, Kind::Tutorial] {
+            match self.measure("light", &Spec::new(kind, 10.0), &load) {
+                Ok(Some(r)) => {
+                    p99.insert(kind, r.f("latency.p99_ms"));
+                }
+                Ok(None) => {}
+                Err(e) => self.skipped.push(format!("light/{}: {e:#}", kind.name())),
+            }
+        }
+        for (kind, limit) in [
+            (Kind::NaiveAxum, 0.5),
+            (Kind::Nchan, 0.33),
+            (Kind::Tutorial, 0.2),
+        ] {
+            match (p99.get(&Kind::Tailgate), p99.get(&kind)) {
+                (Some(&t), Some(&a)) => self.goal(
+                    "light",
+                    &format!("p99 vs {} (N=1000, 10/s)", kind.name()),
+                    t,
+                    a,
+                    "<=",
+                    limit,
+                    "ms",
+                    "",
+                ),
+                _ => self.missing("light", &format!("p99 vs {}", kind.name()), "run missing"),
+            }
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) -> anyhow::Result<()> {
+        let load = Load {
+            clients: 19_000,
+            connect_rate: 2000.0,
+            warmup: 1.0,
+            duration: 10.0,
+            drain: 0.5,
+            rss_at: Some(9_500),
+            connect_timeout: 30.0,
+        };
+        let mut slope = BTreeMap::new();
+        let mut tg_run = None;
+        for kind in [Kind::Tailgate, Kind::NaiveAxum, Kind::Nchan] {
+            match self.measure("idle", &Spec::new(kind, 0.0), &load) {
+                Ok(Some(mut r)) => {
+                    let pts = r.report["rss_points"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    if pts.len() == 2 {
+                        let (c1, m1) = (
+                            pts[0][0].as_f64().unwrap_or(0.0),
+                            pts[0][1].as_f64().unwrap_or(0.0),
+                        );
+                        let (c2, m2) = (
+                            pts[1][0].as_f64().unwrap_or(0.0),
+                            pts[1][1].as_f64().unwrap_or(0.0),
+                        );
+                        if c2 > c1 {
+                            let s = (m2 - m1) / (c2 - c1);
+                            slope.insert(kind, s);
+                            r.extra.insert("rss_slope_kb_per_conn".into(), json!(s));
+                            if let Some(last) = self.runs.last_mut() {
+                                last.extra.insert("rss_slope_kb_per_conn".into(), json!(s));
+                            }
+                        }
+                    }
+                    if kind == Kind::Tailgate {
+                        tg_run = Some(r);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => self.skipped.push(format!("idle/{}: {e:#}", kind.name())),
+            }
+        }
+        match &tg_run {
+            Some(r) => {
+                let (c, n) = (r.f("connected") - r.f("disconnects"), r.f("clients"));
+                self.goal(
+                    "idle",
+                    "clients connected and held (19,000)",
+                    c,
+                    n,
+                    ">=",
+                    1.0,
+                    "clients",
+                    "",
+                );
+                let cpu = r.f("server_cpu");
+                self.goal(
+                    "idle",
+                    "idle CPU (share of one core)",
+                    cpu,
+                    1.0,
+                    "<",
+                    0.01,
+                    "cores",
+                    "10 s window, no writes, 15 s heartbeat",
+                );
+            }
+            None => self.missing("idle", "connected", "tailgate run missing"),
+        }
+        for (kind, limit) in [(Kind::NaiveAxum, 0.75), (Kind::Nchan, 0.35)] {
+            match (slope.get(&Kind::Tailgate), slope.get(&kind)) {
+                (Some(&t), Some(&a)) => self.goal(
+                    "idle",
+                    &format!("RSS per connection vs {} (slope 9.5k -> 19k)", kind.name()),
+                    t,
+                    a,
+                    "<=",
+                    limit,
+                    "KB/conn",
+                    "",
+                ),
+                _ => self.missing(
+                    "idle",
+                    &format!("RSS per connection vs {}", kind.name()),
+                    "run missing",
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn storm(&mut self) -> anyhow::Result<()> {
+        let load = Load {
+            clients: 10_000,
+            connect_rate: 0.0,
+            warmup: 0.5,
+            duration: 3.0,
+            drain: 0.5,
+            rss_at: None,
+            connect_timeout: 40.0,
+        };
+        let mut all = BTreeMap::new();
+        for kind in [Kind::Tailgate, Kind::Nchan, Kind::NaiveAxum] {
+            match self.measure("storm", &Spec::new(kind, 10.0), &load) {
+                Ok(Some(r)) => {
+                    all.insert(kind, r);
+                }
+                Ok(None) => {}
+                Err(e) => self.skipped.push(format!("storm/{}: {e:#}", kind.name())),
+            }
+        }
+        match all.get(&Kind::Tailgate) {
+            Some(tg) => {
+                let failed = tg.f("failed") + tg.f("clients_without_event");
+                self.goal(
+                    "storm",
+                    "failed connects or clients without a first event",
+                    failed,
+                    0.0,
+                    "<=",
+                    1.0,
+                    "clients",
+                    "pass = 0",
+                );
+                if let Some(g) = self.goals.last_mut() {
+                    g.ratio = failed;
+                    g.limit = "= 0".into();
+                    g.pass = Some(failed == 0.0);
+                }
+                match all.get(&Kind::Nchan) {
+                    Some(nc) => self.goal(
+                        "storm",
+                        "time until all 10,000 hold their first event vs nchan",
+                        tg.f("first_event_since_start.max_ms"),
+                        nc.f("first_event_since_start.max_ms"),
+                        "<=",
+                        1.5,
+                        "ms",
+                        &format!(
+                            "p99 {:.0} vs {:.0} ms",
+                            tg.f("first_event_since_start.p99_ms"),
+                            nc.f("first_event_since_start.p99_ms")
+                        ),
+                    ),
+                    None => {
+                        self.missing("storm", "time to first event vs nchan", "nchan run missing")
+                    }
+                }
+            }
+            None => self.missing("storm", "storm", "tailgate run missing"),
+        }
+        Ok(())
+    }
+
+    fn overload(&mut self) -> anyhow::Result<()> {
+        let n = 10_000;
+        let rate = 100.0;
+        let queue = 64;
+        let load = Load::steady(n, 10.0);
+        let tg = self.measure(
+            "overload",
+            &Spec {
+                client_queue: Some(queue),
+                ..Spec::new(Kind::Tailgate, rate)
+            },
+            &load,
+        )?;
+        let k0 = self.measure("overload", &Spec::new(Kind::K0, rate), &load)?;
+        let (Some(tg), Some(k0)) = (tg, k0) else {
+            self.missing("overload", "overload", "run missing");
+            return Ok(());
+        };
+        self.goal(
+            "overload",
+            &format!("delivered/s vs k0 batched (N={n}, {rate}/s offered)"),
+            tg.f("delivered_per_s"),
+            k0.f("delivered_per_s"),
+            ">=",
+            0.5,
+            "ev/s",
+            &format!(
+                "k0 ticks per write {:.1}",
+                k0.k0
+                    .as_ref()
+                    .and_then(|k| k["ticks_per_sweep_mean"].as_f64())
+                    .unwrap_or(0.0)
+            ),
+        );
+        // An event of this stream is ~330 bytes; a copy-per-client queue of client_queue
+        // events per client is the memory the configuration allows.
+        let rss_end = tg.report["server_end"][0]["rss_kb"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let idle = tg
+            .extra
+            .get("rss_idle_kb")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(f64::NAN);
+        let bound_kb = (n * queue * 330) as f64 / 1024.0;
+        self.goal(
+            "overload",
+            &format!("RSS growth vs configured bound (client_queue {queue} x 330 B x N)"),
+            rss_end - idle,
+            bound_kb,
+            "<=",
+            1.0,
+            "KB",
+            "growth from the idle process to the end of the window",
+        );
+        let silent = tg.f("silent_clients") + tg.f("clients_without_event");
+        self.goal(
+            "overload",
+            "silent clients (nothing for 5 s of the window)",
+            silent,
+            0.0,
+            "<=",
+            1.0,
+            "clients",
+            "",
+        );
+        if let Some(g) = self.goals.last_mut() {
+            g.ratio = silent;
+            g.limit = "= 0".into();
+            g.pass = Some(silent == 0.0);
+            g.note = format!(
+                "lagged snapshots {}, gaps {}, disconnects {}",
+                tg.f("lagged_snapshots"),
+                tg.f("gaps"),
+                tg.f("disconnects_in_window")
+            );
+        }
+        // Lagging clients must be told: gaps imply lagged snapshots.
+        let told = tg.f("gaps") == 0.0 || tg.f("lagged_snapshots") > 0.0;
+        self.goal(
+            "overload",
+            "gaps are announced by snapshot(lagged)",
+            if told { 1.0 } else { 0.0 },
+            1.0,
+            ">=",
+            1.0,
+            "",
+            "",
+        );
+        Ok(())
+    }
+
+    fn economy(&mut self) -> anyhow::Result<()> {
+        let load = Load::steady(2000, 4.0);
+        for streams in [1usize, 10, 50] {
+            let spec = Spec {
+                streams,
+                ..Spec::new(Kind::Tailgate, 10.0)
+            };
+            match self.measure("economy", &spec, &load) {
+                Ok(Some(r)) => {
+                    let subs = r
+                        .extra
+                        .get("subscriptions")
+                        .and_then(|v| v.as_f64())
+                        .unwrap_or(f64::NAN);
+                    self.goal(
+                        "economy",
+                        &format!(
+                            "upstream subscriptions / streams ({streams} streams, 2,000 clients)"
+                        ),
+                        subs,
+                        streams as f64,
+                        "<=",
+                        1.0,
+                        "sessions",
+                        "counted on the engine: mz_internal.mz_subscriptions",
+                    );
+                    if let Some(g) = self.goals.last_mut() {
+                        g.limit = "= 1".into();
+                        g.pass = Some(subs == streams as f64);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => self.skipped.push(format!("economy/{streams}: {e:#}")),
+            }
+        }
+        let tl = Load::steady(100, 4.0);
+        match self.measure("economy", &Spec::new(Kind::Tutorial, 10.0), &tl) {
+            Ok(Some(r)) => {
+                let subs = r
+                    .extra
+                    .get("subscriptions")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN);
+                self.goal(
+                    "economy",
+                    "tutorial: upstream subscriptions / clients (100 clients, 1 stream)",
+                    subs,
+                    100.0,
+                    ">=",
+                    0.0,
+                    "sessions",
+                    "reference: one per client",
+                );
+            }
+            Ok(None) => {}
+            Err(e) => self.skipped.push(format!("economy/tutorial: {e:#}")),
+        }
+        Ok(())
+    }
+
+    fn tutorial(&mut self) -> anyhow::Result<()> {
+        let mut best: Option<Run> = None;
+        for n in [500usize, 2000] {
+            let load = Load {
+                warmup: 3.0,
+                drain: 3.0,
+                connect_rate: 1000.0,
+                ..Load::steady(n, 10.0)
+            };
+            match self.measure("tutorial", &Spec::new(Kind::Tutorial, 10.0), &load) {
+                Ok(Some(r)) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| r.f("delivered_per_s") > b.f("delivered_per_s"))
+                    {
+                        best = Some(r);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => self.skipped.push(format!("tutorial/{n}: {e:#}")),
+            }
+        }
+        let Some(tut) = best else {
+            self.missing("tutorial", "tutorial comparison", "tutorial runs missing");
+            return Ok(());
+        };
+        let n = tut.clients;
+        let load = Load::steady(n, 10.0);
+        let Some(tg) = self.measure("tutorial", &Spec::new(Kind::Tailgate, 10.0), &load)? else {
+            return Ok(());
+        };
+        self.goal(
+            "tutorial",
+            &format!("delivered/s vs the tutorial at its saturation point (N={n}, 10/s)"),
+            tg.f("delivered_per_s"),
+            tut.f("delivered_per_s"),
+            ">=",
+            10.0,
+            "ev/s",
+            "saturation = the N with the tutorial's highest delivered/s",
+        );
+        self.goal(
+            "tutorial",
+            &format!("p99 vs the tutorial (N={n})"),
+            tg.f("latency.p99_ms"),
+            tut.f("latency.p99_ms"),
+            "<",
+            1.0,
+            "ms",
+            "",
+        );
+        Ok(())
+    }
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(prog))
+            .chain(
+                ["/usr/sbin", "/sbin"]
+                    .iter()
+                    .map(|d| Path::new(d).join(prog)),
+            )
+            .find(|p| p.exists())
+    })
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -> String {
+    let mut md = String::new();
+    let m = |k: &str| machine[k].to_string().trim_matches('"').to_string();
+    let _ = writeln!(md, "# tailgate benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Run {} on {} ({} CPUs, kernel {}); load average before {}, after {}; pinning: {}; fd limit {}; {} s.\n",
+        m("date"),
+        m("cpu"),
+        m("nproc"),
+        m("kernel"),
+        m("load_average_before"),
+        m("load_average_after"),
+        m("pinning"),
+        m("fd_limit"),
+        m("duration_s")
+    );
+    let _ = writeln!(md, "## Goals (value / same-run anchor)\n");
+    let _ = writeln!(
+        md,
+        "| scenario | goal | value | anchor | ratio | limit | result | note |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    for g in goals {
+        let result = match g.pass {
+            Some(true) => "pass",
+            Some(false) => "**FAIL**",
+            None => "n/a",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} {} | {} | {} | {} | {} | {} |",
+            g.scenario,
+            g.goal,
+            fmt_num(g.value),
+            g.unit,
+            fmt_num(g.anchor),
+            fmt_num(g.ratio),
+            g.limit,
+            result,
+            g.note
+        );
+    }
+    let _ = writeln!(md, "\n## Runs (absolute figures)\n");
+    let _ = writeln!(
+        md,
+        "| scenario | contender | N | rate/s | streams | connected | failed | delivered | delivered/s | p50 ms | p99 ms | max ms | lagged | first event p99 / max ms | server CPU | loadgen CPU | RSS idle→end MB | extra |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in runs {
+        let rss_end: f64 = r.report["server_end"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["rss_kb"].as_f64()).sum())
+            .unwrap_or(0.0);
+        let idle = r
+            .extra
+            .get("rss_idle_kb")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
+        let mut extra: Vec<String> = r
+            .extra
+            .iter()
+            .filter(|(k, _)| k.as_str() != "rss_idle_kb")
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_f64().map(fmt_num).unwrap_or_else(|| v.to_string())
+                )
+            })
+            .collect();
+        if let Some(k0) = &r.k0 {
+            extra.push(format!(
+                "k0 sweep p50/p99 {}/{} ms, ticks/write {}",
+                fmt_num(k0["sweep"]["p50_ms"].as_f64().unwrap_or(f64::NAN)),
+                fmt_num(k0["sweep"]["p99_ms"].as_f64().unwrap_or(f64::NAN)),
+                fmt_num(k0["ticks_per_sweep_mean"].as_f64().unwrap_or(f64::NAN))
+            ));
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} | {} | {} | {} / {} | {:.3} | {:.3} | {:.0}→{:.0} | {} |",
+            r.scenario,
+            r.contender.name(),
+            r.clients,
+            r.rate,
+            r.streams,
+            r.f("connected"),
+            r.f("failed"),
+            r.f("delivered_ratio"),
+            fmt_num(r.f("delivered_per_s")),
+            fmt_num(r.f("latency.p50_ms")),
+            fmt_num(r.f("latency.p99_ms")),
+            fmt_num(r.f("latency.max_ms")),
+            r.f("lagged_snapshots"),
+            fmt_num(r.f("first_event_since_start.p99_ms")),
+            fmt_num(r.f("first_event_since_start.max_ms")),
+            r.f("server_cpu"),
+            r.f("loadgen_cpu"),
+            idle / 1024.0,
+            rss_end / 1024.0,
+            extra.join("; ")
+        );
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(md, "\n## Skipped\n");
+        for s in skipped {
+            let _ = writeln!(md, "- {s}");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nLatency = receive time − the tick's `sent_ms` (ms clock, same host), over ticks sent inside the window. \
+         Delivered = ticks sent inside the window that reached each connected client, / (ticks produced × clients). \
+         Server CPU and RSS: /proc of the server process(es) over the window (nchan: its worker; tutorial: uvicorn + engine)."
+    );
+    md
+}
