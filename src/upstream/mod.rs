@@ -19,6 +19,7 @@ pub mod decode;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,21 @@ impl UpstreamError {
             _ => false,
         }
     }
+}
+
+/// An error with its causes, for logs and `status` events.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn describe(e: &tokio_postgres::Error) -> String {
@@ -164,14 +180,13 @@ impl StreamTask {
                 progress.frontier = None;
                 continue;
             }
-            warn!(stream = %path, error = %error, attempt, "Upstream lost; reconnecting.");
+            let text = error_chain(&error);
+            warn!(stream = %path, error = %text, attempt, "Upstream lost; reconnecting.");
             self.hub
                 .stats
                 .upstream_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.hub.set_health(Health::Reconnecting {
-                error: error.to_string(),
-            });
+                .fetch_add(1, Ordering::Relaxed);
+            self.hub.set_health(Health::Reconnecting { error: text });
             let pause = backoff(&self.policy, attempt);
             attempt = attempt.saturating_add(1);
             tokio::select! {

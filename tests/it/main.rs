@@ -7,3 +7,4 @@ mod faults;
 mod gateway;
 mod reload;
 mod support;
+mod tls;
