@@ -12,6 +12,7 @@
 //! bodies end because every hub sends `end` first.
 
 mod routes;
+mod stream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,9 +23,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +64,6 @@ pub async fn serve(
 ) {
     let router = app(Arc::clone(&state));
     let tracker = TaskTracker::new();
-    let server = state.server.load_full();
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -78,18 +79,18 @@ pub async fn serve(
         };
         let metrics = Arc::clone(&state.metrics);
         let open = metrics.connections.load(Ordering::Relaxed);
-        if open >= server.max_connections {
+        if open >= state.server.load().max_connections {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(refuse(socket));
             continue;
         }
         let _ = socket.set_nodelay(true);
         metrics.connections.fetch_add(1, Ordering::Relaxed);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let shutdown = shutdown.clone();
-        let send_timeout = state.server.load().send_timeout;
+        let state = Arc::clone(&state);
         tracker.spawn(async move {
-            connection(socket, service, shutdown, send_timeout, &metrics).await;
+            handle(socket, router, shutdown, &state).await;
             metrics.connections.fetch_sub(1, Ordering::Relaxed);
             debug!(%peer, "Connection closed.");
         });
@@ -111,8 +112,61 @@ async fn refuse(mut socket: TcpStream) {
     let _ = socket.shutdown().await;
 }
 
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the first request head; a stream GET takes the fast path, anything else goes
+/// to hyper along with the bytes already read.
+async fn handle(
+    mut socket: TcpStream,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    state: &AppState,
+) {
+    let mut head = BytesMut::with_capacity(1024);
+    let read_head = async {
+        loop {
+            match socket.read_buf(&mut head).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => match stream::classify(&head, state) {
+                    Ok(Some(request)) => return Some(Some(request)),
+                    Ok(None) if head.len() < stream::MAX_HEAD => continue,
+                    _ => return Some(None),
+                },
+            }
+        }
+    };
+    let request = tokio::select! {
+        r = tokio::time::timeout(HEAD_TIMEOUT, read_head) => match r {
+            Ok(Some(request)) => request,
+            Ok(None) | Err(_) => return,
+        },
+        _ = shutdown.cancelled() => return,
+    };
+    match request {
+        Some(request) => {
+            drop(head);
+            stream::serve(socket, request, state).await;
+        }
+        None => {
+            let send_timeout = state.server.load().send_timeout;
+            let service = TowerToHyperService::new(router);
+            connection(
+                socket,
+                head.freeze(),
+                service,
+                shutdown,
+                send_timeout,
+                &state.metrics,
+            )
+            .await;
+        }
+    }
+}
+
 async fn connection(
     socket: TcpStream,
+    prefix: Bytes,
     service: TowerToHyperService<axum::Router>,
     shutdown: CancellationToken,
     send_timeout: Duration,
@@ -120,6 +174,7 @@ async fn connection(
 ) {
     let watch = Arc::new(WriteWatch::default());
     let io = WatchedIo {
+        prefix,
         inner: socket,
         watch: Arc::clone(&watch),
     };
@@ -164,8 +219,10 @@ struct WriteWatch {
 }
 
 /// A socket that reports when writes block, so a stuck client can be detected without
-/// a timer per connection while all is well.
+/// a timer per connection while all is well. Reads first return `prefix`, the bytes
+/// read before the connection was handed to hyper.
 struct WatchedIo {
+    prefix: Bytes,
     inner: TcpStream,
     watch: Arc<WriteWatch>,
 }
@@ -192,6 +249,11 @@ impl AsyncRead for WatchedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }

@@ -65,10 +65,7 @@ async fn stream(
     let body = match server.max_lifetime {
         // Ending the response (not the socket) lets the browser reconnect with its
         // Last-Event-ID and resume without a snapshot.
-        Some(life) => {
-            let jittered = life.mul_f64(rand::rng().random_range(0.8..=1.0));
-            Body::from_stream(events.take_until(tokio::time::sleep(jittered)))
-        }
+        Some(life) => Body::from_stream(events.take_until(tokio::time::sleep(jittered(life)))),
         None => Body::from_stream(events),
     };
     let mut response = Response::new(body);
@@ -85,16 +82,23 @@ async fn stream(
 
 /// The resume point: the `Last-Event-ID` header, else `?last_event_id=`.
 fn resume_from(headers: &HeaderMap, uri: &Uri) -> Resume {
-    let from_header = headers.get("last-event-id").map(|v| v.as_bytes().to_vec());
+    resume(
+        headers.get("last-event-id").map(HeaderValue::as_bytes),
+        uri.query(),
+    )
+}
+
+/// The resume point from the raw `Last-Event-ID` value and the query string.
+pub(super) fn resume(header: Option<&[u8]>, query: Option<&str>) -> Resume {
     let from_query = || {
-        uri.query().and_then(|q| {
+        query.and_then(|q| {
             q.split('&').find_map(|pair| {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 (k == "last_event_id").then(|| percent_decode(v))
             })
         })
     };
-    match from_header.or_else(from_query) {
+    match header.map(<[u8]>::to_vec).or_else(from_query) {
         None => Resume::Fresh,
         Some(id) if id.is_empty() => Resume::Fresh,
         Some(id) => parse_id(&id),
@@ -136,21 +140,27 @@ fn percent_decode(s: &str) -> Vec<u8> {
 }
 
 fn cors(server: &ServerConfig, request: &HeaderMap, response: &mut HeaderMap) {
-    if server.cors_origins.is_empty() {
-        return;
-    }
     let origin = request.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-    let allowed = if server.cors_origins.iter().any(|o| o == "*") {
-        Some("*".to_string())
-    } else {
-        origin
-            .filter(|o| server.cors_origins.iter().any(|c| c == o))
-            .map(str::to_string)
-    };
-    if let Some(value) = allowed.and_then(|a| HeaderValue::from_str(&a).ok()) {
+    if let Some(value) = allowed_origin(server, origin).and_then(|a| HeaderValue::from_str(&a).ok())
+    {
         response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
         response.insert(header::VARY, HeaderValue::from_static("origin"));
     }
+}
+
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, if any.
+pub(super) fn allowed_origin(server: &ServerConfig, origin: Option<&str>) -> Option<String> {
+    if server.cors_origins.iter().any(|o| o == "*") {
+        return Some("*".to_string());
+    }
+    origin
+        .filter(|o| server.cors_origins.iter().any(|c| c == o))
+        .map(str::to_string)
+}
+
+/// A connection's life under `max_lifetime`: 80–100% of it, so reconnects spread out.
+pub(super) fn jittered(life: Duration) -> Duration {
+    life.mul_f64(rand::rng().random_range(0.8..=1.0))
 }
 
 fn millis(d: Duration) -> u64 {

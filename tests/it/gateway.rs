@@ -351,3 +351,51 @@ async fn shutdown_ends_every_stream_with_end() {
         assert!(c.next_item(WAIT).await.is_none(), "stream closes after end");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_requested_on_a_reused_connection_is_served_too() {
+    use http_body_util::BodyExt;
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    // The first request on the connection is not a stream, so hyper serves the
+    // connection, and the stream request after it goes through the router.
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = |path: &str| {
+        hyper::Request::get(path)
+            .header("host", "x")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    let health = send.send_request(req("/healthz")).await.expect("healthz");
+    assert_eq!(health.status(), 200);
+    health.into_body().collect().await.expect("body");
+    let resp = send.send_request(req("/items")).await.expect("stream");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut parser = tailgate::sse::Parser::new();
+    let mut items = Vec::new();
+    while !items
+        .iter()
+        .any(|i| matches!(i, Item::Event(e) if e.event == "snapshot"))
+    {
+        let frame = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .expect("frame in time")
+            .expect("frame")
+            .expect("ok frame");
+        if let Ok(data) = frame.into_data() {
+            parser.feed(&data, &mut items);
+        }
+    }
+    assert_eq!(items[0], Item::Retry(15000));
+}

@@ -1,0 +1,185 @@
+//! The event-stream fast path: a connection whose first request is a `GET` of a
+//! configured stream is served here, straight from the hub onto the socket, instead
+//! of through hyper.
+//!
+//! Per connection this keeps only the socket, the client's ring cursor and a few
+//! bytes; there is no HTTP read buffer, no chunked framing and no timer while writes
+//! go through. A write that blocks arms `send_timeout`; a client still blocked when
+//! it fires is dropped. The response is delimited by the connection's close (HTTP/1.1
+//! allows that for responses), which is what `EventSource` expects of a stream.
+//!
+//! Any other first request goes to hyper with the bytes already read (see
+//! [`super::PrefixedIo`]). The task ends when the hub ends the stream (`end`), the
+//! client goes away, a write times out, or the connection's lifetime is over.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::TcpStream;
+
+use super::routes::{allowed_origin, jittered, resume};
+use super::AppState;
+use crate::supervisor::Route;
+
+/// Request heads larger than this are left to hyper, which answers them properly.
+pub(super) const MAX_HEAD: usize = 8 * 1024;
+
+/// What the fast path needs from a parsed request head.
+pub(super) struct StreamRequest {
+    pub route: Arc<Route>,
+    pub last_event_id: Option<Vec<u8>>,
+    pub query: Option<String>,
+    pub origin: Option<String>,
+}
+
+/// Parses `head`; `Ok(None)` means more bytes are needed, `Err(())` that the request
+/// is not a stream GET (or not parseable here) and belongs to hyper.
+pub(super) fn classify(head: &[u8], state: &AppState) -> Result<Option<StreamRequest>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        // A body or a pipelined request follows: not a plain EventSource GET.
+        Ok(httparse::Status::Complete(_)) | Err(_) => return Err(()),
+    }
+    if req.method != Some("GET") {
+        return Err(());
+    }
+    let target = req.path.ok_or(())?;
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (target, None),
+    };
+    let route = state.routes.load().get(path).cloned().ok_or(())?;
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    Ok(Some(StreamRequest {
+        route,
+        last_event_id: header("last-event-id").map(<[u8]>::to_vec),
+        query,
+        origin: header("origin").and_then(|o| std::str::from_utf8(o).ok().map(str::to_string)),
+    }))
+}
+
+/// Serves one event stream until it ends.
+pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &AppState) {
+    let server = state.server.load_full();
+    let resume = resume(request.last_event_id.as_deref(), request.query.as_deref());
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+         x-accel-buffering: no\r\nconnection: close\r\n",
+    );
+    if let Some(origin) = allowed_origin(&server, request.origin.as_deref()) {
+        if !origin.contains(['\r', '\n']) {
+            head.push_str("access-control-allow-origin: ");
+            head.push_str(&origin);
+            head.push_str("\r\nvary: origin\r\n");
+        }
+    }
+    head.push_str("\r\n");
+    let events = request.route.hub.subscribe(resume);
+    drop(request);
+    tokio::pin!(events);
+    let lifetime = async {
+        match server.max_lifetime {
+            Some(life) => tokio::time::sleep(jittered(life)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lifetime);
+    let send_timeout = server.send_timeout;
+
+    let mut pending = Some(head);
+    let mut probe = [0u8; 64];
+    loop {
+        let frame = tokio::select! {
+            item = events.next() => match item {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(never)) => match never {},
+                None => break,
+            },
+            // The client sends nothing after its request; readable means it closed
+            // (or sent junk, which is discarded).
+            r = socket.readable() => {
+                if r.is_err() {
+                    break;
+                }
+                match socket.try_read(&mut probe) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break,
+                }
+            }
+            _ = &mut lifetime => break,
+        };
+        let result = match pending.take() {
+            // The head and the first frame leave in one write.
+            Some(head) => {
+                let mut first = Vec::with_capacity(head.len() + frame.len());
+                first.extend_from_slice(head.as_bytes());
+                first.extend_from_slice(&frame);
+                write_all(&socket, &first, send_timeout).await
+            }
+            None => write_all(&socket, &frame, send_timeout).await,
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    state
+                        .metrics
+                        .stall_disconnects
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("Client accepted nothing for the send timeout; disconnecting.");
+                }
+                return;
+            }
+        }
+    }
+    // Let the final frames (such as `end`) drain before the socket closes.
+    let _ = tokio::time::timeout(Duration::from_secs(1), shutdown(&socket)).await;
+}
+
+/// Writes everything, arming `send_timeout` only while the socket is full.
+async fn write_all(socket: &TcpStream, mut buf: &[u8], send_timeout: Duration) -> io::Result<()> {
+    while !buf.is_empty() {
+        match socket.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(send_timeout, socket.writable()).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown(socket: &TcpStream) {
+    // Half-close: the client sees the end of the response after the last byte.
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 256];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        match socket.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
