@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{
     converge, engine_subscriptions, get, items_truth, sql, wait_for, ChildGateway, Model,
-    SseClient, TestEngine, TestGateway, WAIT,
+    RawSseClient, SseClient, TestEngine, TestGateway, WAIT,
 };
 
 const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
@@ -393,10 +393,15 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
     )
     .await;
     let db = gw.sql().await;
-    let mut slow = gw.sse("/blob").await;
+    let mut slow = RawSseClient::connect(gw.addr, "/blob").await;
     let mut model = Model::default();
-    model.apply(&slow.next_data_event(WAIT).await, "update");
-    // 30 MB of updates while the client reads nothing: more than the socket buffers hold.
+    while model.snapshots.is_empty() {
+        if let Some(Item::Event(e)) = slow.next_item(WAIT).await {
+            model.apply(&e, "update");
+        }
+    }
+    // 30 MB of updates while the client reads nothing: far more than its 4 KiB receive
+    // buffer and the gateway's send buffer hold.
     let body = "y".repeat(200_000);
     for i in 0..150 {
         db.execute(
@@ -436,7 +441,7 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_off_without_slowing_others() {
     let gw = TestGateway::start(
-        "send_timeout = \"1s\"\n[embedded]\ninit = \"init.sql\"\n\
+        "send_timeout = \"3s\"\n[embedded]\ninit = \"init.sql\"\n\
          [[streams]]\npath = \"/blob\"\nview = \"blob\"\n",
         &[("init.sql", "CREATE TABLE blob (id int, body text);\n")],
     )

@@ -557,3 +557,69 @@ impl ChildGateway {
         (fds, rss)
     }
 }
+
+/// An SSE client on a raw socket with a tiny receive buffer, so that not reading
+/// quickly backs up into the gateway instead of into the kernel. It relies on the
+/// gateway's stream responses being close-delimited (no chunked framing).
+pub struct RawSseClient {
+    socket: TcpStream,
+    parser: Parser,
+    queue: std::collections::VecDeque<Item>,
+    pub ended: bool,
+}
+
+impl RawSseClient {
+    pub async fn connect(addr: SocketAddr, path: &str) -> RawSseClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut socket = socket.connect(addr).await.expect("connect");
+        socket
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut byte))
+                .await
+                .expect("head in time")
+                .expect("read head");
+            assert_eq!(n, 1, "connection closed in the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        RawSseClient {
+            socket,
+            parser: Parser::new(),
+            queue: Default::default(),
+            ended: false,
+        }
+    }
+
+    /// The next item, or `None` if the stream ended or nothing came within `limit`.
+    pub async fn next_item(&mut self, limit: Duration) -> Option<Item> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Some(item);
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.socket.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => self.ended = true,
+                Ok(Ok(n)) => {
+                    let mut out = Vec::new();
+                    self.parser.feed(&buf[..n], &mut out);
+                    self.queue.extend(out);
+                }
+            }
+        }
+    }
+}
