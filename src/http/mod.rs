@@ -297,3 +297,37 @@ pub type SharedRoutes = Arc<ArcSwap<Routes>>;
 
 /// Server settings that the HTTP layer reads per request or per connection.
 pub type SharedServer = ArcSwap<ServerConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every client holds one connection task, so its size is per-connection memory.
+    #[tokio::test]
+    async fn connection_tasks_stay_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let state = AppState {
+            routes: Arc::new(ArcSwap::from_pointee(Routes::new())),
+            metrics: Arc::new(Metrics::default()),
+            server: ArcSwap::from_pointee(
+                crate::config::parse(std::path::Path::new("t.toml"), "[server]\n")
+                    .expect("config")
+                    .server,
+            ),
+            config_path: "t.toml".into(),
+        };
+        let router = app(Arc::new(AppState {
+            routes: Arc::clone(&state.routes),
+            metrics: Arc::clone(&state.metrics),
+            server: ArcSwap::from_pointee(state.server.load().as_ref().clone()),
+            config_path: "t.toml".into(),
+        }));
+        let task = handle(client, router, CancellationToken::new(), &state);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("connection task: {size} bytes");
+        assert!(size < 2048, "connection task is {size} bytes");
+    }
+}
