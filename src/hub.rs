@@ -1001,4 +1001,24 @@ mod tests {
         assert!(s.next().await.is_none(), "stream ends after `end`");
         assert_eq!(hub.stats.clients.load(Ordering::Relaxed), 0);
     }
+
+    #[tokio::test]
+    async fn a_resync_that_cannot_be_diffed_is_an_upstream_reset() {
+        let hub = Hub::new(settings(100, 100));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut parser = Parser::new();
+        drain(&mut s, &mut parser).await;
+        let mut keyed = State::empty(true);
+        keyed.apply(&Change::Upsert {
+            key: "{\"k\":1}".into(),
+            row: Some("{\"k\":1}".into()),
+        });
+        hub.resync(20, keyed);
+        let ev = events(&drain(&mut s, &mut parser).await);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].0, "snapshot");
+        assert_eq!(ev[0].2["reason"], "upstream-reset");
+        assert_eq!(ev[0].1.as_deref(), Some("20"));
+    }
 }

@@ -619,10 +619,12 @@ async fn killing_and_restarting_the_engine_resyncs_without_a_snapshot() {
         .and_then(|l| l.local_addr())
         .expect("free port");
     let mut engine = EngineProcess::start(addr, &init).await;
+    // The proxy keeps the gateway away until the restarted engine has taken writes.
+    let proxy = Proxy::start(addr).await;
     let gw = TestGateway::start(
         &format!(
             "{}[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-            TestEngine::upstream(addr)
+            TestEngine::upstream(proxy.addr)
         ),
         &[],
     )
