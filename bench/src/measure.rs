@@ -185,6 +185,9 @@ pub struct Totals {
     pub delivered_in_window: u64,
     /// Every update event received (any time).
     pub events: u64,
+    /// Update events received while the window was open (SSE events, not ticks:
+    /// one event may carry several ticks).
+    pub events_in_window: u64,
     pub snapshots: u64,
     pub lagged_snapshots: u64,
     /// Ticks a client never saw (seq gaps), inside the window.
@@ -221,6 +224,10 @@ impl ClientTicks {
             }
         } else {
             totals.events += 1;
+            let now_ms = now_us / 1000;
+            if win.start_ms != 0 && now_ms >= win.start_ms && now_ms < win.end_ms {
+                totals.events_in_window += 1;
+            }
         }
         scan_ticks(data, |t| {
             if self.last_seq.is_some_and(|l| t.seq <= l) {

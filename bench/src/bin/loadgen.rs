@@ -141,6 +141,8 @@ struct Report {
     delivered_per_s: f64,
     gaps: u64,
     events: u64,
+    /// SSE update events received per second during the window.
+    events_per_s: f64,
     snapshots: u64,
     lagged_snapshots: u64,
     silent_clients: usize,
@@ -338,6 +340,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         delivered_per_s: t.delivered_in_window as f64 / args.duration,
         gaps: t.gaps_in_window,
         events: t.events,
+        events_per_s: t.events_in_window as f64 / args.duration,
         snapshots: t.snapshots,
         lagged_snapshots: t.lagged_snapshots,
         silent_clients: silent,
