@@ -1946,6 +1946,8 @@ pub fn spf_relation(sql: &str) -> Option<String> {
             Tok::LParen => depth += 1,
             Tok::RParen => depth -= 1,
             Tok::Semi | Tok::Param(_) => return None,
+            // A parameter (`?n` once translated) or a quoted function name.
+            Tok::Op(o) if o == "?" => return None,
             Tok::Quoted(_) if call => return None,
             Tok::Word(w) => {
                 if NOT_PER_ROW.iter().any(|k| k.eq_ignore_ascii_case(w)) {
@@ -2231,6 +2233,58 @@ mod tests {
                 let _ = translate(&t);
                 let _ = select_items(&t, &|_| None);
             }
+        }
+    }
+
+    #[test]
+    fn select_project_filter_relation() {
+        let rel = |q: &str| spf_relation(&translate(q).unwrap());
+        for (q, want) in [
+            ("SELECT a, b FROM t", "t"),
+            ("SELECT * FROM \"Everything\"", "Everything"),
+            (
+                "select a + 1 AS x FROM T AS r WHERE r.b IS NULL OR a IN (1, 2)",
+                "t",
+            ),
+            (
+                "SELECT a::text || b, 10 / a FROM public.t x WHERE b % 10 = 0",
+                "t",
+            ),
+            (
+                "SELECT CASE WHEN a > 1 THEN upper(b) ELSE coalesce(b, '') END FROM t ORDER BY a",
+                "t",
+            ),
+        ] {
+            assert_eq!(rel(q).as_deref(), Some(want), "{q}");
+        }
+        for q in [
+            "SELECT count(*) FROM t",
+            "SELECT a, sum(b) FROM t GROUP BY a",
+            "SELECT max(a, b) FROM t",
+            "SELECT DISTINCT a FROM t",
+            "SELECT a FROM t LIMIT 1",
+            "SELECT a FROM t ORDER BY a OFFSET 2",
+            "SELECT a, random() FROM t",
+            "SELECT a, now() FROM t",
+            "SELECT mz_epoch_ms() FROM t",
+            "SELECT date('now') FROM t",
+            "SELECT a, current_timestamp FROM t",
+            "SELECT rowid, a FROM t",
+            "SELECT a FROM t, u",
+            "SELECT a FROM t JOIN u ON a = x",
+            "SELECT a FROM t LEFT JOIN u ON a = x",
+            "SELECT a FROM t WHERE a IN (SELECT x FROM u)",
+            "SELECT a FROM t UNION SELECT x FROM u",
+            "SELECT a, row_number() OVER () FROM t",
+            "SELECT \"f\"(a) FROM t",
+            "SELECT a FROM main.t",
+            "SELECT a FROM (SELECT a FROM t)",
+            "WITH c AS (SELECT a FROM t) SELECT a FROM c",
+            "VALUES (1)",
+            "SELECT 1",
+            "SELECT a FROM t WHERE a = $1",
+        ] {
+            assert_eq!(rel(q), None, "{q}");
         }
     }
 }
