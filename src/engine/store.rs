@@ -642,13 +642,13 @@ impl Store {
             })
             .collect();
         let mut load_errors: HashMap<String, SqlError> = HashMap::new();
-        let savepoint = match loads.is_empty() {
-            true => Ok(false),
-            false => self
-                .conn
+        let savepoint = if loads.is_empty() {
+            Ok(false)
+        } else {
+            self.conn
                 .execute_batch("SAVEPOINT tg_delta")
                 .map(|()| true)
-                .map_err(SqlError::from),
+                .map_err(SqlError::from)
         };
         let in_savepoint = matches!(savepoint, Ok(true));
         for table in loads {
