@@ -1,7 +1,8 @@
 //! Engine throughput: single-row INSERTs per second over real pgwire, with and
-//! without one subscriber, and the per-write recompute cost as a subscribed view
-//! grows (1k, 10k, 100k rows). Every write is its own statement and timestamp,
-//! and a subscribed run only ends when its subscriber has FETCHed every diff.
+//! without one subscriber, and the per-write cost as a subscribed view grows
+//! (1k, 10k, 100k rows) for an aggregate, an identity and a filtered view.
+//! Every write is its own statement and timestamp, and a subscribed run only
+//! ends when its subscriber has FETCHed every diff.
 //!
 //! Run: `cargo bench --bench engine` (prints a Markdown table).
 
@@ -34,8 +35,8 @@ struct Scenario {
     preload: usize,
     /// What the subscriber reads, if anything.
     subscribe: Option<&'static str>,
-    /// Diff rows each write produces for that subscriber.
-    diffs_per_write: usize,
+    /// Diff rows the write of `a` produces for that subscriber.
+    diffs: fn(usize) -> usize,
 }
 
 struct Outcome {
@@ -59,7 +60,8 @@ async fn run(s: &Scenario) -> Outcome {
             "CREATE TABLE t (a int, b text);
              CREATE VIEW everything AS SELECT a, b FROM t;
              CREATE VIEW total AS SELECT count(*) AS n, sum(a) AS s FROM t;
-             CREATE VIEW groups AS SELECT a % 10 AS k, count(*) AS n FROM t GROUP BY a % 10;",
+             CREATE VIEW groups AS SELECT a % 10 AS k, count(*) AS n FROM t GROUP BY a % 10;
+             CREATE VIEW tenth AS SELECT a, b FROM t WHERE a % 10 = 0;",
         )
         .await
         .expect("schema");
@@ -116,7 +118,7 @@ async fn run(s: &Scenario) -> Outcome {
         writes += 1;
     }
     if let Some((mut rx, task)) = reader {
-        let want = writes * s.diffs_per_write;
+        let want: usize = (1..=writes).map(|w| (s.diffs)(s.preload + w)).sum();
         let waited =
             tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|seen| *seen >= want)).await;
         assert!(
@@ -141,19 +143,19 @@ fn main() {
             name: "baseline: no subscriber",
             preload: 0,
             subscribe: None,
-            diffs_per_write: 0,
+            diffs: |_| 0,
         },
         Scenario {
             name: "SUBSCRIBE table",
             preload: 0,
             subscribe: Some("t"),
-            diffs_per_write: 1,
+            diffs: |_| 1,
         },
         Scenario {
             name: "SUBSCRIBE view (10 groups)",
             preload: 10,
             subscribe: Some("groups"),
-            diffs_per_write: 2,
+            diffs: |_| 2,
         },
     ];
     for n in [1_000, 10_000, 100_000] {
@@ -161,25 +163,31 @@ fn main() {
             name: "baseline: no subscriber",
             preload: n,
             subscribe: None,
-            diffs_per_write: 0,
+            diffs: |_| 0,
         });
         scenarios.push(Scenario {
             name: "SUBSCRIBE table",
             preload: n,
             subscribe: Some("t"),
-            diffs_per_write: 1,
+            diffs: |_| 1,
         });
         scenarios.push(Scenario {
             name: "SUBSCRIBE aggregate view",
             preload: n,
             subscribe: Some("total"),
-            diffs_per_write: 2,
+            diffs: |_| 2,
         });
         scenarios.push(Scenario {
             name: "SUBSCRIBE identity view",
             preload: n,
             subscribe: Some("everything"),
-            diffs_per_write: 1,
+            diffs: |_| 1,
+        });
+        scenarios.push(Scenario {
+            name: "SUBSCRIBE filtered view (a % 10 = 0)",
+            preload: n,
+            subscribe: Some("tenth"),
+            diffs: |a| usize::from(a % 10 == 0),
         });
     }
     println!("| scenario | rows in t | writes | seconds | writes/s | ms per write |");

@@ -1843,6 +1843,153 @@ fn function_type(name: &str, arg: impl Fn() -> Option<PgType>) -> Option<PgType>
     })
 }
 
+/// Scalar functions whose result depends only on their arguments. Only these may
+/// appear in a query maintained incrementally ([`spf_relation`]); anything else
+/// (aggregates, `random()`, `now()`, `mz_epoch_ms()`, date functions that can read
+/// `'now'`, unknown names) makes it fall back to full re-evaluation.
+const ROW_FUNCTIONS: &[&str] = &[
+    "abs",
+    "cast",
+    "ceil",
+    "ceiling",
+    "char",
+    "coalesce",
+    "concat",
+    "concat_ws",
+    "floor",
+    "hex",
+    "ifnull",
+    "iif",
+    "instr",
+    "json",
+    "json_array",
+    "json_extract",
+    "json_object",
+    "json_type",
+    "json_valid",
+    "length",
+    "likely",
+    "lower",
+    "ltrim",
+    "mz_bool",
+    "mz_div",
+    "nullif",
+    "octet_length",
+    "printf",
+    "format",
+    "quote",
+    "replace",
+    "round",
+    "rtrim",
+    "sign",
+    "substr",
+    "substring",
+    "trim",
+    "trunc",
+    "typeof",
+    "unicode",
+    "unlikely",
+    "upper",
+];
+
+/// Words that make a query more than a per-row select-project-filter: subqueries,
+/// set operations, joins, grouping, windows, limits, and row identities that a
+/// copy of the rows would not share.
+const NOT_PER_ROW: &[&str] = &[
+    "select",
+    "with",
+    "values",
+    "union",
+    "intersect",
+    "except",
+    "join",
+    "natural",
+    "cross",
+    "group",
+    "having",
+    "distinct",
+    "limit",
+    "offset",
+    "over",
+    "window",
+    "filter",
+    "exists",
+    "rowid",
+    "oid",
+    "_rowid_",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "indexed",
+    "returning",
+    "raise",
+    "match",
+    "regexp",
+];
+
+/// The one relation a translated query reads, if the query is a select-project-
+/// filter over it: `SELECT items FROM rel [[AS] alias] [WHERE cond] [ORDER BY ..]`
+/// whose expressions are per-row and deterministic. Such a query is linear over
+/// multisets, so its change is the query over the changed rows alone. `None` when
+/// unsure; the caller then re-evaluates the whole query.
+pub fn spf_relation(sql: &str) -> Option<String> {
+    let toks = tokenize(sql).ok()?;
+    let (first, rest) = toks.split_first()?;
+    if !first.is_word("select") {
+        return None;
+    }
+    let mut from = None;
+    let mut depth = 0i32;
+    for (i, t) in rest.iter().enumerate() {
+        let call = rest.get(i + 1).is_some_and(|n| n.tok == Tok::LParen);
+        match &t.tok {
+            Tok::LParen => depth += 1,
+            Tok::RParen => depth -= 1,
+            Tok::Semi | Tok::Param(_) => return None,
+            // A parameter (`?n` once translated) or a quoted function name.
+            Tok::Op(o) if o == "?" => return None,
+            Tok::Quoted(_) if call => return None,
+            Tok::Word(w) => {
+                if NOT_PER_ROW.iter().any(|k| k.eq_ignore_ascii_case(w)) {
+                    return None;
+                }
+                if call
+                    && !is_keyword(w)
+                    && !ROW_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(w))
+                {
+                    return None;
+                }
+                if depth == 0 && w.eq_ignore_ascii_case("from") {
+                    if from.is_some() {
+                        return None;
+                    }
+                    from = Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    let name_at = from? + 1;
+    let name_of = |t: &Token| match &t.tok {
+        Tok::Word(w) if !is_keyword(w) => Some(w.to_ascii_lowercase()),
+        Tok::Quoted(q) => Some(q.clone()),
+        _ => None,
+    };
+    let name = name_of(rest.get(name_at)?)?;
+    let mut i = name_at + 1;
+    if rest.get(i).is_some_and(|t| t.is_word("as")) {
+        name_of(rest.get(i + 1)?)?;
+        i += 2;
+    } else if rest.get(i).and_then(name_of).is_some() {
+        i += 1;
+    }
+    match rest.get(i) {
+        None => Some(name),
+        Some(t) if t.is_word("where") || t.is_word("order") => Some(name),
+        Some(_) => None,
+    }
+}
+
 /// Names (lower-cased) of every identifier in `sql`: a superset of the relations it
 /// reads, intersected with the catalog to find dependencies.
 pub fn identifiers(sql: &str) -> Vec<String> {
@@ -2086,6 +2233,58 @@ mod tests {
                 let _ = translate(&t);
                 let _ = select_items(&t, &|_| None);
             }
+        }
+    }
+
+    #[test]
+    fn select_project_filter_relation() {
+        let rel = |q: &str| spf_relation(&translate(q).unwrap());
+        for (q, want) in [
+            ("SELECT a, b FROM t", "t"),
+            ("SELECT * FROM \"Everything\"", "Everything"),
+            (
+                "select a + 1 AS x FROM T AS r WHERE r.b IS NULL OR a IN (1, 2)",
+                "t",
+            ),
+            (
+                "SELECT a::text || b, 10 / a FROM public.t x WHERE b % 10 = 0",
+                "t",
+            ),
+            (
+                "SELECT CASE WHEN a > 1 THEN upper(b) ELSE coalesce(b, '') END FROM t ORDER BY a",
+                "t",
+            ),
+        ] {
+            assert_eq!(rel(q).as_deref(), Some(want), "{q}");
+        }
+        for q in [
+            "SELECT count(*) FROM t",
+            "SELECT a, sum(b) FROM t GROUP BY a",
+            "SELECT max(a, b) FROM t",
+            "SELECT DISTINCT a FROM t",
+            "SELECT a FROM t LIMIT 1",
+            "SELECT a FROM t ORDER BY a OFFSET 2",
+            "SELECT a, random() FROM t",
+            "SELECT a, now() FROM t",
+            "SELECT mz_epoch_ms() FROM t",
+            "SELECT date('now') FROM t",
+            "SELECT a, current_timestamp FROM t",
+            "SELECT rowid, a FROM t",
+            "SELECT a FROM t, u",
+            "SELECT a FROM t JOIN u ON a = x",
+            "SELECT a FROM t LEFT JOIN u ON a = x",
+            "SELECT a FROM t WHERE a IN (SELECT x FROM u)",
+            "SELECT a FROM t UNION SELECT x FROM u",
+            "SELECT a, row_number() OVER () FROM t",
+            "SELECT \"f\"(a) FROM t",
+            "SELECT a FROM main.t",
+            "SELECT a FROM (SELECT a FROM t)",
+            "WITH c AS (SELECT a FROM t) SELECT a FROM c",
+            "VALUES (1)",
+            "SELECT 1",
+            "SELECT a FROM t WHERE a = $1",
+        ] {
+            assert_eq!(rel(q), None, "{q}");
         }
     }
 }

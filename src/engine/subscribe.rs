@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use rusqlite::types::ValueRef;
+
 use super::error::SqlError;
 use super::sql::SubscribeStmt;
 use super::value::{Column, Datum, PgType, Row};
@@ -48,6 +50,156 @@ pub fn diff_maps(old: &HashMap<Row, i64>, new: &HashMap<Row, i64>) -> Vec<(Row, 
     }
     out.sort();
     out
+}
+
+/// The previous result of a re-evaluated subscription, as encoded rows and their
+/// counts. A new evaluation is fed row by row ([`ResultSet::observe`]) straight
+/// from SQLite's values: an unchanged row costs one encoding into a reused buffer
+/// and one hash lookup, with no allocation. [`ResultSet::finish`] then yields the
+/// diff and makes the new result the previous one.
+#[derive(Debug, Default)]
+pub struct ResultSet {
+    rows: HashMap<Box<[u8]>, Counts>,
+    /// The row being encoded.
+    scratch: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Count in the previous result.
+    prev: i64,
+    /// Count so far in the evaluation under way.
+    seen: i64,
+}
+
+impl ResultSet {
+    pub fn from_counts(counts: HashMap<Row, i64>) -> ResultSet {
+        let mut set = ResultSet::default();
+        for (row, n) in counts {
+            set.scratch.clear();
+            for d in &row {
+                encode_value(&mut set.scratch, d.as_value_ref());
+            }
+            set.rows
+                .entry(set.scratch.as_slice().into())
+                .or_default()
+                .prev += n;
+        }
+        set.rows.retain(|_, c| c.prev != 0);
+        set
+    }
+
+    /// Counts one row of the evaluation under way.
+    pub fn observe<'a, E>(
+        &mut self,
+        row: impl IntoIterator<Item = Result<ValueRef<'a>, E>>,
+    ) -> Result<(), E> {
+        self.scratch.clear();
+        for v in row {
+            encode_value(&mut self.scratch, v?);
+        }
+        match self.rows.get_mut(self.scratch.as_slice()) {
+            Some(c) => c.seen += 1,
+            None => {
+                self.rows
+                    .insert(self.scratch.as_slice().into(), Counts { prev: 0, seen: 1 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the evaluation: returns `new - previous`, consolidated and sorted, and
+    /// keeps the new result.
+    pub fn finish(&mut self) -> Vec<(Row, i64)> {
+        let mut out = Vec::new();
+        self.rows.retain(|key, c| {
+            if c.seen != c.prev {
+                out.push((decode_row(key), c.seen - c.prev));
+            }
+            c.prev = c.seen;
+            c.seen = 0;
+            c.prev != 0
+        });
+        out.sort();
+        out
+    }
+
+    /// Forgets a partial evaluation (one that failed), keeping the previous result.
+    pub fn abandon(&mut self) {
+        self.rows.retain(|_, c| {
+            c.seen = 0;
+            c.prev != 0
+        });
+    }
+}
+
+const TAG_NULL: u8 = 0;
+const TAG_INT: u8 = 1;
+const TAG_REAL: u8 = 2;
+const TAG_TEXT: u8 = 3;
+const TAG_BLOB: u8 = 4;
+
+/// Appends one value; text goes in as [`Datum::from_sqlite`] would read it, so two
+/// encodings are equal exactly when the datums are.
+fn encode_value(buf: &mut Vec<u8>, v: ValueRef<'_>) {
+    let bytes = |buf: &mut Vec<u8>, tag: u8, b: &[u8]| {
+        buf.push(tag);
+        buf.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        buf.extend_from_slice(b);
+    };
+    match v {
+        ValueRef::Null => buf.push(TAG_NULL),
+        ValueRef::Integer(i) => {
+            buf.push(TAG_INT);
+            buf.extend_from_slice(&i.to_le_bytes());
+        }
+        ValueRef::Real(f) => {
+            buf.push(TAG_REAL);
+            buf.extend_from_slice(&f.to_bits().to_le_bytes());
+        }
+        ValueRef::Text(t) => bytes(buf, TAG_TEXT, String::from_utf8_lossy(t).as_bytes()),
+        ValueRef::Blob(b) => bytes(buf, TAG_BLOB, b),
+    }
+}
+
+/// The inverse of [`encode_value`] over a whole row. Keys are only ever produced
+/// by `encode_value`, so a malformed key cannot occur; it would decode short.
+fn decode_row(mut key: &[u8]) -> Row {
+    let mut row = Vec::new();
+    let word = |k: &[u8]| -> Option<[u8; 8]> { k.get(..8)?.try_into().ok() };
+    while let Some((&tag, rest)) = key.split_first() {
+        let datum = match tag {
+            TAG_INT | TAG_REAL => {
+                let Some(w) = word(rest) else { break };
+                key = &rest[8..];
+                if tag == TAG_INT {
+                    Datum::Int(i64::from_le_bytes(w))
+                } else {
+                    Datum::Real(f64::from_bits(u64::from_le_bytes(w)))
+                }
+            }
+            TAG_TEXT | TAG_BLOB => {
+                let Some(len) =
+                    word(rest).and_then(|w| usize::try_from(u64::from_le_bytes(w)).ok())
+                else {
+                    break;
+                };
+                let Some(b) = rest.get(8..8 + len) else { break };
+                key = &rest[8 + len..];
+                if tag == TAG_TEXT {
+                    Datum::Text(String::from_utf8_lossy(b).into_owned())
+                } else {
+                    Datum::Blob(b.to_vec())
+                }
+            }
+            _ => {
+                key = rest;
+                Datum::Null
+            }
+        };
+        row.push(datum);
+    }
+    row
 }
 
 /// The output layout of one subscription.

@@ -189,6 +189,17 @@ impl Datum {
         }
     }
 
+    pub fn as_value_ref(&self) -> rusqlite::types::ValueRef<'_> {
+        use rusqlite::types::ValueRef;
+        match self {
+            Datum::Null => ValueRef::Null,
+            Datum::Int(i) => ValueRef::Integer(*i),
+            Datum::Real(f) => ValueRef::Real(*f),
+            Datum::Text(s) => ValueRef::Text(s.as_bytes()),
+            Datum::Blob(b) => ValueRef::Blob(b),
+        }
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self, Datum::Null)
     }
@@ -336,14 +347,8 @@ impl Hash for Datum {
 
 impl rusqlite::ToSql for Datum {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        use rusqlite::types::{ToSqlOutput, ValueRef};
-        Ok(ToSqlOutput::Borrowed(match self {
-            Datum::Null => ValueRef::Null,
-            Datum::Int(i) => ValueRef::Integer(*i),
-            Datum::Real(f) => ValueRef::Real(*f),
-            Datum::Text(s) => ValueRef::Text(s.as_bytes()),
-            Datum::Blob(b) => ValueRef::Blob(b),
-        }))
+        use rusqlite::types::ToSqlOutput;
+        Ok(ToSqlOutput::Borrowed(self.as_value_ref()))
     }
 }
 
