@@ -378,6 +378,7 @@ async fn a_stream_requested_on_a_reused_connection_is_served_too() {
     let health = send.send_request(req("/healthz")).await.expect("healthz");
     assert_eq!(health.status(), 200);
     health.into_body().collect().await.expect("body");
+    send.ready().await.expect("connection reusable");
     let resp = send.send_request(req("/items")).await.expect("stream");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
