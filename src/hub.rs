@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
@@ -191,6 +191,8 @@ impl Entry {
 
 struct Inner {
     settings: Settings,
+    /// `retry: <ms>`, encoded once per setting.
+    retry_frame: Bytes,
     /// `None` until the first complete snapshot arrives.
     state: Option<State>,
     /// The timestamp the state is at.
@@ -279,12 +281,12 @@ impl Inner {
 
     /// Moves a client's cursor to the head, appending what it must write to `out`.
     /// Returns true once the client has everything and the stream has ended.
-    fn catch_up(&mut self, pos: &mut u64, out: &mut BytesMut, stats: &Stats) -> bool {
+    fn catch_up(&mut self, pos: &mut u64, out: &mut Vec<Bytes>, stats: &Stats) -> bool {
         let head = self.head();
         if *pos < self.base_seq || head - *pos > self.settings.client_queue as u64 {
             stats.lagged.fetch_add(1, Ordering::Relaxed);
             if let Some(s) = self.snapshot(Reason::Lagged) {
-                out.put_slice(&s);
+                out.push(s);
             }
             *pos = head;
         }
@@ -297,16 +299,16 @@ impl Inner {
             // A reset replaces the state, so one snapshot stands for every entry.
             Some(reason) => {
                 if let Some(s) = self.snapshot(reason) {
-                    out.put_slice(&s);
+                    out.push(s);
                 }
                 if let Health::Reconnecting { .. } = self.health {
-                    out.put_slice(&status_frame(&self.health));
+                    out.push(status_frame(&self.health));
                 }
             }
             None => {
                 for entry in self.ring.range(start..) {
                     if let Entry::Batch { bytes, .. } | Entry::Frame(bytes) = entry {
-                        out.put_slice(bytes);
+                        out.push(bytes.clone());
                     }
                 }
             }
@@ -314,7 +316,7 @@ impl Inner {
         *pos = head;
         match &self.end {
             Some(end) => {
-                out.put_slice(end);
+                out.push(end.clone());
                 true
             }
             None => false,
@@ -389,6 +391,7 @@ impl Hub {
     pub fn new(settings: Settings) -> Arc<Hub> {
         Arc::new(Hub {
             inner: Mutex::new(Inner {
+                retry_frame: sse::retry(settings.retry.as_millis()),
                 settings,
                 state: None,
                 state_ts: 0,
@@ -425,6 +428,7 @@ impl Hub {
 
     pub fn update_settings(&self, settings: Settings) {
         let mut inner = self.lock();
+        inner.retry_frame = sse::retry(settings.retry.as_millis());
         inner.settings = settings;
         inner.trim();
     }
@@ -580,22 +584,21 @@ impl Hub {
         self.lock().end.is_some()
     }
 
-    /// A client's event stream, starting with `retry`, then a snapshot or the replay
-    /// its `resume` asks for, then every event until the hub closes.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        resume: Resume,
-    ) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    /// A client's subscription: `retry`, then a snapshot or the replay its `resume`
+    /// asks for, then every event until the hub closes.
+    pub fn subscribe(self: &Arc<Self>, resume: Resume) -> Subscription {
         let hub = Arc::clone(self);
-        let mut rx = self.head.subscribe();
-        let mut first = BytesMut::new();
+        // Subscribed before the lock is taken, so anything pushed after the catch-up
+        // below wakes it; at worst a wake-up finds nothing new.
+        let rx = self.head.subscribe();
+        let mut first = Vec::with_capacity(4);
         let mut pos;
-        let mut ended;
+        let ended;
         {
             let mut inner = hub.lock();
-            first.put_slice(&sse::retry(inner.settings.retry.as_millis()));
+            first.push(inner.retry_frame.clone());
             if let Health::Reconnecting { .. } = inner.health {
-                first.put_slice(&status_frame(&inner.health));
+                first.push(status_frame(&inner.health));
             }
             pos = inner.head();
             let replay = match resume {
@@ -610,28 +613,69 @@ impl Hub {
                         _ => Reason::ResumeGap,
                     };
                     if let Some(s) = inner.snapshot(reason) {
-                        first.put_slice(&s);
+                        first.push(s);
                     }
                 }
             }
             ended = inner.catch_up(&mut pos, &mut first, &hub.stats);
         }
-        // `rx` was subscribed before the lock was taken, so anything pushed after the
-        // catch-up above wakes it; at worst a wake-up finds nothing new.
-        let guard = ClientGuard::new(&hub);
+        Subscription {
+            guard: ClientGuard::new(&hub),
+            hub,
+            rx,
+            pos,
+            ended,
+            first,
+        }
+    }
+}
+
+/// One client's cursor into a hub's ring. Frames are shared `Bytes`: a client never
+/// copies an event, it only holds references to the hub's encoding.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    rx: watch::Receiver<u64>,
+    pos: u64,
+    ended: bool,
+    /// Frames computed when the client subscribed, handed out first.
+    first: Vec<Bytes>,
+    guard: ClientGuard,
+}
+
+impl Subscription {
+    /// Waits until there is something to write and appends it to `out`. Returns false
+    /// once the stream has ended (after its `end` frame was handed out).
+    pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
+        if !self.first.is_empty() {
+            out.append(&mut self.first);
+            return true;
+        }
+        while !self.ended {
+            if self.rx.changed().await.is_err() {
+                self.ended = true;
+                break;
+            }
+            self.ended = self
+                .hub
+                .lock()
+                .catch_up(&mut self.pos, out, &self.hub.stats);
+            if !out.is_empty() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The subscription as a body stream, one frame per item.
+    pub fn into_stream(mut self) -> impl Stream<Item = Result<Bytes, Infallible>> {
         async_stream::stream! {
-            let _guard = guard;
-            yield Ok(first.freeze());
-            while !ended {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-                let mut out = BytesMut::new();
-                ended = hub.lock().catch_up(&mut pos, &mut out, &hub.stats);
-                if !out.is_empty() {
-                    yield Ok(out.freeze());
+            let mut frames = Vec::new();
+            while self.next(&mut frames).await {
+                for frame in frames.drain(..) {
+                    yield Ok(frame);
                 }
             }
+            drop(self.guard);
         }
     }
 }
@@ -816,7 +860,7 @@ mod tests {
     #[tokio::test]
     async fn snapshot_then_updates_in_order() {
         let hub = Hub::new(settings(100, 100));
-        let mut early = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut early = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
         let mut p1 = Parser::new();
         let items = drain(&mut early, &mut p1).await;
         assert_eq!(items.first(), Some(&Item::Retry(15000)));
@@ -854,23 +898,23 @@ mod tests {
         }
         hub.advance(20);
         let mut parser = Parser::new();
-        let mut s = Box::pin(hub.subscribe(Resume::After(12)));
+        let mut s = Box::pin(hub.subscribe(Resume::After(12)).into_stream());
         let ev = events(&drain(&mut s, &mut parser).await);
         let ids: Vec<_> = ev.iter().map(|e| e.1.clone().unwrap_or_default()).collect();
         assert_eq!(ids, vec!["13", "14", "15"]);
         assert!(ev.iter().all(|e| e.0 == "update"));
 
         // Between batches, and at the state's own timestamp: nothing or the tail.
-        let mut s = Box::pin(hub.subscribe(Resume::After(18)));
+        let mut s = Box::pin(hub.subscribe(Resume::After(18)).into_stream());
         assert!(events(&drain(&mut s, &mut Parser::new()).await).is_empty());
 
         for (after, why) in [(9, "before the floor"), (21, "from the future")] {
-            let mut s = Box::pin(hub.subscribe(Resume::After(after)));
+            let mut s = Box::pin(hub.subscribe(Resume::After(after)).into_stream());
             let ev = events(&drain(&mut s, &mut Parser::new()).await);
             assert_eq!(ev.len(), 1, "{why}");
             assert_eq!(ev[0].2["reason"], "resume-gap", "{why}");
         }
-        let mut s = Box::pin(hub.subscribe(Resume::Invalid));
+        let mut s = Box::pin(hub.subscribe(Resume::Invalid).into_stream());
         let ev = events(&drain(&mut s, &mut Parser::new()).await);
         assert_eq!(ev[0].2["reason"], "resume-gap");
     }
@@ -880,7 +924,7 @@ mod tests {
         let hub = Hub::new(settings(100, 100));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
         hub.publish(11, 15, &[diff("{\"a\":1}", 1), diff("{\"a\":2}", 1)]);
-        let mut s = Box::pin(hub.subscribe(Resume::After(12)));
+        let mut s = Box::pin(hub.subscribe(Resume::After(12)).into_stream());
         let ev = events(&drain(&mut s, &mut Parser::new()).await);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].2["reason"], "resume-gap");
@@ -893,11 +937,11 @@ mod tests {
         for ts in 11..=20 {
             hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
         }
-        let mut s = Box::pin(hub.subscribe(Resume::After(16)));
+        let mut s = Box::pin(hub.subscribe(Resume::After(16)).into_stream());
         let ev = events(&drain(&mut s, &mut Parser::new()).await);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].2["reason"], "resume-gap");
-        let mut s = Box::pin(hub.subscribe(Resume::After(17)));
+        let mut s = Box::pin(hub.subscribe(Resume::After(17)).into_stream());
         let ev = events(&drain(&mut s, &mut Parser::new()).await);
         assert_eq!(ev.len(), 3);
     }
@@ -906,7 +950,7 @@ mod tests {
     async fn a_client_that_falls_behind_gets_a_lagged_snapshot() {
         let hub = Hub::new(settings(4, 1000));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
-        let mut slow = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut slow = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
         let mut parser = Parser::new();
         drain(&mut slow, &mut parser).await;
         for ts in 11..=30 {
@@ -928,7 +972,7 @@ mod tests {
             row: Some("{\"id\":1,\"v\":\"a\"}".into()),
         });
         hub.load_snapshot(10, state, Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
         let mut parser = Parser::new();
         drain(&mut s, &mut parser).await;
         let up = |id: i64, v: Option<&str>| Change::Upsert {
@@ -967,7 +1011,7 @@ mod tests {
         old.apply(&diff("{\"a\":1}", 1));
         old.apply(&diff("{\"a\":2}", 1));
         hub.load_snapshot(10, old, Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
         let mut parser = Parser::new();
         drain(&mut s, &mut parser).await;
 
@@ -1006,7 +1050,7 @@ mod tests {
     async fn a_resync_that_cannot_be_diffed_is_an_upstream_reset() {
         let hub = Hub::new(settings(100, 100));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh));
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
         let mut parser = Parser::new();
         drain(&mut s, &mut parser).await;
         let mut keyed = State::empty(true);

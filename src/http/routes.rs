@@ -61,7 +61,7 @@ async fn stream(
     }
     let resume = resume_from(&headers, &uri);
     let server = state.server.load();
-    let events = route.hub.subscribe(resume);
+    let events = route.hub.subscribe(resume).into_stream();
     let body = match server.max_lifetime {
         // Ending the response (not the socket) lets the browser reconnect with its
         // Last-Event-ID and resume without a snapshot.

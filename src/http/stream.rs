@@ -12,12 +12,12 @@
 //! [`super::PrefixedIo`]). The task ends when the hub ends the stream (`end`), the
 //! client goes away, a write times out, or the connection's lifetime is over.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 
 use super::routes::{allowed_origin, jittered, resume};
@@ -85,9 +85,8 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
         }
     }
     head.push_str("\r\n");
-    let events = request.route.hub.subscribe(resume);
+    let mut subscription = request.route.hub.subscribe(resume);
     drop(request);
-    tokio::pin!(events);
     let lifetime = async {
         match server.max_lifetime {
             Some(life) => tokio::time::sleep(jittered(life)).await,
@@ -97,14 +96,13 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
     tokio::pin!(lifetime);
     let send_timeout = server.send_timeout;
 
-    let mut pending = Some(head);
+    // Reused for every wake-up, so a client allocates nothing per event.
+    let mut frames = vec![Bytes::from(head)];
     let mut probe = [0u8; 64];
     loop {
-        let frame = tokio::select! {
-            item = events.next() => match item {
-                Some(Ok(bytes)) => bytes,
-                Some(Err(never)) => match never {},
-                None => break,
+        tokio::select! {
+            more = subscription.next(&mut frames) => if !more {
+                break;
             },
             // The client sends nothing after its request; readable means it closed
             // (or sent junk, which is discarded).
@@ -120,41 +118,48 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
                 }
             }
             _ = &mut lifetime => break,
-        };
-        let result = match pending.take() {
-            // The head and the first frame leave in one write.
-            Some(head) => {
-                let mut first = Vec::with_capacity(head.len() + frame.len());
-                first.extend_from_slice(head.as_bytes());
-                first.extend_from_slice(&frame);
-                write_all(&socket, &first, send_timeout).await
+        }
+        if let Err(e) = write_frames(&socket, &mut frames, send_timeout).await {
+            if e.kind() == io::ErrorKind::TimedOut {
+                state.metrics.stall_disconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("Client accepted nothing for the send timeout; disconnecting.");
             }
-            None => write_all(&socket, &frame, send_timeout).await,
-        };
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                if e.kind() == io::ErrorKind::TimedOut {
-                    state
-                        .metrics
-                        .stall_disconnects
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("Client accepted nothing for the send timeout; disconnecting.");
-                }
-                return;
-            }
+            return;
         }
     }
     // Let the final frames (such as `end`) drain before the socket closes.
     let _ = tokio::time::timeout(Duration::from_secs(1), shutdown(&socket)).await;
 }
 
-/// Writes everything, arming `send_timeout` only while the socket is full.
-async fn write_all(socket: &TcpStream, mut buf: &[u8], send_timeout: Duration) -> io::Result<()> {
-    while !buf.is_empty() {
-        match socket.try_write(buf) {
+/// Writes every frame (vectored, several per system call), arming `send_timeout` only
+/// while the socket is full. Leaves `frames` empty.
+async fn write_frames(
+    socket: &TcpStream,
+    frames: &mut Vec<Bytes>,
+    send_timeout: Duration,
+) -> io::Result<()> {
+    const BATCH: usize = 32;
+    let mut done = 0;
+    while done < frames.len() {
+        let pending = &frames[done..frames.len().min(done + BATCH)];
+        let mut slices = [IoSlice::new(&[]); BATCH];
+        for (slice, frame) in slices.iter_mut().zip(pending) {
+            *slice = IoSlice::new(frame);
+        }
+        match socket.try_write_vectored(&slices[..pending.len()]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
+            Ok(mut n) => {
+                while n > 0 {
+                    let len = frames[done].len();
+                    if n >= len {
+                        n -= len;
+                        done += 1;
+                    } else {
+                        frames[done].advance(n);
+                        n = 0;
+                    }
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match tokio::time::timeout(send_timeout, socket.writable()).await {
                     Ok(r) => r?,
@@ -164,6 +169,7 @@ async fn write_all(socket: &TcpStream, mut buf: &[u8], send_timeout: Duration) -
             Err(e) => return Err(e),
         }
     }
+    frames.clear();
     Ok(())
 }
 
