@@ -553,6 +553,19 @@ impl Hub {
         self.notify(&inner);
     }
 
+    /// Tells clients about a problem that does not stop the stream, as a `status`
+    /// event with the upstream still `streaming`.
+    pub fn warn(&self, error: String) {
+        let mut inner = self.lock();
+        let frame = sse::event(
+            "status",
+            None,
+            &serde_json::json!({"upstream": "streaming", "error": error}).to_string(),
+        );
+        inner.push(Entry::Frame(frame));
+        self.notify(&inner);
+    }
+
     /// Sends a `: keepalive` comment to every client.
     pub fn heartbeat(&self) {
         let mut inner = self.lock();

@@ -18,8 +18,6 @@ pub enum DecodeError {
     Value { column: String, message: String },
     #[error("row of {bytes} bytes exceeds the limit of {limit} bytes")]
     Oversized { bytes: usize, limit: usize },
-    #[error("key violation: key {0} has more than one row at one timestamp")]
-    KeyViolation(String),
 }
 
 /// How a value column turns into JSON.
@@ -57,7 +55,15 @@ struct Col {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
     Progress(u64),
-    Data { ts: u64, change: Change },
+    Data {
+        ts: u64,
+        change: Change,
+    },
+    /// Materialize found several rows for one key at `ts`; the key's value is undefined.
+    KeyViolation {
+        ts: u64,
+        key: Box<str>,
+    },
 }
 
 /// The output layout of one subscription, fixed for its life.
@@ -189,7 +195,7 @@ impl Layout {
                     row: Some(self.object(&self.row, &get)?),
                 },
                 Some("delete") => Change::Upsert { key, row: None },
-                Some("key_violation") => return Err(DecodeError::KeyViolation(key.into())),
+                Some("key_violation") => return Ok(Decoded::KeyViolation { ts, key }),
                 other => {
                     return Err(DecodeError::Value {
                         column: "mz_state".into(),

@@ -296,6 +296,17 @@ impl StreamTask {
                             Decoded::Data { ts, change } => {
                                 pending.entry(ts).or_default().push(change)
                             }
+                            Decoded::KeyViolation { ts, key } => {
+                                // The key's value is undefined: drop it and say so, but
+                                // keep streaming; the next clean upsert restores it.
+                                warn!(stream = %stream.path, key = %key, "Key violation in the upstream's upsert output.");
+                                self.hub
+                                    .warn(format!("key violation: several rows for key {key}"));
+                                pending
+                                    .entry(ts)
+                                    .or_default()
+                                    .push(Change::Upsert { key, row: None });
+                            }
                             Decoded::Progress(frontier) => {
                                 if !announced {
                                     announced = true;

@@ -400,3 +400,51 @@ async fn a_stream_requested_on_a_reused_connection_is_served_too() {
     }
     assert_eq!(items[0], Item::Retry(15000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_violation_is_reported_and_the_stream_goes_on() {
+    let gw = TestGateway::start(
+        "[embedded]\ninit = \"init.sql\"\n\
+         [[streams]]\npath = \"/by-id\"\nview = \"items\"\nkey = [\"id\"]\n",
+        &[("init.sql", ITEMS_SQL)],
+    )
+    .await;
+    let sql = gw.sql().await;
+    let mut client = gw.sse("/by-id").await;
+    let mut model = Model::default();
+    model.apply(&client.next_data_event(WAIT).await, "update");
+    // Two rows for one key at one timestamp: Materialize reports `key_violation`.
+    sql.batch_execute("INSERT INTO items VALUES (8, 'a', 1), (8, 'b', 2)")
+        .await
+        .expect("duplicate key");
+    let status = client
+        .wait_item("a key-violation status", WAIT, |i| {
+            matches!(i, Item::Event(e) if e.event == "status" && e.data.contains("key violation"))
+        })
+        .await;
+    let Item::Event(status) = status else {
+        panic!("not an event")
+    };
+    assert!(
+        status.data.contains("\"upstream\":\"streaming\""),
+        "{}",
+        status.data
+    );
+    sql.batch_execute("INSERT INTO items VALUES (7, 'seven', 7)")
+        .await
+        .expect("insert");
+    converge(&mut client, &mut model, "update", |m| {
+        m.keyed.contains_key("{\"id\":7}") && !m.keyed.contains_key("{\"id\":8}")
+    })
+    .await;
+    assert_eq!(
+        model.snapshots,
+        vec!["initial"],
+        "no reconnect, no snapshot"
+    );
+    let (_, metrics) = gw.get("/metrics").await;
+    assert!(
+        metrics.contains("upstream_errors_total{stream=\"/by-id\"} 0"),
+        "{metrics}"
+    );
+}
