@@ -64,6 +64,47 @@ pub enum Decoded {
         ts: u64,
         key: Box<str>,
     },
+    /// A diff row of a keyed stream on a TAIL-era server, to pair by key.
+    KeyedDiff {
+        ts: u64,
+        key: Box<str>,
+        row: Box<str>,
+        diff: i64,
+    },
+}
+
+/// What one timestamp's diff rows of one key amount to, following Materialize's
+/// ENVELOPE UPSERT rules: a lone insert or a retraction-insertion pair is an upsert, a
+/// lone retraction a delete, and anything else a key violation (`Err`).
+pub fn upserts(rows: Vec<(Box<str>, Box<str>, i64)>) -> Vec<Result<Change, Box<str>>> {
+    let mut order: Vec<Box<str>> = Vec::new();
+    let mut by_key: std::collections::HashMap<Box<str>, Vec<(Box<str>, i64)>> =
+        std::collections::HashMap::new();
+    for (key, row, diff) in rows {
+        let entry = by_key.entry(key.clone()).or_insert_with(|| {
+            order.push(key);
+            Vec::new()
+        });
+        entry.push((row, diff));
+    }
+    order
+        .into_iter()
+        .map(|key| {
+            let rows = by_key.remove(&key).unwrap_or_default();
+            match rows.as_slice() {
+                [(row, 1)] => Ok(Change::Upsert {
+                    key,
+                    row: Some(row.clone()),
+                }),
+                [(_, -1)] => Ok(Change::Upsert { key, row: None }),
+                [(_, -1), (row, 1)] | [(row, 1), (_, -1)] => Ok(Change::Upsert {
+                    key,
+                    row: Some(row.clone()),
+                }),
+                _ => Err(key),
+            }
+        })
+        .collect()
 }
 
 /// The output layout of one subscription, fixed for its life.
@@ -74,6 +115,8 @@ pub struct Layout {
     /// `mz_diff` for diff output, `mz_state` for upsert output.
     op: usize,
     keyed: bool,
+    /// Diff output to be paired into upserts (TAIL era).
+    emulated: bool,
     /// Value columns in the relation's order.
     row: Vec<Col>,
     /// Key columns in KEY order (upsert only).
@@ -83,12 +126,33 @@ pub struct Layout {
 
 impl Layout {
     /// Matches the output column names against the relation's columns.
+    /// `emulate_upsert` is for TAIL-era servers, which have no ENVELOPE UPSERT: the
+    /// output is in diff form, and rows are paired into upserts by key afterwards
+    /// (see [`upserts`]).
     pub fn new(
         output: &[&str],
         relation: &[(String, Type)],
         key: Option<&[String]>,
+        emulate_upsert: bool,
         max_row_bytes: usize,
     ) -> Result<Layout, DecodeError> {
+        if emulate_upsert {
+            let mut layout = Layout::new(output, relation, None, false, max_row_bytes)?;
+            for k in key.unwrap_or(&[]) {
+                let prefix = format!("{}:", json_string(k));
+                let col = layout
+                    .row
+                    .iter()
+                    .find(|c| c.prefix == prefix)
+                    .cloned()
+                    .ok_or_else(|| {
+                        DecodeError::Layout(format!("key column {k:?} is not in the relation"))
+                    })?;
+                layout.key.push(col);
+            }
+            layout.emulated = true;
+            return Ok(layout);
+        }
         let find = |name: &str| {
             output
                 .iter()
@@ -156,6 +220,7 @@ impl Layout {
             progressed,
             op,
             keyed: key.is_some(),
+            emulated: false,
             row,
             key: key_cols,
             max_row_bytes,
@@ -187,6 +252,20 @@ impl Layout {
             });
         }
         let op = get(self.op)?;
+        if self.emulated {
+            let diff =
+                op.and_then(|d| d.parse::<i64>().ok())
+                    .ok_or_else(|| DecodeError::Value {
+                        column: "mz_diff".into(),
+                        message: format!("not a diff: {op:?}"),
+                    })?;
+            return Ok(Decoded::KeyedDiff {
+                ts,
+                key: self.object(&self.key, &get)?,
+                row: self.object(&self.row, &get)?,
+                diff,
+            });
+        }
         let change = if self.keyed {
             let key = self.object(&self.key, &get)?;
             match op {
@@ -387,6 +466,37 @@ mod tests {
     }
 
     #[test]
+    fn diff_rows_pair_into_upserts_like_materialize() {
+        let r = |k: &str, v: &str, d: i64| (Box::from(k), Box::from(v), d);
+        let got = upserts(vec![
+            r("1", "a2", 1),
+            r("1", "a1", -1),
+            r("2", "b", 1),
+            r("3", "c", -1),
+            r("4", "d1", 1),
+            r("4", "d2", 1),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                Ok(Change::Upsert {
+                    key: "1".into(),
+                    row: Some("a2".into())
+                }),
+                Ok(Change::Upsert {
+                    key: "2".into(),
+                    row: Some("b".into())
+                }),
+                Ok(Change::Upsert {
+                    key: "3".into(),
+                    row: None
+                }),
+                Err("4".into()),
+            ]
+        );
+    }
+
+    #[test]
     fn json_numbers() {
         for ok in ["0", "-0", "1.25", "1e5", "1E-5", "-12.5e+3"] {
             assert!(is_json_number(ok), "{ok}");
@@ -406,6 +516,7 @@ mod tests {
             &["mz_timestamp", "mz_progressed", "mz_diff", "id", "name"],
             &rel,
             None,
+            false,
             1 << 20,
         );
         assert!(ok.is_ok());
@@ -413,6 +524,7 @@ mod tests {
             &["mz_timestamp", "mz_progressed", "mz_state", "name", "id"],
             &rel,
             Some(&["name".to_string()]),
+            false,
             1 << 20,
         )
         .expect("keyed layout");
@@ -422,6 +534,7 @@ mod tests {
             &["mz_timestamp", "mz_progressed", "mz_diff", "id"],
             &rel,
             None,
+            false,
             1 << 20,
         );
         assert!(matches!(bad, Err(DecodeError::Layout(_))));

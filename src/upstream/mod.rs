@@ -48,8 +48,6 @@ pub enum UpstreamError {
     },
     #[error("unrecognised upstream version {0:?}")]
     Version(String),
-    #[error("`key` needs ENVELOPE UPSERT, which TAIL (Materialize before v0.27) lacks")]
-    KeyNeedsSubscribe,
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("no row from the upstream for {0:?}; the link is presumed dead")]
@@ -219,9 +217,6 @@ impl StreamTask {
             .try_get(0)
             .map_err(query_err("reading mz_version()"))?;
         let legacy = is_legacy(&version).ok_or_else(|| UpstreamError::Version(version.clone()))?;
-        if legacy && stream.key.is_some() {
-            return Err(UpstreamError::KeyNeedsSubscribe);
-        }
         if let Some(cluster) = &stream.cluster {
             client
                 .batch_execute(&format!("SET cluster = {cluster}"))
@@ -252,6 +247,7 @@ impl StreamTask {
         let mut layout: Option<Layout> = None;
         let mut building = State::empty(stream.key.is_some());
         let mut pending: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
+        let mut keyed_diffs: BTreeMap<u64, Vec<(Box<str>, Box<str>, i64)>> = BTreeMap::new();
         let mut announced = false;
 
         let fetch = || -> Pin<Box<dyn Future<Output = Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>> + Send + '_>> {
@@ -282,6 +278,7 @@ impl StreamTask {
                             &names,
                             &relation,
                             stream.key.as_deref(),
+                            legacy && stream.key.is_some(),
                             self.policy.max_row_bytes,
                         )?);
                     }
@@ -296,6 +293,9 @@ impl StreamTask {
                             Decoded::Data { ts, change } => {
                                 pending.entry(ts).or_default().push(change)
                             }
+                            Decoded::KeyedDiff { ts, key, row, diff } => {
+                                keyed_diffs.entry(ts).or_default().push((key, row, diff));
+                            }
                             Decoded::KeyViolation { ts, key } => {
                                 // The key's value is undefined: drop it and say so, but
                                 // keep streaming; the next clean upsert restores it.
@@ -308,6 +308,20 @@ impl StreamTask {
                                     .push(Change::Upsert { key, row: None });
                             }
                             Decoded::Progress(frontier) => {
+                                // TAIL era: pair the closed timestamps' keyed diffs.
+                                let open = keyed_diffs.split_off(&frontier);
+                                for (ts, rows) in std::mem::replace(&mut keyed_diffs, open) {
+                                    for change in decode::upserts(rows) {
+                                        let change = change.unwrap_or_else(|key| {
+                                            warn!(stream = %stream.path, key = %key, "Key violation in the upstream's output.");
+                                            self.hub.warn(format!(
+                                                "key violation: several rows for key {key}"
+                                            ));
+                                            Change::Upsert { key, row: None }
+                                        });
+                                        pending.entry(ts).or_default().push(change);
+                                    }
+                                }
                                 if !announced {
                                     announced = true;
                                     *attempt = 0;

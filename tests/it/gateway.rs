@@ -238,7 +238,9 @@ async fn delay_coalesces_and_retry_event_and_heartbeat_are_as_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_engine_streams_through_tail() {
     let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\nlegacy = true\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
+        "[embedded]\ninit = \"init.sql\"\nlegacy = true\n\
+         [[streams]]\npath = \"/items\"\nview = \"items_v\"\n\
+         [[streams]]\npath = \"/by-id\"\nview = \"items_v\"\nkey = [\"id\"]\n",
         &[("init.sql", ITEMS_SQL)],
     )
     .await;
@@ -252,11 +254,36 @@ async fn legacy_engine_streams_through_tail() {
     let mut client = gw.sse("/items").await;
     let mut model = Model::default();
     model.apply(&client.next_data_event(WAIT).await, "update");
-    sql.batch_execute("DELETE FROM items WHERE id = 1; INSERT INTO items VALUES (5, 'five', 5)")
-        .await
-        .expect("writes");
+    // Keys are paired from TAIL's diffs in the gateway, as ENVELOPE UPSERT would.
+    let mut keyed = gw.sse("/by-id").await;
+    let mut keyed_model = Model::default();
+    keyed_model.apply(&keyed.next_data_event(WAIT).await, "update");
+    assert_eq!(keyed_model.keyed.len(), 2);
+    sql.batch_execute(
+        "DELETE FROM items WHERE id = 1; INSERT INTO items VALUES (5, 'five', 5); \
+         UPDATE items SET qty = 21 WHERE id = 2",
+    )
+    .await
+    .expect("writes");
     let truth = items_truth(&sql).await;
     converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
+    let keyed_truth: std::collections::BTreeMap<String, String> = truth
+        .iter()
+        .map(|(row, _)| {
+            let v: Value = serde_json::from_str(row).expect("row");
+            (json!({"id": v["id"]}).to_string(), v.to_string())
+        })
+        .collect();
+    converge(&mut keyed, &mut keyed_model, "update", |m| {
+        let got: std::collections::BTreeMap<String, String> = m
+            .keyed
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        got == keyed_truth
+    })
+    .await;
+    assert_eq!(keyed_model.snapshots, vec!["initial"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
