@@ -73,10 +73,13 @@ pub enum Decoded {
     },
 }
 
+/// One timestamp's diff rows of a keyed stream: (key, row, diff).
+pub type KeyedDiffs = Vec<(Box<str>, Box<str>, i64)>;
+
 /// What one timestamp's diff rows of one key amount to, following Materialize's
 /// ENVELOPE UPSERT rules: a lone insert or a retraction-insertion pair is an upsert, a
 /// lone retraction a delete, and anything else a key violation (`Err`).
-pub fn upserts(rows: Vec<(Box<str>, Box<str>, i64)>) -> Vec<Result<Change, Box<str>>> {
+pub fn upserts(rows: KeyedDiffs) -> Vec<Result<Change, Box<str>>> {
     let mut order: Vec<Box<str>> = Vec::new();
     let mut by_key: std::collections::HashMap<Box<str>, Vec<(Box<str>, i64)>> =
         std::collections::HashMap::new();

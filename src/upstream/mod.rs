@@ -247,7 +247,7 @@ impl StreamTask {
         let mut layout: Option<Layout> = None;
         let mut building = State::empty(stream.key.is_some());
         let mut pending: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
-        let mut keyed_diffs: BTreeMap<u64, Vec<(Box<str>, Box<str>, i64)>> = BTreeMap::new();
+        let mut keyed_diffs: BTreeMap<u64, decode::KeyedDiffs> = BTreeMap::new();
         let mut announced = false;
 
         let fetch = || -> Pin<Box<dyn Future<Output = Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>> + Send + '_>> {
