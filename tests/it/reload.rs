@@ -331,3 +331,28 @@ async fn a_half_written_file_is_never_applied() {
         _ => assert!(!b.ended),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poll_picks_up_what_the_watcher_cannot_see() {
+    let gw = start(&["/a"]).await;
+    let (ok, _) = gw.reloads();
+    // Written but never closed: the watcher waits for a close that does not come, so
+    // only the hash poll can notice, once the content is stable across two polls.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(gw.config_path())
+        .expect("open");
+    f.write_all(streams(&["/a", "/polled"]).as_bytes())
+        .expect("write");
+    f.flush().expect("flush");
+    let written = std::time::Instant::now();
+    gw.wait_reloaded(ok + 1).await;
+    let took = written.elapsed();
+    assert!(
+        took >= tailgate::reload::POLL_EVERY,
+        "reloaded after {took:?}, before any poll could have confirmed the content"
+    );
+    wait_served(&gw, &["/polled"]).await;
+    drop(f);
+}
