@@ -236,6 +236,54 @@ impl Dechunker {
     }
 }
 
+/// How a response body is framed, from its head: chunked (`transfer-encoding` whose
+/// last coding is `chunked`) or close-delimited (no transfer-encoding; the body runs
+/// until the server closes, as tailgate's fast path and HTTP/1.0 servers send it).
+#[derive(Debug)]
+pub enum Body {
+    Chunked(Dechunker),
+    Close,
+}
+
+impl Body {
+    /// The framing of a response whose head (status line and headers) is `head`.
+    pub fn from_head(head: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(head);
+        let chunked = text.lines().skip(1).any(|l| {
+            let Some((name, value)) = l.split_once(':') else {
+                return false;
+            };
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value
+                    .rsplit(',')
+                    .next()
+                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+        });
+        if chunked {
+            Body::Chunked(Dechunker::new())
+        } else {
+            Body::Close
+        }
+    }
+
+    /// Decodes `input`, passing body bytes to `out`. Ok(false) once a chunked body has
+    /// ended (a close-delimited one ends only when the socket does).
+    pub fn feed(&mut self, input: &[u8], mut out: impl FnMut(&[u8])) -> Result<bool, ChunkError> {
+        match self {
+            Body::Chunked(d) => {
+                d.feed(input, out)?;
+                Ok(!d.finished)
+            }
+            Body::Close => {
+                if !input.is_empty() {
+                    out(input);
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +385,79 @@ mod tests {
     fn rejects_a_bad_chunk_size() {
         let mut d = Dechunker::new();
         assert_eq!(d.feed(b"zz\r\n", |_| {}), Err(ChunkError));
+    }
+    fn events_through(
+        head: &[u8],
+        body: &[u8],
+        split: usize,
+    ) -> (Vec<(String, String, String)>, bool) {
+        let mut framing = Body::from_head(head);
+        let mut p = Parser::new();
+        let mut out = Vec::new();
+        let mut more = true;
+        for part in [&body[..split], &body[split..]] {
+            more = framing
+                .feed(part, |b| {
+                    p.feed(b, |e| {
+                        out.push((
+                            e.event.to_string(),
+                            String::from_utf8_lossy(e.data).into_owned(),
+                            String::from_utf8_lossy(e.id).into_owned(),
+                        ))
+                    })
+                })
+                .unwrap();
+        }
+        (out, more)
+    }
+
+    #[test]
+    fn close_delimited_and_chunked_bodies_give_the_same_events() {
+        // tailgate's fast path: no transfer-encoding, `connection: close`, the body
+        // runs until the socket closes.
+        let close_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\nconnection: close\r\n\r\n";
+        let chunked_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let raw: &[u8] = b"retry: 15000\n\nevent: snapshot\nid: 5\ndata: {\"seq\":1}\n\nevent: tick\nid: 6\ndata: {\"seq\":2}\n\n";
+        let mut chunked = Vec::new();
+        for part in raw.chunks(17) {
+            chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        assert!(matches!(Body::from_head(close_head), Body::Close));
+        assert!(matches!(Body::from_head(chunked_head), Body::Chunked(_)));
+        // A body that merely mentions "chunked" elsewhere is not chunked.
+        assert!(matches!(
+            Body::from_head(b"HTTP/1.1 200 OK\r\nx-note: chunked\r\n\r\n"),
+            Body::Close
+        ));
+        let want = vec![
+            (
+                "snapshot".to_string(),
+                "{\"seq\":1}".to_string(),
+                "5".to_string(),
+            ),
+            (
+                "tick".to_string(),
+                "{\"seq\":2}".to_string(),
+                "6".to_string(),
+            ),
+        ];
+        for split in 0..=raw.len() {
+            let (got, more) = events_through(close_head, raw, split);
+            assert_eq!(got, want, "close-delimited, split at {split}");
+            assert!(more, "a close-delimited body ends only with the socket");
+        }
+        for split in 0..=chunked.len() {
+            let (got, more) = events_through(chunked_head, &chunked, split);
+            assert_eq!(got, want, "chunked, split at {split}");
+            assert!(more);
+        }
+        // The last chunk ends a chunked body.
+        let mut ended = chunked.clone();
+        ended.extend_from_slice(b"0\r\n\r\n");
+        let (got, more) = events_through(chunked_head, &ended, ended.len());
+        assert_eq!(got, want);
+        assert!(!more);
     }
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use tailgate_bench::measure::{ClientTicks, LatencySummary, Spread, Totals, Window};
-use tailgate_bench::sse::{Dechunker, Parser};
+use tailgate_bench::sse::{Body, Parser};
 use tailgate_bench::sys::{self, ProcSample};
 use tailgate_bench::tick_json;
 
@@ -416,7 +416,8 @@ async fn client(
         s.bad_status += 1;
         return s.fail(format!("status: {status}"));
     }
-    let chunked = head_text.contains("transfer-encoding: chunked");
+    // Chunked (hyper, axum, nchan, uvicorn) or close-delimited (tailgate's fast path).
+    let framing = Body::from_head(&head[..body_start]);
     {
         let mut s = shared.borrow_mut();
         s.connected += 1;
@@ -426,7 +427,7 @@ async fn client(
     let mut conn = Conn {
         i,
         parser: Parser::new(),
-        dechunker: chunked.then(Dechunker::new),
+        framing,
         ticks: ClientTicks::default(),
     };
     conn.body(&head[body_start..], &shared);
@@ -458,7 +459,7 @@ async fn client(
 struct Conn {
     i: usize,
     parser: Parser,
-    dechunker: Option<Dechunker>,
+    framing: Body,
     ticks: ClientTicks,
 }
 
@@ -468,7 +469,7 @@ impl Conn {
         let Conn {
             i,
             parser,
-            dechunker,
+            framing,
             ticks,
         } = self;
         let mut s = shared.borrow_mut();
@@ -488,13 +489,7 @@ impl Conn {
                 }
             })
         };
-        let ok = match dechunker {
-            Some(d) => d.feed(bytes, &mut on_body).is_ok() && !d.finished,
-            None => {
-                on_body(bytes);
-                true
-            }
-        };
+        let ok = framing.feed(bytes, &mut on_body).unwrap_or(false);
         if parser.counters.retry.is_some() {
             s.retry = parser.counters.retry;
         }
