@@ -17,6 +17,25 @@ const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
     CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
     INSERT INTO items VALUES (1, 'one', 10), (2, 'two', 20);\n";
 
+/// The items truth as a keyed stream on `id` would hold it: key JSON → row JSON.
+fn by_id(truth: &[(String, i64)]) -> std::collections::BTreeMap<String, String> {
+    truth
+        .iter()
+        .map(|(row, _)| {
+            let v: Value = serde_json::from_str(row).expect("row");
+            (json!({"id": v["id"]}).to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// A keyed model's rows in the same form as [`by_id`].
+fn keyed_rows(m: &Model) -> std::collections::BTreeMap<String, String> {
+    m.keyed
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {
     let gw = TestGateway::start(
@@ -95,20 +114,9 @@ async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {
         "no unexpected snapshot"
     );
 
-    let keyed_truth: std::collections::BTreeMap<String, String> = truth
-        .iter()
-        .map(|(row, _)| {
-            let v: Value = serde_json::from_str(row).expect("row");
-            (json!({"id": v["id"]}).to_string(), v.to_string())
-        })
-        .collect();
+    let want = by_id(&truth);
     converge(&mut keyed_client, &mut keyed_model, "row", |m| {
-        let got: std::collections::BTreeMap<String, String> = m
-            .keyed
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_string()))
-            .collect();
-        got == keyed_truth
+        keyed_rows(m) == want
     })
     .await;
     assert_eq!(keyed_model.snapshots, vec!["initial"]);
@@ -267,20 +275,9 @@ async fn legacy_engine_streams_through_tail() {
     .expect("writes");
     let truth = items_truth(&sql).await;
     converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
-    let keyed_truth: std::collections::BTreeMap<String, String> = truth
-        .iter()
-        .map(|(row, _)| {
-            let v: Value = serde_json::from_str(row).expect("row");
-            (json!({"id": v["id"]}).to_string(), v.to_string())
-        })
-        .collect();
+    let want = by_id(&truth);
     converge(&mut keyed, &mut keyed_model, "update", |m| {
-        let got: std::collections::BTreeMap<String, String> = m
-            .keyed
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_string()))
-            .collect();
-        got == keyed_truth
+        keyed_rows(m) == want
     })
     .await;
     assert_eq!(keyed_model.snapshots, vec!["initial"]);
