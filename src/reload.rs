@@ -102,7 +102,14 @@ pub fn spawn_watchers(
 
     tracker.spawn(debounce(raw_rx, triggers.clone(), cancel.clone()));
     tracker.spawn(poll(path, loaded, triggers.clone(), cancel.clone()));
-    tracker.spawn(sighup(triggers, cancel));
+    // Installed before returning: a SIGHUP that arrives before the handler exists
+    // would terminate the process.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => {
+            tracker.spawn(sighup(hup, triggers, cancel));
+        }
+        Err(e) => warn!(error = %e, "Cannot listen for SIGHUP."),
+    }
     WatcherGuard { _watcher: watcher }
 }
 
@@ -157,14 +164,11 @@ async fn poll(
     }
 }
 
-async fn sighup(triggers: mpsc::Sender<Trigger>, cancel: CancellationToken) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "Cannot listen for SIGHUP.");
-            return;
-        }
-    };
+async fn sighup(
+    mut hup: tokio::signal::unix::Signal,
+    triggers: mpsc::Sender<Trigger>,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -412,6 +412,8 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
         .expect("update");
     }
     let mut lagged = false;
+    // Which update each event carried: consecutive unless a snapshot came between.
+    let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + WAIT;
     loop {
         assert!(Instant::now() < deadline, "slow reader never caught up");
@@ -419,6 +421,17 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
             Some(Item::Event(e)) => {
                 if e.event == "snapshot" {
                     lagged |= e.data.contains("\"reason\":\"lagged\"");
+                    seen.push(format!("snapshot {}", e.data.len()));
+                } else if let Some(at) = e.data.find("\"body\":\"") {
+                    let n: String = e.data[at + 8..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    if let Some(prev) = seen.last().and_then(|p| p.parse::<u32>().ok()) {
+                        let now: u32 = n.parse().unwrap_or(0);
+                        assert_eq!(now, prev + 1, "silent gap: {seen:?}");
+                    }
+                    seen.push(n);
                 }
                 model.apply(&e, "update");
                 let done = model
@@ -433,7 +446,10 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
             None => assert!(!slow.ended, "slow reader was disconnected"),
         }
     }
-    assert!(lagged, "the overflow was announced with snapshot(lagged)");
+    assert!(
+        lagged,
+        "the overflow was announced with snapshot(lagged): {seen:?}"
+    );
     let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
     assert!(!metrics.contains("sse_lagged_total{stream=\"/blob\"} 0"));
 }
