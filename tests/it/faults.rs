@@ -411,6 +411,18 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
         .await
         .expect("update");
     }
+    // Only read once the gateway has published every update, so the backlog is real
+    // however slowly the upstream side ran.
+    wait_for("all 150 updates published", WAIT, || async {
+        let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sse_batches_total{stream=\"/blob\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .filter(|n| *n >= 150)
+            .map(|_| ())
+    })
+    .await;
     let mut lagged = false;
     // Which update each event carried: consecutive unless a snapshot came between.
     let mut seen: Vec<String> = Vec::new();
