@@ -50,7 +50,8 @@ pub struct Gateway {
     /// Cancels the streams and the engine once clients have been told `end`.
     inner: CancellationToken,
     tracker: TaskTracker,
-    triggers: (mpsc::Sender<Trigger>, mpsc::Receiver<Trigger>),
+    /// Reload requests from the watcher, the poll and SIGHUP.
+    triggers: mpsc::Receiver<Trigger>,
     /// Watching starts before `build` returns, so no edit after loading is missed.
     watcher: reload::WatcherGuard,
 }
@@ -109,11 +110,11 @@ impl Gateway {
             server: ArcSwap::from_pointee(config.server.clone()),
             config_path: config.source.clone(),
         });
-        let triggers = mpsc::channel(16);
+        let (trigger_tx, triggers) = mpsc::channel(16);
         let watcher = reload::spawn_watchers(
             &config.source,
             config.digest,
-            triggers.0.clone(),
+            trigger_tx,
             inner.clone(),
             &tracker,
         );
@@ -147,11 +148,6 @@ impl Gateway {
         self.shutdown.clone()
     }
 
-    /// A handle that asks the gateway to reload its config file.
-    pub fn reload_handle(&self) -> mpsc::Sender<Trigger> {
-        self.triggers.0.clone()
-    }
-
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.state.metrics)
     }
@@ -167,7 +163,7 @@ impl Gateway {
             shutdown,
             inner,
             tracker,
-            triggers: (_, mut triggers),
+            mut triggers,
             watcher,
             ..
         } = self;

@@ -422,10 +422,6 @@ impl Hub {
         self.head.send_replace(inner.head());
     }
 
-    pub fn settings(&self) -> Settings {
-        self.lock().settings.clone()
-    }
-
     pub fn update_settings(&self, settings: Settings) {
         let mut inner = self.lock();
         inner.retry_frame = sse::retry(settings.retry.as_millis());
@@ -591,10 +587,6 @@ impl Hub {
             &format!("{{\"reason\":\"{reason}\"}}"),
         ));
         self.notify(&inner);
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.lock().end.is_some()
     }
 
     /// A client's subscription: `retry`, then a snapshot or the replay its `resume`

@@ -35,7 +35,6 @@ use tracing::{debug, warn};
 
 pub use routes::{app, AppState};
 
-use crate::config::ServerConfig;
 use crate::supervisor::Routes;
 use crate::telemetry::Metrics;
 
@@ -294,9 +293,6 @@ impl AsyncWrite for WatchedIo {
 
 /// The route table type the HTTP layer reads; re-exported for the gateway's wiring.
 pub type SharedRoutes = Arc<ArcSwap<Routes>>;
-
-/// Server settings that the HTTP layer reads per request or per connection.
-pub type SharedServer = ArcSwap<ServerConfig>;
 
 #[cfg(test)]
 mod tests {
