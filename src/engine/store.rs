@@ -2259,4 +2259,24 @@ mod tests {
         assert_eq!(events, drain(&mut full_rx));
         assert!(s.subs.is_empty());
     }
+
+    /// The same for a grouped aggregate whose filter divides by a group column.
+    #[test]
+    fn grouped_evaluation_errors_match() {
+        let mut s = store();
+        s.script("CREATE TABLE t (a int, b int); INSERT INTO t VALUES (1, 1);")
+            .expect("schema");
+        let q = "(SELECT a, count(*) AS n, sum(b) AS s FROM t WHERE 10 / a > 1 GROUP BY a)";
+        let (inc, mut inc_rx) = subscribe(&mut s, q, true);
+        let (_, mut full_rx) = subscribe(&mut s, q, false);
+        assert!(is_groups(&s, inc));
+        write(&mut s, &["INSERT INTO t VALUES (2, 5)".to_owned()]);
+        write(&mut s, &["INSERT INTO t VALUES (0, 1)".to_owned()]);
+        let events = drain(&mut inc_rx);
+        assert!(events
+            .last()
+            .is_some_and(|e| e.contains("division by zero")));
+        assert_eq!(events, drain(&mut full_rx));
+        assert!(s.subs.is_empty());
+    }
 }
