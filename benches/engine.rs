@@ -1,6 +1,7 @@
 //! Engine throughput: single-row INSERTs per second over real pgwire, with and
 //! without one subscriber, and the per-write cost as a subscribed view grows
-//! (1k, 10k, 100k rows) for an aggregate, an identity and a filtered view.
+//! (1k, 10k, 100k rows) for an aggregate, a grouped, an identity and a filtered
+//! view.
 //! Every write is its own statement and timestamp, and a subscribed run only
 //! ends when its subscriber has FETCHed every diff.
 //!
@@ -61,6 +62,7 @@ async fn run(s: &Scenario) -> Outcome {
              CREATE VIEW everything AS SELECT a, b FROM t;
              CREATE VIEW total AS SELECT count(*) AS n, sum(a) AS s FROM t;
              CREATE VIEW groups AS SELECT a % 10 AS k, count(*) AS n FROM t GROUP BY a % 10;
+             CREATE VIEW by_a AS SELECT a, count(*) AS n, sum(a) AS s FROM t GROUP BY a;
              CREATE VIEW tenth AS SELECT a, b FROM t WHERE a % 10 = 0;",
         )
         .await
@@ -176,6 +178,12 @@ fn main() {
             preload: n,
             subscribe: Some("total"),
             diffs: |_| 2,
+        });
+        scenarios.push(Scenario {
+            name: "SUBSCRIBE grouped view (GROUP BY a)",
+            preload: n,
+            subscribe: Some("by_a"),
+            diffs: |_| 1,
         });
         scenarios.push(Scenario {
             name: "SUBSCRIBE identity view",

@@ -1990,6 +1990,138 @@ pub fn spf_relation(sql: &str) -> Option<String> {
     }
 }
 
+/// A grouped aggregate over one table that can be maintained per group:
+/// `SELECT g1, .., gk, count(*), count(c), sum(c) FROM t [[AS] x] [WHERE cond]
+/// GROUP BY g1, .., gk`, see [`group_aggregate`].
+#[derive(Debug, PartialEq)]
+pub struct GroupAgg {
+    /// The relation read (lower-cased unless quoted).
+    pub relation: String,
+    /// The group columns, in GROUP BY order.
+    pub keys: Vec<String>,
+    /// Output position of each group column, in `keys` order.
+    pub key_pos: Vec<usize>,
+    /// Output positions of `sum` results and the columns they sum.
+    pub sums: Vec<(usize, String)>,
+}
+
+/// Recognizes a translated query that is a grouped aggregate whose groups can be
+/// recomputed one by one: every select item is a plain group column or
+/// `count(*)`, `count(col)` or `sum(col)` over plain columns (each optionally
+/// `AS name`), the GROUP BY lists plain columns that all appear as items, and
+/// the rest (FROM and WHERE) is a select-project-filter by [`spf_relation`]. No
+/// HAVING, DISTINCT, ORDER BY, other aggregates or expressions around them.
+/// `None` when unsure.
+pub fn group_aggregate(sql: &str) -> Option<GroupAgg> {
+    let toks = tokenize(sql).ok()?;
+    if !toks.first()?.is_word("select") {
+        return None;
+    }
+    let depth0 = |word: &str| -> Option<usize> {
+        let mut depth = 0i32;
+        let mut found = None;
+        for (i, t) in toks.iter().enumerate() {
+            match &t.tok {
+                Tok::LParen => depth += 1,
+                Tok::RParen => depth -= 1,
+                _ if depth == 0 && t.is_word(word) => {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(i);
+                }
+                _ => {}
+            }
+        }
+        found
+    };
+    let from = depth0("from")?;
+    let group = depth0("group")?;
+    if group < from || !toks.get(group + 1)?.is_word("by") {
+        return None;
+    }
+    let plain = |t: &Token| -> Option<String> {
+        match &t.tok {
+            Tok::Word(w) if !is_keyword(w) => Some(w.to_ascii_lowercase()),
+            Tok::Quoted(q) => Some(q.clone()),
+            _ => None,
+        }
+    };
+    // GROUP BY col, col, ... up to the end.
+    let mut keys = Vec::new();
+    let by = &toks[group + 2..];
+    for (i, t) in by.iter().enumerate() {
+        if i % 2 == 0 {
+            keys.push(plain(t)?);
+        } else if t.tok != Tok::Comma {
+            return None;
+        }
+    }
+    if keys.is_empty() || by.len() % 2 == 0 {
+        return None;
+    }
+    let mut items: Vec<&[Token]> = Vec::new();
+    split_items(&toks[1..from], &mut items);
+    let mut key_pos = vec![None; keys.len()];
+    let mut sums = Vec::new();
+    let mut args = Vec::new();
+    for (pos, item) in items.iter().enumerate() {
+        // Drop a trailing `AS name` or `name`.
+        let body = match item {
+            [rest @ .., a, n] if a.is_word("as") && plain(n).is_some() => rest,
+            [rest @ .., n] if rest.len() > 1 && plain(n).is_some() => rest,
+            _ => item,
+        };
+        match body {
+            [c] => {
+                let name = plain(c)?;
+                let k = keys.iter().position(|k| *k == name)?;
+                if key_pos[k].is_some() {
+                    return None;
+                }
+                key_pos[k] = Some(pos);
+                args.push(quote_ident(&name));
+            }
+            [f, l, star, r]
+                if f.is_word("count")
+                    && l.tok == Tok::LParen
+                    && star.tok == Tok::Op("*".into())
+                    && r.tok == Tok::RParen => {}
+            [f, l, c, r] if l.tok == Tok::LParen && r.tok == Tok::RParen => {
+                let name = plain(c)?;
+                if f.is_word("sum") {
+                    sums.push((pos, name.clone()));
+                } else if !f.is_word("count") {
+                    return None;
+                }
+                args.push(quote_ident(&name));
+            }
+            _ => return None,
+        }
+    }
+    let key_pos = key_pos.into_iter().collect::<Option<Vec<usize>>>()?;
+    if args.is_empty() {
+        args.push("1".into());
+    }
+    // The FROM and WHERE part must be a per-row select-project-filter.
+    let spf = format!(
+        "SELECT {} {}",
+        args.join(", "),
+        &sql[toks[from].start..toks[group].start]
+    );
+    let relation = spf_relation(&spf)?;
+    Some(GroupAgg {
+        relation,
+        keys,
+        key_pos,
+        sums,
+    })
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// Names (lower-cased) of every identifier in `sql`: a superset of the relations it
 /// reads, intersected with the catalog to find dependencies.
 pub fn identifiers(sql: &str) -> Vec<String> {
@@ -2285,6 +2417,46 @@ mod tests {
             "SELECT a FROM t WHERE a = $1",
         ] {
             assert_eq!(rel(q), None, "{q}");
+        }
+    }
+
+    #[test]
+    fn group_aggregates() {
+        let agg = |q: &str| group_aggregate(&translate(q).unwrap());
+        let g = agg("SELECT b, a, count(*) AS n, sum(c) s, count(b) FROM t AS x WHERE x.c > 1 GROUP BY a, b")
+            .expect("eligible");
+        assert_eq!(
+            g,
+            GroupAgg {
+                relation: "t".into(),
+                keys: vec!["a".into(), "b".into()],
+                key_pos: vec![1, 0],
+                sums: vec![(3, "c".into())],
+            }
+        );
+        assert!(agg("SELECT count(*), a FROM public.t GROUP BY a").is_some());
+        for q in [
+            "SELECT count(*) FROM t",
+            "SELECT a, count(*) FROM t",
+            "SELECT a, avg(b) FROM t GROUP BY a",
+            "SELECT a, max(b) FROM t GROUP BY a",
+            "SELECT a, count(DISTINCT b) FROM t GROUP BY a",
+            "SELECT a, sum(b) + 1 FROM t GROUP BY a",
+            "SELECT a, sum(b + 1) FROM t GROUP BY a",
+            "SELECT a, b, count(*) FROM t GROUP BY a",
+            "SELECT a, count(*) FROM t GROUP BY a, b",
+            "SELECT a % 10, count(*) FROM t GROUP BY a % 10",
+            "SELECT a, count(*) FROM t GROUP BY a HAVING count(*) > 1",
+            "SELECT a, count(*) FROM t GROUP BY a ORDER BY a",
+            "SELECT a, count(*) FROM t GROUP BY a LIMIT 1",
+            "SELECT a, count(*) FROM t WHERE random() > 0 GROUP BY a",
+            "SELECT a, count(*) FROM t, u GROUP BY a",
+            "SELECT a, count(*) FROM t WHERE a IN (SELECT x FROM u) GROUP BY a",
+            "SELECT a, count(*) OVER () FROM t GROUP BY a",
+            "SELECT DISTINCT a, count(*) FROM t GROUP BY a",
+            "SELECT a, count(*) FROM t WHERE a = $1 GROUP BY a",
+        ] {
+            assert_eq!(agg(q), None, "{q}");
         }
     }
 }

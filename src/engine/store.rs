@@ -213,8 +213,125 @@ enum Source {
     /// write's changed rows of `table`, loaded into its delta table, once for the
     /// retracted rows (`?1 = -1`) and once for the inserted ones (`?1 = 1`).
     Delta { table: String, sql: String },
+    /// A grouped `count`/`sum` aggregate over one table: each write recomputes
+    /// only the groups its changed rows belong to.
+    Groups(Box<Groups>),
     /// Everything else is re-evaluated and diffed against the previous result.
     Query { sql: String, prev: ResultSet },
+}
+
+impl Source {
+    /// The table whose changed rows this source reads from its delta table.
+    fn delta_table(&self) -> Option<&str> {
+        match self {
+            Source::Delta { table, .. } => Some(table),
+            Source::Groups(g) => Some(&g.table),
+            _ => None,
+        }
+    }
+}
+
+/// State of a [`Source::Groups`] subscription.
+struct Groups {
+    table: String,
+    /// The whole query, re-run in full if a group ever sums to a non-integer.
+    full: String,
+    /// The distinct group keys of the loaded delta rows.
+    keys_sql: String,
+    /// The query with the table shadowed by a CTE holding only the rows of the
+    /// groups in `keys_sql` (matched with `IS`, so NULL keys are groups too).
+    sql: String,
+    key_pos: Vec<usize>,
+    sum_pos: Vec<usize>,
+    /// The current result: one row per group, by group key.
+    prev: HashMap<Row, Row>,
+}
+
+impl Groups {
+    fn key(&self, row: &Row) -> Row {
+        self.key_pos.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    /// Whether a result row's sums are exact (integers or NULL). Sums that came
+    /// out as reals depend on the order rows were added in.
+    fn exact(&self, row: &Row) -> bool {
+        self.sum_pos
+            .iter()
+            .all(|&i| matches!(row[i], Datum::Null | Datum::Int(_)))
+    }
+
+    /// The diff of one write whose changed rows are in the delta table, or
+    /// `None` if a recomputed group's sum is not an integer (then nothing was
+    /// changed and the caller re-evaluates the whole query instead).
+    fn update(&mut self, conn: &Connection) -> Result<Option<Vec<(Row, i64)>>, SqlError> {
+        let keys = rows_of(conn, &self.keys_sql)?;
+        if keys.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let mut fresh: HashMap<Row, Row> = HashMap::new();
+        for row in rows_of(conn, &self.sql)? {
+            if !self.exact(&row) || fresh.insert(self.key(&row), row).is_some() {
+                return Ok(None);
+            }
+        }
+        // The written groups, then any result group not among them (none, since
+        // key columns hold no distinct values that compare equal).
+        let mut touched: Vec<Row> = keys;
+        let extra: Vec<Row> = {
+            let seen: std::collections::HashSet<&Row> = touched.iter().collect();
+            fresh
+                .keys()
+                .filter(|k| !seen.contains(k))
+                .cloned()
+                .collect()
+        };
+        touched.extend(extra);
+        let mut diffs = Vec::new();
+        for key in touched {
+            let new = fresh.remove(&key);
+            let old = match &new {
+                Some(n) => self.prev.insert(key, n.clone()),
+                None => self.prev.remove(&key),
+            };
+            if old != new {
+                diffs.extend(old.map(|r| (r, -1)));
+                diffs.extend(new.map(|r| (r, 1)));
+            }
+        }
+        Ok(Some(consolidate(diffs)))
+    }
+}
+
+/// SQLite's column affinity for a declared type.
+fn affinity(declared: &str) -> char {
+    let t = declared.to_ascii_uppercase();
+    if t.contains("INT") {
+        'i'
+    } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+        't'
+    } else if t.is_empty() || t.contains("BLOB") {
+        'b'
+    } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+        'r'
+    } else {
+        'n'
+    }
+}
+
+/// Every row of a parameterless query.
+fn rows_of(conn: &Connection, sql: &str) -> Result<Vec<Row>, SqlError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let n = stmt.column_count();
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(
+            (0..n)
+                .map(|i| r.get_ref(i).map(Datum::from_sqlite))
+                .collect::<Result<Row, _>>()?,
+        );
+    }
+    Ok(out)
 }
 
 struct Sub {
@@ -634,11 +751,9 @@ impl Store {
         // delta table once, inside a savepoint whose rollback empties them again.
         let loads: BTreeSet<&str> = ids
             .iter()
-            .filter_map(|id| match self.subs.get(id).map(|s| &s.source) {
-                Some(Source::Delta { table, .. }) if changes.contains_key(table) => {
-                    Some(table.as_str())
-                }
-                _ => None,
+            .filter_map(|id| {
+                let table = self.subs.get(id)?.source.delta_table()?;
+                changes.contains_key(table).then_some(table)
             })
             .collect();
         let mut load_errors: HashMap<String, SqlError> = HashMap::new();
@@ -671,6 +786,24 @@ impl Store {
                     _ if !changes.contains_key(table) => Ok(Vec::new()),
                     Some(e) => Err(e.clone()),
                     None => eval_delta(&self.conn, sql),
+                },
+                Source::Groups(g) => match load_errors.get(&g.table) {
+                    _ if !changes.contains_key(&g.table) => Ok(Vec::new()),
+                    Some(e) => Err(e.clone()),
+                    None => match g.update(&self.conn) {
+                        Ok(Some(d)) => Ok(d),
+                        Ok(None) => {
+                            // Switch to full re-evaluation from the result so far.
+                            let mut prev = ResultSet::from_counts(
+                                g.prev.drain().map(|(_, row)| (row, 1)).collect(),
+                            );
+                            let sql = std::mem::take(&mut g.full);
+                            let d = reevaluate(&self.conn, &sql, &mut prev);
+                            sub.source = Source::Query { sql, prev };
+                            d
+                        }
+                        Err(e) => Err(e),
+                    },
                 },
                 Source::Query { sql, prev } => reevaluate(&self.conn, sql, prev),
             };
@@ -783,6 +916,111 @@ impl Store {
         let want = self.conn.prepare(translated).ok()?.column_count();
         let got = self.conn.prepare(&sql).ok()?.column_count();
         (want == got).then_some((table, sql))
+    }
+
+    /// The per-group form of a subscription's translated query, if it is (or is
+    /// `SELECT *` from views that are) a grouped aggregate by
+    /// [`sql::group_aggregate`] directly over a table, with group columns of
+    /// INTEGER or TEXT affinity (where equal values are identical) and sums over
+    /// INTEGER columns, and `current` (its result) has one exact row per group.
+    /// Creates an index on the group columns so that recomputing a group reads
+    /// only its rows.
+    fn group_plan(&self, translated: &str, current: &HashMap<Row, i64>) -> Option<Groups> {
+        let mut body = translated.to_owned();
+        for _ in 0..32 {
+            let toks = sql::tokenize(&body).ok()?;
+            let star = matches!(
+                toks.as_slice(),
+                [s, st, f, _] if s.is_word("select") && st.tok == sql::Tok::Op("*".into()) && f.is_word("from")
+            );
+            if !star {
+                break;
+            }
+            let info = self.catalog.get(&toks[3].ident()?)?;
+            if info.kind != RelKind::View {
+                return None;
+            }
+            body = info.body.clone()?;
+        }
+        let agg = sql::group_aggregate(&body)?;
+        let table = agg.relation.clone();
+        if self.catalog.get(&table)?.kind != RelKind::Table {
+            return None;
+        }
+        let delta = self.ensure_delta_table(&table).ok()??;
+        let mut types: HashMap<String, String> = HashMap::new();
+        {
+            let mut st = self
+                .conn
+                .prepare("SELECT name, type FROM pragma_table_info(?1)")
+                .ok()?;
+            let mut rows = st.query([&table]).ok()?;
+            while let Some(r) = rows.next().ok()? {
+                let name: String = r.get(0).ok()?;
+                types.insert(name.to_lowercase(), r.get(1).ok()?);
+            }
+        }
+        let aff = |c: &str| types.get(&c.to_lowercase()).map(|t| affinity(t));
+        if !agg
+            .keys
+            .iter()
+            .all(|k| matches!(aff(k), Some('i') | Some('t')))
+            || !agg.sums.iter().all(|(_, c)| aff(c) == Some('i'))
+        {
+            return None;
+        }
+        let mut groups = Groups {
+            table: table.clone(),
+            full: translated.to_owned(),
+            keys_sql: String::new(),
+            sql: String::new(),
+            key_pos: agg.key_pos,
+            sum_pos: agg.sums.iter().map(|(i, _)| *i).collect(),
+            prev: HashMap::new(),
+        };
+        for (row, n) in current {
+            if *n != 1
+                || !groups.exact(row)
+                || groups.prev.insert(groups.key(row), row.clone()).is_some()
+            {
+                return None;
+            }
+        }
+        let keys: Vec<String> = agg.keys.iter().map(|k| quote(k)).collect();
+        let index = quote(&format!("_tg_idx_{table}({})", agg.keys.join(",")));
+        if let Err(e) = self.conn.execute_batch(&format!(
+            "CREATE INDEX IF NOT EXISTS main.{index} ON {} ({})",
+            quote(&table),
+            keys.join(", ")
+        )) {
+            tracing::debug!(table = %table, error = %e, "No group index; subscription re-evaluates in full.");
+            return None;
+        }
+        groups.keys_sql = format!(
+            "SELECT DISTINCT {} FROM temp.{}",
+            keys.join(", "),
+            quote(&delta)
+        );
+        let info = self.catalog.get(&table)?;
+        let cols: Vec<String> = info.columns.iter().map(|c| quote(&c.name)).collect();
+        let picked: Vec<String> = cols.iter().map(|c| format!("\"_tg_r\".{c}")).collect();
+        let on: Vec<String> = keys
+            .iter()
+            .map(|k| format!("\"_tg_r\".{k} IS \"_tg_k\".{k}"))
+            .collect();
+        groups.sql = format!(
+            "WITH {} ({}) AS (SELECT {} FROM ({}) AS \"_tg_k\" CROSS JOIN main.{} AS \"_tg_r\" ON {}) {body}",
+            quote(&table),
+            cols.join(", "),
+            picked.join(", "),
+            groups.keys_sql,
+            quote(&table),
+            on.join(" AND ")
+        );
+        // The rewrite must prepare and keep the result's width.
+        let want = self.conn.prepare(translated).ok()?.column_count();
+        let got = self.conn.prepare(&groups.sql).ok()?.column_count();
+        (want == got).then_some(groups)
     }
 
     /// Creates `table`'s delta table if missing: its columns with the same
@@ -1243,9 +1481,16 @@ impl Store {
         let source = match (plan.source_table, delta) {
             (Some(t), _) => Source::Table(t),
             (None, Some((table, sql))) => Source::Delta { table, sql },
-            (None, None) => Source::Query {
-                sql: plan.translated,
-                prev: ResultSet::from_counts(current),
+            (None, None) => match self
+                .incremental
+                .then(|| self.group_plan(&plan.translated, &current))
+                .flatten()
+            {
+                Some(g) => Source::Groups(Box::new(g)),
+                None => Source::Query {
+                    sql: plan.translated,
+                    prev: ResultSet::from_counts(current),
+                },
             },
         };
         self.subs.insert(
@@ -1660,6 +1905,20 @@ mod tests {
         )
     }
 
+    fn is_groups(store: &Store, id: u64) -> bool {
+        matches!(
+            store.subs.get(&id).map(|s| &s.source),
+            Some(Source::Groups(_))
+        )
+    }
+
+    fn is_full(store: &Store, id: u64) -> bool {
+        matches!(
+            store.subs.get(&id).map(|s| &s.source),
+            Some(Source::Query { .. })
+        )
+    }
+
     fn drain(rx: &mut tmpsc::UnboundedReceiver<SubEvent>) -> Vec<String> {
         drain_from(rx, 0)
     }
@@ -1838,7 +2097,19 @@ mod tests {
         for what in [
             "total",
             "over_total",
-            "(SELECT a, count(*) AS n FROM t GROUP BY a)",
+            "(SELECT a, avg(a) AS n FROM t GROUP BY a)",
+            "(SELECT a, min(a) AS n FROM t GROUP BY a)",
+            "(SELECT a, count(*) AS n FROM t GROUP BY a HAVING count(*) > 1)",
+            "(SELECT a, count(DISTINCT b) AS n FROM t GROUP BY a)",
+            "(SELECT a, sum(c) AS n FROM t GROUP BY a)",
+            "(SELECT c, count(*) AS n FROM t GROUP BY c)",
+            "(SELECT a % 10 AS k, count(*) AS n FROM t GROUP BY a % 10)",
+            "(SELECT a, sum(a) + 1 AS n FROM t GROUP BY a)",
+            "(SELECT a, b, count(*) AS n FROM t GROUP BY a)",
+            "(SELECT a, count(*) AS n FROM t GROUP BY a ORDER BY a LIMIT 1)",
+            "(SELECT a, count(*) AS n FROM t WHERE random() > 0 GROUP BY a)",
+            "(SELECT a1, count(*) AS n FROM v_proj GROUP BY a1)",
+            "(SELECT a, x, count(*) AS n FROM t, u GROUP BY a, x)",
             "(SELECT DISTINCT a FROM t)",
             "(SELECT a FROM t ORDER BY a LIMIT 2)",
             "(SELECT a, random() AS r FROM t)",
@@ -1851,8 +2122,123 @@ mod tests {
             "(SELECT s FROM folded WHERE s = 'A')",
         ] {
             let (id, _rx) = subscribe(&mut s, what, true);
-            assert!(!is_delta(&s, id), "{what} was made incremental");
+            assert!(is_full(&s, id), "{what} was made incremental");
         }
+    }
+
+    /// Grouped `count`/`sum` subscriptions get the same events when only the
+    /// written groups are recomputed as from full re-evaluation, over random
+    /// inserts, updates and deletes with NULL group keys and NULL summands, groups
+    /// appearing and disappearing and rows moving between groups; then a
+    /// non-integer summand switches them to full re-evaluation seamlessly.
+    #[test]
+    fn grouped_aggregates_match_full_recompute() {
+        let mut s = store();
+        s.script(
+            "CREATE TABLE g (k int, s text, v int, w bigint, f double precision);
+             CREATE VIEW g_by_k AS SELECT k, count(*) AS n, count(v) AS nv, sum(v) AS sv FROM g GROUP BY k;
+             CREATE VIEW g_by_ks AS SELECT s, k, sum(w) AS sw, count(*) AS n FROM g
+                 WHERE v IS NULL OR v % 3 <> 0 GROUP BY k, s;
+             CREATE VIEW g_star AS SELECT * FROM g_by_k;
+             INSERT INTO g VALUES (1, 'x', 1, 10, 1.5), (NULL, NULL, NULL, NULL, NULL), (1, 'y', NULL, 5, 2);",
+        )
+        .expect("schema");
+        let subjects = [
+            "g_by_k",
+            "g_by_ks",
+            "g_star",
+            "g_by_k WITH (PROGRESS)",
+            "g_by_k ENVELOPE UPSERT (KEY (k))",
+            "(SELECT s, count(f) AS nf, count(*) AS n FROM g GROUP BY s)",
+            "(SELECT sum(v) AS sv, k FROM g AS x WHERE x.s <> 'z' GROUP BY k)",
+            "(SELECT k, s, count(*) FROM g WHERE coalesce(v, 0) < 8 GROUP BY s, k)",
+        ];
+        let mut pairs = Vec::new();
+        for what in subjects {
+            let (inc, mut inc_rx) = subscribe(&mut s, what, true);
+            let (full, mut full_rx) = subscribe(&mut s, what, false);
+            assert!(is_groups(&s, inc), "{what} is not maintained per group");
+            assert!(is_full(&s, full));
+            assert_eq!(
+                drain_from(&mut inc_rx, 1),
+                drain_from(&mut full_rx, 1),
+                "{what}"
+            );
+            pairs.push((what, inc, inc_rx, full_rx));
+        }
+        let mut rng = StdRng::seed_from_u64(13);
+        let key = |rng: &mut StdRng| match rng.random_range(0..6) {
+            0 => "NULL".to_owned(),
+            _ => rng.random_range(0..6).to_string(),
+        };
+        let text = |rng: &mut StdRng| ["NULL", "'x'", "'y'", "'z'"][rng.random_range(0..4)];
+        let num = |rng: &mut StdRng| match rng.random_range(0..5) {
+            0 => "NULL".to_owned(),
+            _ => rng.random_range(-3..1_000_000_000_000i64).to_string(),
+        };
+        let small = |rng: &mut StdRng| match rng.random_range(0..4) {
+            0 => "NULL".to_owned(),
+            _ => rng.random_range(-3..10).to_string(),
+        };
+        for step in 0..400 {
+            let mut stmts = Vec::new();
+            for _ in 0..rng.random_range(1..=3) {
+                stmts.push(match rng.random_range(0..11) {
+                    0..=2 => {
+                        let rows: Vec<String> = (0..rng.random_range(1..=3))
+                            .map(|_| {
+                                format!(
+                                    "({}, {}, {}, {}, {})",
+                                    key(&mut rng),
+                                    text(&mut rng),
+                                    small(&mut rng),
+                                    num(&mut rng),
+                                    ["NULL", "1.5", "2"][rng.random_range(0..3)]
+                                )
+                            })
+                            .collect();
+                        format!("INSERT INTO g VALUES {}", rows.join(", "))
+                    }
+                    3 => format!("UPDATE g SET k = k + 1 WHERE s IS {}", text(&mut rng)),
+                    4 => format!("UPDATE g SET k = NULL WHERE v = {}", small(&mut rng)),
+                    5 => format!(
+                        "UPDATE g SET s = {}, v = {} WHERE k IS {}",
+                        text(&mut rng),
+                        small(&mut rng),
+                        key(&mut rng)
+                    ),
+                    6 => format!("UPDATE g SET w = {} WHERE v < 3", num(&mut rng)),
+                    7 => format!("DELETE FROM g WHERE k IS {}", key(&mut rng)),
+                    8 => format!("DELETE FROM g WHERE s IS {}", text(&mut rng)),
+                    9 if rng.random_range(0..10) == 0 => "DELETE FROM g".to_owned(),
+                    _ => format!("UPDATE g SET f = NULL WHERE k = {}", key(&mut rng)),
+                });
+            }
+            write(&mut s, &stmts);
+            for (what, _, inc_rx, full_rx) in &mut pairs {
+                assert_eq!(
+                    drain(inc_rx),
+                    drain(full_rx),
+                    "{what} after step {step}: {stmts:?}"
+                );
+            }
+        }
+        for (what, inc, ..) in &pairs {
+            assert!(is_groups(&s, *inc), "{what} left the per-group path");
+        }
+        // A real in an int column makes its sum a float: full re-evaluation from then on.
+        for stmt in [
+            "INSERT INTO g VALUES (2, 'x', 1.5, 2.5, NULL)",
+            "UPDATE g SET k = 3 WHERE v = 1.5",
+            "DELETE FROM g WHERE k = 3",
+        ] {
+            write(&mut s, &[stmt.to_owned()]);
+            for (what, _, inc_rx, full_rx) in &mut pairs {
+                assert_eq!(drain(inc_rx), drain(full_rx), "{what} after {stmt}");
+            }
+        }
+        assert!(is_full(&s, pairs[0].1), "g_by_k still per group");
+        assert_eq!(s.subs.len(), subjects.len() * 2, "a subscription ended");
     }
 
     /// Division by zero in a new row poisons the subscription either way.
@@ -1866,6 +2252,26 @@ mod tests {
         assert!(is_delta(&s, inc));
         write(&mut s, &["INSERT INTO t VALUES (2)".to_owned()]);
         write(&mut s, &["INSERT INTO t VALUES (0)".to_owned()]);
+        let events = drain(&mut inc_rx);
+        assert!(events
+            .last()
+            .is_some_and(|e| e.contains("division by zero")));
+        assert_eq!(events, drain(&mut full_rx));
+        assert!(s.subs.is_empty());
+    }
+
+    /// The same for a grouped aggregate whose filter divides by a group column.
+    #[test]
+    fn grouped_evaluation_errors_match() {
+        let mut s = store();
+        s.script("CREATE TABLE t (a int, b int); INSERT INTO t VALUES (1, 1);")
+            .expect("schema");
+        let q = "(SELECT a, count(*) AS n, sum(b) AS s FROM t WHERE 10 / a > 1 GROUP BY a)";
+        let (inc, mut inc_rx) = subscribe(&mut s, q, true);
+        let (_, mut full_rx) = subscribe(&mut s, q, false);
+        assert!(is_groups(&s, inc));
+        write(&mut s, &["INSERT INTO t VALUES (2, 5)".to_owned()]);
+        write(&mut s, &["INSERT INTO t VALUES (0, 1)".to_owned()]);
         let events = drain(&mut inc_rx);
         assert!(events
             .last()
