@@ -10,7 +10,7 @@ use tracing::error;
 
 use tailgate::config::{self, ConfigError};
 use tailgate::engine::{self, EngineConfig};
-use tailgate::telemetry;
+use tailgate::telemetry::{self, error_chain};
 use tailgate::Gateway;
 
 /// sysexits' EX_CONFIG-style code for a bad config file.
@@ -138,17 +138,6 @@ fn main() -> ExitCode {
 fn bad_config(e: &ConfigError) -> ExitCode {
     eprintln!("{e}");
     ExitCode::from(EXIT_BAD_CONFIG)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -25,6 +25,22 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// An error with its causes, for logs and `status` events; a cause whose text
+/// the message already contains is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// A per-stream metric: name, Prometheus type, and how to read it off a hub.
 type Family = (&'static str, &'static str, fn(&crate::hub::Hub) -> u64);
 

@@ -69,21 +69,6 @@ impl UpstreamError {
     }
 }
 
-/// An error with its causes, for logs and `status` events.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
-}
-
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
@@ -178,7 +163,7 @@ impl StreamTask {
                 progress.frontier = None;
                 continue;
             }
-            let text = error_chain(&error);
+            let text = crate::telemetry::error_chain(&error);
             warn!(stream = %path, error = %text, attempt, "Upstream lost; reconnecting.");
             self.hub
                 .stats
