@@ -192,7 +192,7 @@ impl StreamTask {
             .await?;
         // The connection task ends when the link does; aborting it on exit closes the
         // socket even if a query is still waiting.
-        let conn = AbortOnDrop(conn);
+        let mut conn = AbortOnDrop(conn);
 
         let version = client
             .query_one("SELECT mz_version()", &[])
@@ -239,7 +239,6 @@ impl StreamTask {
             Box::pin(client.simple_query("FETCH ALL c"))
         };
         let mut in_flight = fetch();
-        let mut conn = conn;
         loop {
             let deadline = progress.coalescer.deadline;
             let messages = tokio::select! {
@@ -282,28 +281,15 @@ impl StreamTask {
                                 keyed_diffs.entry(ts).or_default().push((key, row, diff));
                             }
                             Decoded::KeyViolation { ts, key } => {
-                                // The key's value is undefined: drop it and say so, but
-                                // keep streaming; the next clean upsert restores it.
-                                warn!(stream = %stream.path, key = %key, "Key violation in the upstream's upsert output.");
-                                self.hub
-                                    .warn(format!("key violation: several rows for key {key}"));
-                                pending
-                                    .entry(ts)
-                                    .or_default()
-                                    .push(Change::Upsert { key, row: None });
+                                pending.entry(ts).or_default().push(self.key_violation(key));
                             }
                             Decoded::Progress(frontier) => {
                                 // TAIL era: pair the closed timestamps' keyed diffs.
                                 let open = keyed_diffs.split_off(&frontier);
                                 for (ts, rows) in std::mem::replace(&mut keyed_diffs, open) {
                                     for change in decode::upserts(rows) {
-                                        let change = change.unwrap_or_else(|key| {
-                                            warn!(stream = %stream.path, key = %key, "Key violation in the upstream's output.");
-                                            self.hub.warn(format!(
-                                                "key violation: several rows for key {key}"
-                                            ));
-                                            Change::Upsert { key, row: None }
-                                        });
+                                        let change =
+                                            change.unwrap_or_else(|key| self.key_violation(key));
                                         pending.entry(ts).or_default().push(change);
                                     }
                                 }
@@ -340,6 +326,15 @@ impl StreamTask {
         }
     }
 
+    /// The change for a key whose value is undefined (several rows at one timestamp):
+    /// drop it and say so, but keep streaming; the next clean upsert restores it.
+    fn key_violation(&self, key: Box<str>) -> Change {
+        warn!(stream = %self.stream.path, key = %key, "Key violation in the upstream's output.");
+        self.hub
+            .warn(format!("key violation: several rows for key {key}"));
+        Change::Upsert { key, row: None }
+    }
+
     /// Hands every timestamp below `frontier` to the hub (or to the state being built).
     fn close_timestamps(
         &self,
@@ -348,29 +343,28 @@ impl StreamTask {
         pending: &mut BTreeMap<u64, Vec<Change>>,
         frontier: u64,
     ) {
-        let rest = pending.split_off(&frontier);
-        let closed = std::mem::replace(pending, rest);
+        // A resumed subscription opens with a progress row at its AS OF time, which is
+        // behind what was already received; it closes nothing.
         if progress.frontier.is_some_and(|f| f > frontier) {
             return;
         }
+        let rest = pending.split_off(&frontier);
+        let closed = std::mem::replace(pending, rest);
         progress.frontier = Some(frontier);
         let at = frontier.saturating_sub(1);
         match progress.phase {
-            Phase::Snapshot(reason) => {
+            Phase::Snapshot(_) | Phase::Resync => {
                 for change in closed.values().flatten() {
                     building.apply(change);
                 }
                 let state = std::mem::replace(building, State::empty(self.stream.key.is_some()));
-                self.hub.load_snapshot(at, state, reason);
-                progress.phase = Phase::Live;
-            }
-            Phase::Resync => {
-                for change in closed.values().flatten() {
-                    building.apply(change);
+                match progress.phase {
+                    Phase::Snapshot(reason) => self.hub.load_snapshot(at, state, reason),
+                    _ => {
+                        progress.coalescer.flush(&self.hub);
+                        self.hub.resync(at, state);
+                    }
                 }
-                progress.coalescer.flush(&self.hub);
-                let state = std::mem::replace(building, State::empty(self.stream.key.is_some()));
-                self.hub.resync(at, state);
                 progress.phase = Phase::Live;
             }
             Phase::Live => {
