@@ -206,6 +206,9 @@ struct Inner {
     resume_seq: u64,
     snapshots: Vec<(Reason, Bytes)>,
     health: Health,
+    /// The `status` event of a degraded upstream, encoded once for every client that
+    /// connects or resets meanwhile; `None` while streaming.
+    degraded: Option<Bytes>,
     end: Option<Bytes>,
 }
 
@@ -301,9 +304,7 @@ impl Inner {
                 if let Some(s) = self.snapshot(reason) {
                     out.push(s);
                 }
-                if let Health::Reconnecting { .. } = self.health {
-                    out.push(status_frame(&self.health));
-                }
+                out.extend(self.degraded.clone());
             }
             None => {
                 for entry in self.ring.range(start..) {
@@ -389,6 +390,9 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(settings: Settings) -> Arc<Hub> {
+        let connecting = Health::Reconnecting {
+            error: "connecting".into(),
+        };
         Arc::new(Hub {
             inner: Mutex::new(Inner {
                 retry_frame: sse::retry(settings.retry.as_millis()),
@@ -401,9 +405,8 @@ impl Hub {
                 floor_ts: 0,
                 resume_seq: 0,
                 snapshots: Vec::new(),
-                health: Health::Reconnecting {
-                    error: "connecting".into(),
-                },
+                degraded: Some(status_frame(&connecting)),
+                health: connecting,
                 end: None,
             }),
             head: watch::Sender::new(0),
@@ -440,8 +443,8 @@ impl Hub {
         inner.state.as_ref().map(|_| inner.state_ts)
     }
 
-    /// A copy of the published state (for resync diffs and tests).
-    pub fn state(&self) -> Option<State> {
+    #[cfg(test)]
+    fn state(&self) -> Option<State> {
         self.lock().state.clone()
     }
 
@@ -521,16 +524,16 @@ impl Hub {
     /// difference. Falls back to a `snapshot` (`upstream-reset`) when the difference is
     /// too large or the state changed kind.
     pub fn resync(&self, ts: u64, fresh: State) {
-        let changes = {
+        let diff = {
             let inner = self.lock();
-            match inner.state.as_ref() {
-                Some(old) => difference(old, &fresh),
-                None => None,
-            }
+            inner.state.as_ref().and_then(|old| {
+                // Anything after the published state may have changed.
+                let min_ts = inner.state_ts.saturating_add(1).min(ts);
+                difference(old, &fresh).map(|changes| (min_ts, changes))
+            })
         };
-        match changes {
-            Some(changes) if changes.len() <= MAX_RESYNC_CHANGES => {
-                let min_ts = self.state_ts().map_or(ts, |s| s.saturating_add(1).min(ts));
+        match diff {
+            Some((min_ts, changes)) if changes.len() <= MAX_RESYNC_CHANGES => {
                 self.publish(min_ts, ts, &changes);
             }
             _ => self.load_snapshot(ts, fresh, Reason::UpstreamReset),
@@ -544,6 +547,10 @@ impl Hub {
             return;
         }
         let frame = status_frame(&health);
+        inner.degraded = match health {
+            Health::Streaming => None,
+            Health::Reconnecting { .. } => Some(frame.clone()),
+        };
         inner.health = health;
         inner.push(Entry::Frame(frame));
         self.notify(&inner);
@@ -602,9 +609,7 @@ impl Hub {
         {
             let mut inner = hub.lock();
             first.push(inner.retry_frame.clone());
-            if let Health::Reconnecting { .. } = inner.health {
-                first.push(status_frame(&inner.health));
-            }
+            first.extend(inner.degraded.clone());
             pos = inner.head();
             let replay = match resume {
                 Resume::After(after) => inner.resume_position(after),
