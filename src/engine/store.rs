@@ -648,18 +648,7 @@ impl Store {
     }
 
     fn eval_multiset(&self, translated: &str) -> Result<HashMap<Row, i64>, SqlError> {
-        let mut stmt = self.conn.prepare_cached(translated)?;
-        let n = stmt.column_count();
-        let mut rows = stmt.query([])?;
-        let mut out: HashMap<Row, i64> = HashMap::new();
-        while let Some(r) = rows.next()? {
-            let mut row = Vec::with_capacity(n);
-            for i in 0..n {
-                row.push(Datum::from_sqlite(r.get_ref(i)?));
-            }
-            *out.entry(row).or_insert(0) += 1;
-        }
-        Ok(out)
+        multiset(&mut *self.conn.prepare_cached(translated)?)
     }
 
     fn query(&self, text: &str, params: &[Datum]) -> Result<QueryResult, SqlError> {
@@ -1630,20 +1619,8 @@ impl Store {
                 info.body.as_deref().unwrap_or("SELECT 1")
             ))?;
         }
-        let eval = |s: &Store| -> Result<HashMap<Row, i64>, SqlError> {
-            let mut stmt = s.conn.prepare(&plan.translated)?;
-            let n = stmt.column_count();
-            let mut rows = stmt.query([])?;
-            let mut out: HashMap<Row, i64> = HashMap::new();
-            while let Some(r) = rows.next()? {
-                let mut row = Vec::with_capacity(n);
-                for i in 0..n {
-                    row.push(Datum::from_sqlite(r.get_ref(i)?));
-                }
-                *out.entry(row).or_insert(0) += 1;
-            }
-            Ok(out)
-        };
+        // Not the statement cache: these run against temporary shadow tables.
+        let eval = |s: &Store| multiset(&mut s.conn.prepare(&plan.translated)?);
         let snapshot = eval(self)?;
         let mut prev = snapshot.clone();
         let mut batches = Vec::new();
@@ -1750,6 +1727,21 @@ fn kind_name(k: RelKind) -> &'static str {
 
 fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Runs a prepared query and counts its rows.
+fn multiset(stmt: &mut rusqlite::Statement<'_>) -> Result<HashMap<Row, i64>, SqlError> {
+    let n = stmt.column_count();
+    let mut rows = stmt.query([])?;
+    let mut out: HashMap<Row, i64> = HashMap::new();
+    while let Some(r) = rows.next()? {
+        let mut row = Vec::with_capacity(n);
+        for i in 0..n {
+            row.push(Datum::from_sqlite(r.get_ref(i)?));
+        }
+        *out.entry(row).or_insert(0) += 1;
+    }
+    Ok(out)
 }
 
 fn bounds_error(as_of: u64, up_to: u64) -> SqlError {
