@@ -171,7 +171,26 @@ async fn lost_upstream_history_is_resynchronised_with_a_diff() {
         )
         .await
         .expect("writes");
-    tokio::time::sleep(Duration::from_millis(800)).await; // let the history expire
+    // Wait until the engine no longer holds the timestamp the gateway will resume
+    // from, so the resync path is the one under test.
+    let held = model.last_id.expect("an id");
+    wait_for("the engine's history to pass the client's id", WAIT, || async {
+        let probe = direct
+            .batch_execute(&format!(
+                "BEGIN; DECLARE probe CURSOR FOR SUBSCRIBE items_v WITH (SNAPSHOT = false) AS OF {held}; \
+                 FETCH 0 probe; ROLLBACK"
+            ))
+            .await;
+        let _ = direct.batch_execute("ROLLBACK").await;
+        probe
+            .err()
+            .filter(|e| {
+                e.as_db_error()
+                    .is_some_and(|db| db.message().contains("not valid for all inputs"))
+            })
+            .map(|_| ())
+    })
+    .await;
     direct
         .batch_execute("INSERT INTO items VALUES (4, 'four', 4)")
         .await
