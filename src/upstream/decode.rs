@@ -255,13 +255,15 @@ impl Layout {
             });
         }
         let op = get(self.op)?;
+        let diff = || {
+            op.and_then(|d| d.parse::<i64>().ok())
+                .ok_or_else(|| DecodeError::Value {
+                    column: "mz_diff".into(),
+                    message: format!("not a diff: {op:?}"),
+                })
+        };
         if self.emulated {
-            let diff =
-                op.and_then(|d| d.parse::<i64>().ok())
-                    .ok_or_else(|| DecodeError::Value {
-                        column: "mz_diff".into(),
-                        message: format!("not a diff: {op:?}"),
-                    })?;
+            let diff = diff()?;
             return Ok(Decoded::KeyedDiff {
                 ts,
                 key: self.object(&self.key, &get)?,
@@ -286,12 +288,7 @@ impl Layout {
                 }
             }
         } else {
-            let diff =
-                op.and_then(|d| d.parse::<i64>().ok())
-                    .ok_or_else(|| DecodeError::Value {
-                        column: "mz_diff".into(),
-                        message: format!("not a diff: {op:?}"),
-                    })?;
+            let diff = diff()?;
             Change::Diff {
                 row: self.object(&self.row, &get)?,
                 diff,
