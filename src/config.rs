@@ -372,8 +372,8 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     embedded: Option<RawEmbedded>,
     defaults: Option<RawDefaults>,
-    /// Each entry with the offset of its table header.
-    streams: Vec<(usize, Option<RawStream>)>,
+    /// `None` for an entry that failed to deserialize.
+    streams: Vec<Option<RawStream>>,
 }
 
 impl RawConfig {
@@ -417,8 +417,7 @@ impl RawConfig {
                     match value.into_inner() {
                         DeValue::Array(entries) => {
                             for entry in entries {
-                                let at = entry.span().start;
-                                raw.streams.push((at, section(entry, problems)));
+                                raw.streams.push(section(entry, problems));
                             }
                         }
                         _ => problems.at(start, "`streams` must be an array of tables: [[streams]]"),
@@ -574,12 +573,9 @@ impl RawConfig {
 
         let mut seen = HashSet::new();
         let mut streams = Vec::new();
-        for (at, entry) in self.streams {
-            let Some(s) = entry else { continue };
+        for s in self.streams.into_iter().flatten() {
             if let Some(stream) = validate_stream(p, s, &defaults, &mut seen) {
                 streams.push(Arc::new(stream));
-            } else {
-                let _ = at;
             }
         }
 
