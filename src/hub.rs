@@ -284,13 +284,23 @@ impl Inner {
 
     /// Moves a client's cursor to the head, appending what it must write to `out`.
     /// Returns true once the client has everything and the stream has ended.
-    fn catch_up(&mut self, pos: &mut u64, out: &mut Vec<Bytes>, stats: &Stats) -> bool {
+    /// `resumed` marks a client that asked to resume before the stream had any state:
+    /// the first snapshot is a `resume-gap` for it, not `initial`.
+    fn catch_up(
+        &mut self,
+        pos: &mut u64,
+        out: &mut Vec<Bytes>,
+        stats: &Stats,
+        resumed: bool,
+    ) -> bool {
         let head = self.head();
         if *pos < self.base_seq || head - *pos > self.settings.client_queue as u64 {
             stats.lagged.fetch_add(1, Ordering::Relaxed);
             if let Some(s) = self.snapshot(Reason::Lagged) {
                 out.push(s);
             }
+            // The skipped entries may have held the upstream's trouble.
+            out.extend(self.degraded.clone());
             *pos = head;
         }
         let start = (*pos - self.base_seq) as usize;
@@ -301,6 +311,10 @@ impl Inner {
         match last_reset {
             // A reset replaces the state, so one snapshot stands for every entry.
             Some(reason) => {
+                let reason = match reason {
+                    Reason::Initial if resumed => Reason::ResumeGap,
+                    other => other,
+                };
                 if let Some(s) = self.snapshot(reason) {
                     out.push(s);
                 }
@@ -427,7 +441,13 @@ impl Hub {
 
     pub fn update_settings(&self, settings: Settings) {
         let mut inner = self.lock();
-        inner.retry_frame = sse::retry(settings.retry.as_millis());
+        if settings.retry != inner.settings.retry {
+            inner.retry_frame = sse::retry(settings.retry.as_millis());
+            // Connected browsers learn the new reconnection delay too, not only new ones.
+            let frame = inner.retry_frame.clone();
+            inner.push(Entry::Frame(frame));
+            self.notify(&inner);
+        }
         inner.settings = settings;
         inner.trim();
     }
@@ -606,8 +626,10 @@ impl Hub {
         let mut first = Vec::with_capacity(4);
         let mut pos;
         let ended;
+        let resumed;
         {
             let mut inner = hub.lock();
+            resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
             first.push(inner.retry_frame.clone());
             first.extend(inner.degraded.clone());
             pos = inner.head();
@@ -627,7 +649,7 @@ impl Hub {
                     }
                 }
             }
-            ended = inner.catch_up(&mut pos, &mut first, &hub.stats);
+            ended = inner.catch_up(&mut pos, &mut first, &hub.stats, resumed);
         }
         Subscription {
             guard: ClientGuard::new(&hub),
@@ -635,6 +657,7 @@ impl Hub {
             rx,
             pos,
             ended,
+            resumed,
             first,
         }
     }
@@ -647,6 +670,8 @@ pub struct Subscription {
     rx: watch::Receiver<u64>,
     pos: u64,
     ended: bool,
+    /// Asked to resume before the stream had a state; cleared by its first snapshot.
+    resumed: bool,
     /// Frames computed when the client subscribed, handed out first.
     first: Vec<Bytes>,
     guard: ClientGuard,
@@ -665,10 +690,10 @@ impl Subscription {
                 self.ended = true;
                 break;
             }
-            self.ended = self
-                .hub
-                .lock()
-                .catch_up(&mut self.pos, out, &self.hub.stats);
+            let mut inner = self.hub.lock();
+            self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
+            self.resumed &= inner.state.is_none();
+            drop(inner);
             if !out.is_empty() {
                 return true;
             }
@@ -971,6 +996,89 @@ mod tests {
         assert_eq!(ev[0].2["reason"], "lagged");
         assert_eq!(ev[0].2["changes"].as_array().map(Vec::len), Some(20));
         assert_eq!(hub.stats.lagged.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lagged_client_still_learns_that_the_upstream_is_down() {
+        let hub = Hub::new(settings(4, 1000));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        hub.set_health(Health::Streaming);
+        let mut slow = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
+        let mut parser = Parser::new();
+        drain(&mut slow, &mut parser).await;
+        hub.publish(11, 11, &[diff("{\"t\":11}", 1)]);
+        hub.set_health(Health::Reconnecting {
+            error: "link lost".into(),
+        });
+        for _ in 0..10 {
+            hub.heartbeat();
+        }
+        let items = drain(&mut slow, &mut parser).await;
+        let status: Vec<_> = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Event(e) if e.event == "status" => Some(e.data.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(events(&items)[0].2["reason"], "lagged");
+        assert_eq!(status.len(), 1, "{items:?}");
+        assert!(status[0].contains("link lost"), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_resume_before_the_first_snapshot_is_a_resume_gap() {
+        let hub = Hub::new(settings(100, 100));
+        let mut resumed = Box::pin(hub.subscribe(Resume::After(5)).into_stream());
+        let mut hostile = Box::pin(hub.subscribe(Resume::Invalid).into_stream());
+        let mut fresh = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
+        let (mut p1, mut p2, mut p3) = (Parser::new(), Parser::new(), Parser::new());
+        for (s, p) in [
+            (&mut resumed, &mut p1),
+            (&mut hostile, &mut p2),
+            (&mut fresh, &mut p3),
+        ] {
+            assert!(events(&drain(s, p).await).is_empty());
+        }
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        hub.publish(11, 11, &[diff("{\"a\":1}", 1)]);
+        let reasons = |ev: Vec<(String, Option<String>, serde_json::Value)>| {
+            ev.iter()
+                .map(|e| e.2["reason"].as_str().unwrap_or("-").to_string())
+                .collect::<Vec<_>>()
+        };
+        // The snapshot already holds timestamp 11, so no update follows it.
+        let gap = vec!["resume-gap".to_string()];
+        assert_eq!(reasons(events(&drain(&mut resumed, &mut p1).await)), gap);
+        assert_eq!(reasons(events(&drain(&mut hostile, &mut p2).await)), gap);
+        let initial = vec!["initial".to_string()];
+        assert_eq!(reasons(events(&drain(&mut fresh, &mut p3).await)), initial);
+    }
+
+    #[tokio::test]
+    async fn a_new_retry_reaches_connected_clients() {
+        let hub = Hub::new(settings(100, 100));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
+        let mut parser = Parser::new();
+        drain(&mut s, &mut parser).await;
+        hub.update_settings(settings(100, 100));
+        assert!(
+            drain(&mut s, &mut parser).await.is_empty(),
+            "unchanged retry"
+        );
+        hub.update_settings(Settings {
+            retry: Duration::from_millis(2500),
+            ..settings(100, 100)
+        });
+        assert_eq!(
+            drain(&mut s, &mut parser).await,
+            vec![Item::Retry(2500)],
+            "connected client"
+        );
+        let mut late = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
+        let items = drain(&mut late, &mut Parser::new()).await;
+        assert_eq!(items.first(), Some(&Item::Retry(2500)), "new client");
     }
 
     #[tokio::test]
