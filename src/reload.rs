@@ -7,13 +7,16 @@
 //! symlink swaps are both seen. In-place writes count only once the writer closes the
 //! file, so a slow partial write is never read half-way; a debounce folds bursts into
 //! one reload, and a content hash skips saves that changed nothing. A poll compares the
-//! hash every [`POLL_EVERY`] for filesystems where notify sees nothing.
+//! hash every [`POLL_EVERY`] for filesystems where notify sees nothing; it stays out of
+//! the way while the watcher knows a write to the file is still open, so a writer that
+//! pauses mid-file is not read half-way by the poll either.
 //!
 //! The watcher task and the signal task stop when the gateway's token is cancelled.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -30,6 +33,40 @@ use crate::supervisor::Supervisor;
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Fallback poll interval.
 pub const POLL_EVERY: Duration = Duration::from_secs(2);
+/// How long an open write (seen by the watcher, not yet closed) holds the poll back;
+/// past this the close event is assumed lost.
+const OPEN_WRITE_LIMIT: Duration = Duration::from_secs(60);
+
+/// When the watcher saw data written to the file without the writer closing it yet:
+/// milliseconds since `origin` plus one, or 0 when no write is open.
+struct OpenWrite {
+    origin: Instant,
+    since: AtomicU64,
+}
+
+impl OpenWrite {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    fn begin(&self) {
+        let now = self.now();
+        let _ = self
+            .since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.since.store(0, Ordering::Relaxed);
+    }
+
+    fn in_progress(&self) -> bool {
+        let since = self.since.load(Ordering::Relaxed);
+        since != 0 && self.now().saturating_sub(since) < OPEN_WRITE_LIMIT.as_millis() as u64
+    }
+}
 
 /// Why a reload was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +104,31 @@ pub fn spawn_watchers(
         .unwrap_or_default();
 
     let (raw_tx, raw_rx) = mpsc::unbounded_channel::<()>();
+    let open_write = Arc::new(OpenWrite {
+        origin: Instant::now(),
+        since: AtomicU64::new(0),
+    });
+    let seen_by_watcher = Arc::clone(&open_write);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = &res {
+            if event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str()))
+            {
+                match event.kind {
+                    EventKind::Modify(notify::event::ModifyKind::Data(_)) => {
+                        seen_by_watcher.begin()
+                    }
+                    // Closed, replaced or removed: no write to this file is open.
+                    EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Modify(notify::event::ModifyKind::Name(_))
+                    | EventKind::Create(_)
+                    | EventKind::Remove(_) => seen_by_watcher.end(),
+                    _ => {}
+                }
+            }
+        }
         let relevant = match &res {
             Err(_) => true,
             Ok(event) => {
@@ -101,7 +162,13 @@ pub fn spawn_watchers(
     };
 
     tracker.spawn(debounce(raw_rx, triggers.clone(), cancel.clone()));
-    tracker.spawn(poll(path, loaded, triggers.clone(), cancel.clone()));
+    tracker.spawn(poll(
+        path,
+        loaded,
+        open_write,
+        triggers.clone(),
+        cancel.clone(),
+    ));
     // Installed before returning: a SIGHUP that arrives before the handler exists
     // would terminate the process.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -137,10 +204,12 @@ async fn debounce(
     }
 }
 
-/// Reports a change the watcher missed, once the content has been stable for two polls.
+/// Reports a change the watcher missed, once the content has been stable for two polls
+/// and no write the watcher saw is still open.
 async fn poll(
     path: PathBuf,
     loaded: u64,
+    open_write: Arc<OpenWrite>,
     triggers: mpsc::Sender<Trigger>,
     cancel: CancellationToken,
 ) {
@@ -154,6 +223,10 @@ async fn poll(
             _ = tick.tick() => {}
         }
         let now = content_hash(&path);
+        if open_write.in_progress() {
+            previous = None;
+            continue;
+        }
         if now.is_some() && now == previous && now != reported {
             reported = now;
             if triggers.send(Trigger::Poll).await.is_err() {
