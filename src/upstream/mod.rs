@@ -157,6 +157,8 @@ impl StreamTask {
                 }
                 Err(e) => e,
             };
+            // What the coalescer holds is complete; an outage must not hold it back.
+            progress.coalescer.flush(&self.hub);
             if error.is_history_lost() && matches!(progress.phase, Phase::Live) {
                 warn!(stream = %path, error = %error, "Upstream no longer holds our timestamp; resynchronising from a fresh snapshot.");
                 progress.phase = Phase::Resync;

@@ -102,6 +102,52 @@ async fn outage(reset: bool) {
     .await;
 }
 
+/// Changes waiting out a stream's `delay` are complete; losing the upstream must not
+/// hold them back until it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_changes_are_delivered_during_an_outage() {
+    let (engine, proxy, gw) = proxied("[defaults]\ndelay = \"60s\"\n\n").await;
+    let direct = sql(engine.addr).await;
+    let mut client = gw.sse("/items").await;
+    let mut model = initial(&mut client).await;
+    let before = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed);
+    direct
+        .batch_execute("INSERT INTO items VALUES (7, 'held', 7)")
+        .await
+        .expect("insert");
+    // The change, then a later progress row (ticks every 200 ms), have reached the
+    // gateway: its timestamp is closed and waits in the 60 s window.
+    wait_for("the change and a later tick forwarded", WAIT, || async {
+        (proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed) >= before + 2).then_some(())
+    })
+    .await;
+    let quiet = Instant::now() + Duration::from_millis(300);
+    while let Some(item) = client
+        .next_item(quiet.saturating_duration_since(Instant::now()))
+        .await
+    {
+        if let Item::Event(e) = item {
+            assert_ne!(e.event, "update", "delivered before the window closed");
+            model.apply(&e, "update");
+        }
+    }
+    proxy.set(Mode::Refuse);
+    proxy.cut_all(false);
+    let truth = items_truth(&direct).await;
+    converge(&mut client, &mut model, "update", |m| m.sorted() == truth).await;
+    assert_eq!(model.snapshots, vec!["initial"]);
+    assert_ne!(
+        gw.get("/metrics")
+            .await
+            .1
+            .lines()
+            .find(|l| l.starts_with("upstream_up{"))
+            .unwrap_or_default(),
+        "upstream_up{stream=\"/items\"} 1",
+        "delivered while the upstream is down"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_link_resumes_without_a_gap() {
     outage(true).await;

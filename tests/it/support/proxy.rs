@@ -2,6 +2,7 @@
 //! the link, and refuse new connections, on command.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +25,8 @@ pub struct Proxy {
     /// Bumped to make every live link close; `reset` asks for an RST instead of a FIN.
     cut: watch::Sender<(u64, bool)>,
     pub accepted: Arc<Mutex<u64>>,
+    /// Reads from the upstream forwarded to the gateway, over all links.
+    pub forwarded: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,6 +44,8 @@ impl Proxy {
         let (cut, cut_rx) = watch::channel((0u64, false));
         let accepted = Arc::new(Mutex::new(0));
         let count = Arc::clone(&accepted);
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let chunks = Arc::clone(&forwarded);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -56,7 +61,13 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     continue;
                 };
-                tokio::spawn(link(client, server, mode_rx.clone(), cut_rx.clone()));
+                tokio::spawn(link(
+                    client,
+                    server,
+                    mode_rx.clone(),
+                    cut_rx.clone(),
+                    Arc::clone(&chunks),
+                ));
             }
         });
         Proxy {
@@ -64,6 +75,7 @@ impl Proxy {
             mode,
             cut,
             accepted,
+            forwarded,
             task,
         }
     }
@@ -86,6 +98,7 @@ async fn link(
     server: TcpStream,
     mut mode: watch::Receiver<Mode>,
     mut cut: watch::Receiver<(u64, bool)>,
+    forwarded: Arc<AtomicU64>,
 ) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -111,7 +124,12 @@ async fn link(
             },
             r = sr.read(&mut b) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if cw.write_all(&b[..n]).await.is_err() { break },
+                Ok(n) => {
+                    if cw.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                    forwarded.fetch_add(1, Ordering::Relaxed);
+                }
             },
         }
     }
