@@ -131,6 +131,8 @@ impl Source {
     pub fn relation(&self) -> String {
         match self {
             Source::View(v) => v.clone(),
+            // The newline keeps a trailing `--` comment from swallowing the parenthesis.
+            Source::Query(q) if q.contains("--") => format!("({q}\n)"),
             Source::Query(q) => format!("({q})"),
         }
     }
@@ -142,6 +144,54 @@ impl Source {
             Source::Query(q) => q.clone(),
         }
     }
+}
+
+/// Whether `sql` holds a `;` outside string literals, quoted identifiers and comments,
+/// i.e. more than one statement.
+fn separates_statements(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b';' => return true,
+            quote @ (b'\'' | b'"') => {
+                // A doubled quote inside is an escaped quote: scanning on covers it.
+                i += 1;
+                while i < b.len() && b[i] != quote {
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'$' => {
+                // A dollar quote: `$tag$ ... $tag$`, with an empty or identifier tag.
+                let tag_len = b[i + 1..]
+                    .iter()
+                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+                    .unwrap_or(b.len() - i - 1);
+                if b.get(i + 1 + tag_len) == Some(&b'$') {
+                    let tag = &sql[i..i + tag_len + 2];
+                    match sql[i + tag.len()..].find(tag) {
+                        Some(end) => i += tag.len() + end + tag.len() - 1,
+                        None => return false,
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// One `[[streams]]` entry with defaults applied.
@@ -248,10 +298,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     });
     match config {
         Some(c) if problems.list.is_empty() => Ok(c),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems: problems.list,
-        }),
+        _ => {
+            // In file order, whichever pass found them.
+            let mut problems = problems.list;
+            problems.sort_by_key(|p| (p.line, p.column));
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
     }
 }
 
@@ -397,13 +452,45 @@ impl RawConfig {
             defaults: Some(RawDefaults::default()),
             streams: Vec::new(),
         };
+        /// Reads a table, reporting every unknown or mistyped key (not only the first)
+        /// and keeping the rest, so the entry's other problems are reported too.
         fn section<T: for<'de> Deserialize<'de>>(
             value: Spanned<DeValue<'_>>,
             problems: &mut Problems<'_>,
         ) -> Option<T> {
-            T::deserialize(ValueDeserializer::from(value))
-                .map_err(|e| problems.toml(&e))
-                .ok()
+            let span = value.span();
+            let DeValue::Table(table) = value.get_ref() else {
+                return T::deserialize(ValueDeserializer::from(value))
+                    .map_err(|e| problems.toml(&e))
+                    .ok();
+            };
+            let mut good = table.clone();
+            for (key, item) in table.iter() {
+                let mut alone = toml::de::DeTable::new();
+                alone.insert(key.clone(), item.clone());
+                let alone = Spanned::new(span.clone(), DeValue::Table(alone));
+                // Alone, a key also lacks the required ones; the whole table says that.
+                match T::deserialize(ValueDeserializer::from(alone)) {
+                    Err(e) if !e.message().starts_with("missing field") => {
+                        let message = e.message().trim();
+                        let name = key.get_ref().as_ref();
+                        let offset = e.span().unwrap_or_else(|| item.span()).start;
+                        if message.starts_with("unknown field") {
+                            problems.at(offset, message.to_string());
+                        } else {
+                            problems.at(offset, format!("`{name}`: {message}"));
+                        }
+                        good.remove(key.get_ref().as_ref());
+                    }
+                    _ => {}
+                }
+            }
+            T::deserialize(ValueDeserializer::from(Spanned::new(
+                span,
+                DeValue::Table(good),
+            )))
+            .map_err(|e| problems.toml(&e))
+            .ok()
         }
         for (key, value) in root.into_inner() {
             let name = key.get_ref().as_ref();
@@ -482,6 +569,15 @@ impl RawConfig {
                     p.at(
                         url.span().start,
                         "the upstream url must not hold a password; use `password_env` or `password_file`",
+                    );
+                    UpstreamTarget::Embedded
+                }
+                // tokio-postgres' default, `prefer`, falls back to plaintext without a
+                // word when the server declines TLS: plaintext must be asked for.
+                Ok(c) if matches!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Prefer) => {
+                    p.at(
+                        url.span().start,
+                        "the upstream url needs `sslmode=require` (verified TLS) or `sslmode=disable` (plain TCP); `prefer`, the default, silently falls back to plain TCP",
                     );
                     UpstreamTarget::Embedded
                 }
@@ -646,7 +742,7 @@ fn validate_stream(
             let text = q.get_ref().trim().trim_end_matches(';').trim();
             if text.is_empty() {
                 p.at(q.span().start, "`query` is empty");
-            } else if text.contains(';') {
+            } else if separates_statements(text) {
                 p.at(
                     q.span().start,
                     "`query` must be a single statement (no `;`)",
@@ -702,20 +798,27 @@ fn validate_stream(
         c.get_ref().clone()
     });
 
+    // Every field is checked even when the source is wrong, so all problems show.
+    let event = s
+        .event
+        .as_ref()
+        .map_or_else(|| d.event.clone(), |_| event_name(p, &s.event, "update"));
+    let delay = duration(p, &s.delay, d.delay);
+    let retry = duration(p, &s.retry, d.retry);
+    let history = count(p, &s.history, d.history, "history");
+    let history_bytes = count(p, &s.history_bytes, d.history_bytes, "history_bytes");
+    let client_queue = count(p, &s.client_queue, d.client_queue, "client_queue");
     let stream = StreamConfig {
         path: StreamPath(path),
         source: source?,
-        event: s
-            .event
-            .as_ref()
-            .map_or_else(|| d.event.clone(), |_| event_name(p, &s.event, "update")),
-        delay: duration(p, &s.delay, d.delay),
-        retry: duration(p, &s.retry, d.retry),
+        event,
+        delay,
+        retry,
         key,
         cluster,
-        history: count(p, &s.history, d.history, "history"),
-        history_bytes: count(p, &s.history_bytes, d.history_bytes, "history_bytes"),
-        client_queue: count(p, &s.client_queue, d.client_queue, "client_queue"),
+        history,
+        history_bytes,
+        client_queue,
     };
     (p.list.len() == before).then_some(stream)
 }
@@ -867,6 +970,58 @@ mod tests {
     }
 
     #[test]
+    fn every_problem_of_one_entry_is_reported() {
+        let text = "[[streams]]\npath = \"/a\"\nview = \"v\"\n\
+                    [[streams]]\npath = \"/a\"\nview = \"v\"\nquery = \"SELECT 1\"\n\
+                    colour = \"red\"\ndelay = \"soon\"\nretry = 5\n\
+                    [server]\nlisten = 8000\nheartbeat = \"often\"\nshade = 1\n";
+        let problems = check(text).expect_err("invalid");
+        let messages: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+            .collect();
+        for (needle, line) in [
+            ("duplicate", 5),
+            ("both", 6),
+            ("colour", 8),
+            ("bad duration", 9),
+            ("`retry`: invalid type", 10),
+            ("`listen`: invalid type", 12),
+            ("\"often\"", 13),
+            ("shade", 14),
+        ] {
+            assert!(
+                messages
+                    .iter()
+                    .any(|m| m.contains(needle) && m.starts_with(&format!("{line}:"))),
+                "{needle} on line {line}: {messages:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_real_semicolon_separates_statements() {
+        for sql in [
+            "SELECT * FROM t WHERE note <> 'a;b'",
+            "SELECT 'it''s; fine' AS \"a;b\" FROM t",
+            "SELECT 1 -- one; two\n",
+            "SELECT /* ; */ 1",
+            "SELECT $$;$$, $x$ a;b $x$, $1",
+            "SELECT 1 -- trailing comment",
+        ] {
+            assert!(!separates_statements(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1; DROP TABLE t",
+            "SELECT 'a'; SELECT 2",
+            "SELECT 1 /* c */; SELECT 2",
+            "SELECT $$x$$; SELECT 2",
+        ] {
+            assert!(separates_statements(sql), "{sql}");
+        }
+    }
+
+    #[test]
     fn syntax_errors_have_a_position() {
         let problems = check("[[streams]]\npath = \"/a\nview = \"v\"\n").expect_err("invalid");
         assert_eq!(problems.len(), 1);
@@ -888,6 +1043,16 @@ mod tests {
         )
         .expect_err("bad");
         assert!(p[0].message.contains("password"));
+        for url in [
+            "postgres://u@db.example:6875/materialize",
+            "postgres://u@db.example:6875/materialize?sslmode=prefer",
+        ] {
+            let p = check(&format!(
+                "[upstream]\nurl = \"{url}\"\n[[streams]]\npath = \"/a\"\nview = \"v\"\n"
+            ))
+            .expect_err("prefer");
+            assert!(p[0].message.contains("sslmode=require"), "{url}");
+        }
         let c = check(
             "[upstream]\nurl = \"postgres://u@127.0.0.1:6875/materialize?sslmode=require\"\n\
              password_env = \"MZ_PASSWORD\"\n[[streams]]\npath = \"/a\"\nview = \"v\"\n",
