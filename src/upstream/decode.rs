@@ -341,7 +341,16 @@ fn value(out: &mut String, kind: Kind, text: &str) -> Result<(), String> {
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(format!("not an integer: {text:?}"));
             }
-            out.push_str(text);
+            // Past 2^53 a JavaScript number is no longer exact: such values go as
+            // decimal strings, like numeric.
+            const MAX_SAFE: u64 = (1 << 53) - 1;
+            if digits.len() >= 16 && digits.parse::<u64>().map_or(true, |d| d > MAX_SAFE) {
+                out.push('"');
+                out.push_str(text);
+                out.push('"');
+            } else {
+                out.push_str(text);
+            }
         }
         Kind::Float => {
             if is_json_number(text) {
@@ -437,6 +446,18 @@ mod tests {
         assert_eq!(v(Kind::Bool, "t").as_deref(), Ok("true"));
         assert_eq!(v(Kind::Integer, "-42").as_deref(), Ok("-42"));
         assert!(v(Kind::Integer, "4x").is_err());
+        assert_eq!(
+            v(Kind::Integer, "9007199254740991").as_deref(),
+            Ok("9007199254740991")
+        );
+        assert_eq!(
+            v(Kind::Integer, "-9007199254740992").as_deref(),
+            Ok("\"-9007199254740992\"")
+        );
+        assert_eq!(
+            v(Kind::Integer, "18446744073709551615").as_deref(),
+            Ok("\"18446744073709551615\"")
+        );
         assert_eq!(v(Kind::Float, "1.5e+20").as_deref(), Ok("1.5e+20"));
         assert_eq!(v(Kind::Float, "NaN").as_deref(), Ok("\"NaN\""));
         assert_eq!(v(Kind::Float, "-Infinity").as_deref(), Ok("\"-Infinity\""));

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use tailgate::sse::Item;
 
 use crate::support::{
-    converge, engine_subscriptions, items_truth, multiset, Model, TestGateway, WAIT,
+    converge, engine_subscriptions, gateway_sessions, items_truth, multiset, Model, TestGateway,
+    WAIT,
 };
 
 const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
@@ -56,6 +57,16 @@ async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {
             .map(|v| v.to_str().unwrap_or("")),
         Some("text/event-stream")
     );
+    for (name, value) in [("cache-control", "no-cache"), ("x-accel-buffering", "no")] {
+        assert_eq!(
+            diff_client
+                .headers
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("")),
+            Some(value),
+            "{name}"
+        );
+    }
     let mut diff_model = Model::default();
     let mut keyed_model = Model::default();
     let first = diff_client.next_data_event(WAIT).await;
@@ -149,6 +160,11 @@ async fn two_hundred_clients_share_one_upstream_subscription() {
         engine_subscriptions(&sql).await,
         1,
         "one SUBSCRIBE for 200 clients"
+    );
+    assert_eq!(
+        gateway_sessions(&sql).await,
+        1,
+        "one upstream session for 200 clients"
     );
     let (_, listing) = gw.get("/").await;
     let listing: Value = serde_json::from_str(&listing).expect("listing JSON");
@@ -406,6 +422,8 @@ async fn a_stream_requested_on_a_reused_connection_is_served_too() {
     let resp = send.send_request(req("/items")).await.expect("stream");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["cache-control"], "no-cache");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
     let mut body = resp.into_body();
     let mut parser = tailgate::sse::Parser::new();
     let mut items = Vec::new();

@@ -191,6 +191,18 @@ pub async fn engine_subscriptions(client: &tokio_postgres::Client) -> i64 {
     row.get::<_, i64>(0)
 }
 
+/// The gateway's sessions on the engine (it names each `tailgate <path>`).
+pub async fn gateway_sessions(client: &tokio_postgres::Client) -> i64 {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM mz_internal.mz_sessions WHERE application_name LIKE 'tailgate %'",
+            &[],
+        )
+        .await
+        .expect("mz_sessions");
+    row.get::<_, i64>(0)
+}
+
 async fn request(
     addr: SocketAddr,
     path: &str,
