@@ -168,8 +168,15 @@ impl Reps {
         self.0.iter().map(|r| r.f(path)).sum()
     }
 
+    /// Over all runs; 0 when nothing was expected (a contender that delivered nothing
+    /// inside the window cannot tell how many ticks were produced).
     fn delivered_ratio(&self) -> f64 {
-        self.sum("delivered") / self.sum("expected")
+        let expected = self.sum("expected");
+        if expected > 0.0 {
+            self.sum("delivered") / expected
+        } else {
+            0.0
+        }
     }
 
     /// The knee criterion: median p99 within 100 ms and 99.9% delivered over all runs.
