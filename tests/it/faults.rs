@@ -110,13 +110,14 @@ async fn delayed_changes_are_delivered_during_an_outage() {
     let direct = sql(engine.addr).await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
-    let before = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed);
     direct
         .batch_execute("INSERT INTO items VALUES (7, 'held', 7)")
         .await
         .expect("insert");
-    // The change, then a later progress row (ticks every 200 ms), have reached the
-    // gateway: its timestamp is closed and waits in the 60 s window.
+    // Two reads from the engine after the write committed: the change and a later
+    // progress row (ticks every 200 ms) have reached the gateway, so its timestamp is
+    // closed and waits in the 60 s window.
+    let before = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed);
     wait_for("the change and a later tick forwarded", WAIT, || async {
         (proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed) >= before + 2).then_some(())
     })
