@@ -177,13 +177,16 @@ enum Entry {
         bytes: Bytes,
     },
     Frame(Bytes),
+    /// A frame that changes what a client must know (the upstream's status, the
+    /// `retry` delay): a client that skips it is told the current values instead.
+    Control(Bytes),
     Reset(Reason),
 }
 
 impl Entry {
     fn size(&self) -> usize {
         match self {
-            Entry::Batch { bytes, .. } | Entry::Frame(bytes) => bytes.len(),
+            Entry::Batch { bytes, .. } | Entry::Frame(bytes) | Entry::Control(bytes) => bytes.len(),
             Entry::Reset(_) => 0,
         }
     }
@@ -206,6 +209,8 @@ struct Inner {
     resume_seq: u64,
     snapshots: Vec<(Reason, Bytes)>,
     health: Health,
+    /// The current `status` event, for clients that skipped a change of it.
+    status: Bytes,
     /// The `status` event of a degraded upstream, encoded once for every client that
     /// connects or resets meanwhile; `None` while streaming.
     degraded: Option<Bytes>,
@@ -296,11 +301,13 @@ impl Inner {
         let head = self.head();
         if *pos < self.base_seq || head - *pos > self.settings.client_queue as u64 {
             stats.lagged.fetch_add(1, Ordering::Relaxed);
+            let skipped_control = *pos < self.base_seq || self.has_control(*pos);
             if let Some(s) = self.snapshot(Reason::Lagged) {
                 out.push(s);
             }
-            // The skipped entries may have held the upstream's trouble.
-            out.extend(self.degraded.clone());
+            if skipped_control {
+                self.push_control(out);
+            }
             *pos = head;
         }
         let start = (*pos - self.base_seq) as usize;
@@ -318,11 +325,16 @@ impl Inner {
                 if let Some(s) = self.snapshot(reason) {
                     out.push(s);
                 }
-                out.extend(self.degraded.clone());
+                if self.has_control(*pos) {
+                    self.push_control(out);
+                }
             }
             None => {
                 for entry in self.ring.range(start..) {
-                    if let Entry::Batch { bytes, .. } | Entry::Frame(bytes) = entry {
+                    if let Entry::Batch { bytes, .. }
+                    | Entry::Frame(bytes)
+                    | Entry::Control(bytes) = entry
+                    {
                         out.push(bytes.clone());
                     }
                 }
@@ -336,6 +348,20 @@ impl Inner {
             }
             None => false,
         }
+    }
+
+    /// Whether the ring from `pos` on holds a status or retry change.
+    fn has_control(&self, pos: u64) -> bool {
+        let start = pos.saturating_sub(self.base_seq) as usize;
+        self.ring
+            .range(start.min(self.ring.len())..)
+            .any(|e| matches!(e, Entry::Control(_)))
+    }
+
+    /// The current `retry` and status, for a client that skipped their changes.
+    fn push_control(&self, out: &mut Vec<Bytes>) {
+        out.push(self.retry_frame.clone());
+        out.push(self.status.clone());
     }
 
     /// Where a resuming client's cursor goes, or `None` if the history cannot serve it.
@@ -360,7 +386,7 @@ impl Inner {
                     return (*min_ts > after).then_some(seq);
                 }
                 Entry::Reset(_) => return None,
-                Entry::Frame(_) => seq += 1,
+                Entry::Frame(_) | Entry::Control(_) => seq += 1,
             }
         }
         Some(seq)
@@ -419,6 +445,7 @@ impl Hub {
                 floor_ts: 0,
                 resume_seq: 0,
                 snapshots: Vec::new(),
+                status: status_frame(&connecting),
                 degraded: Some(status_frame(&connecting)),
                 health: connecting,
                 end: None,
@@ -445,7 +472,7 @@ impl Hub {
             inner.retry_frame = sse::retry(settings.retry.as_millis());
             // Connected browsers learn the new reconnection delay too, not only new ones.
             let frame = inner.retry_frame.clone();
-            inner.push(Entry::Frame(frame));
+            inner.push(Entry::Control(frame));
             self.notify(&inner);
         }
         inner.settings = settings;
@@ -572,7 +599,8 @@ impl Hub {
             Health::Reconnecting { .. } => Some(frame.clone()),
         };
         inner.health = health;
-        inner.push(Entry::Frame(frame));
+        inner.status = frame.clone();
+        inner.push(Entry::Control(frame));
         self.notify(&inner);
     }
 
@@ -1079,6 +1107,16 @@ mod tests {
         let mut late = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
         let items = drain(&mut late, &mut Parser::new()).await;
         assert_eq!(items.first(), Some(&Item::Retry(2500)), "new client");
+
+        // A reset that replaces the range holding the change still carries it.
+        hub.update_settings(Settings {
+            retry: Duration::from_millis(4000),
+            ..settings(100, 100)
+        });
+        hub.load_snapshot(11, State::empty(false), Reason::ConfigChanged);
+        let items = drain(&mut s, &mut parser).await;
+        assert!(items.contains(&Item::Retry(4000)), "{items:?}");
+        assert_eq!(events(&items)[0].2["reason"], "config-changed");
     }
 
     #[tokio::test]
