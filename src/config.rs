@@ -150,14 +150,25 @@ impl Source {
 /// i.e. more than one statement.
 fn separates_statements(sql: &str) -> bool {
     let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    // Whether `b[i]` continues an identifier (or a number) rather than starting a token.
+    let inside_word = |i: usize| i > 0 && ident(b[i - 1]);
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b';' => return true,
             quote @ (b'\'' | b'"') => {
-                // A doubled quote inside is an escaped quote: scanning on covers it.
+                // `E'...'` strings escape with a backslash; elsewhere a doubled quote is
+                // an escaped quote, which scanning on covers.
+                let escapes = quote == b'\''
+                    && i > 0
+                    && matches!(b[i - 1], b'e' | b'E')
+                    && !inside_word(i - 1);
                 i += 1;
                 while i < b.len() && b[i] != quote {
+                    if escapes && b[i] == b'\\' {
+                        i += 1;
+                    }
                     i += 1;
                 }
             }
@@ -173,8 +184,9 @@ fn separates_statements(sql: &str) -> bool {
                 }
                 i += 1;
             }
-            b'$' => {
-                // A dollar quote: `$tag$ ... $tag$`, with an empty or identifier tag.
+            // A dollar quote: `$tag$ ... $tag$`, with an empty tag or one that starts
+            // like an identifier; not `$1` (a parameter) nor a `$` inside a name.
+            b'$' if !inside_word(i) && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 let tag_len = b[i + 1..]
                     .iter()
                     .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
@@ -452,8 +464,11 @@ impl RawConfig {
             defaults: Some(RawDefaults::default()),
             streams: Vec::new(),
         };
-        /// Reads a table, reporting every unknown or mistyped key (not only the first)
-        /// and keeping the rest, so the entry's other problems are reported too.
+        /// Reads a table, reporting every unknown or mistyped key, not only the first.
+        /// Unknown keys are dropped and the rest is read on, so the entry's other
+        /// problems are reported too; a mistyped key makes the entry unreadable (its
+        /// value cannot stand in for the key, and leaving it out would invent problems
+        /// such as a missing `path`).
         fn section<T: for<'de> Deserialize<'de>>(
             value: Spanned<DeValue<'_>>,
             problems: &mut Problems<'_>,
@@ -465,6 +480,7 @@ impl RawConfig {
                     .ok();
             };
             let mut good = table.clone();
+            let mut mistyped = false;
             for (key, item) in table.iter() {
                 let mut alone = toml::de::DeTable::new();
                 alone.insert(key.clone(), item.clone());
@@ -477,13 +493,17 @@ impl RawConfig {
                         let offset = e.span().unwrap_or_else(|| item.span()).start;
                         if message.starts_with("unknown field") {
                             problems.at(offset, message.to_string());
+                            good.remove(key.get_ref().as_ref());
                         } else {
                             problems.at(offset, format!("`{name}`: {message}"));
+                            mistyped = true;
                         }
-                        good.remove(key.get_ref().as_ref());
                     }
                     _ => {}
                 }
+            }
+            if mistyped {
+                return None;
             }
             T::deserialize(ValueDeserializer::from(Spanned::new(
                 span,
@@ -973,8 +993,9 @@ mod tests {
     fn every_problem_of_one_entry_is_reported() {
         let text = "[[streams]]\npath = \"/a\"\nview = \"v\"\n\
                     [[streams]]\npath = \"/a\"\nview = \"v\"\nquery = \"SELECT 1\"\n\
-                    colour = \"red\"\ndelay = \"soon\"\nretry = 5\n\
-                    [server]\nlisten = 8000\nheartbeat = \"often\"\nshade = 1\n";
+                    colour = \"red\"\ndelay = \"soon\"\n\
+                    [[streams]]\npath = 5\nview = \"v\"\nretry = 5\n\
+                    [server]\nheartbeat = \"often\"\nshade = 1\n";
         let problems = check(text).expect_err("invalid");
         let messages: Vec<String> = problems
             .iter()
@@ -985,10 +1006,10 @@ mod tests {
             ("both", 6),
             ("colour", 8),
             ("bad duration", 9),
-            ("`retry`: invalid type", 10),
-            ("`listen`: invalid type", 12),
-            ("\"often\"", 13),
-            ("shade", 14),
+            ("`path`: invalid type", 11),
+            ("`retry`: invalid type", 13),
+            ("\"often\"", 15),
+            ("shade", 16),
         ] {
             assert!(
                 messages
@@ -997,6 +1018,8 @@ mod tests {
                 "{needle} on line {line}: {messages:#?}"
             );
         }
+        // Each once; nothing invented for the unreadable entry (no missing `path`).
+        assert_eq!(messages.len(), 8, "{messages:#?}");
     }
 
     #[test]
@@ -1008,6 +1031,8 @@ mod tests {
             "SELECT /* ; */ 1",
             "SELECT $$;$$, $x$ a;b $x$, $1",
             "SELECT 1 -- trailing comment",
+            "SELECT E'it\\'s; ok' FROM t",
+            "SELECT 'a\\', 'b' FROM t",
         ] {
             assert!(!separates_statements(sql), "{sql}");
         }
@@ -1016,6 +1041,10 @@ mod tests {
             "SELECT 'a'; SELECT 2",
             "SELECT 1 /* c */; SELECT 2",
             "SELECT $$x$$; SELECT 2",
+            "SELECT a$b$ FROM t; DROP TABLE t",
+            "SELECT $1$; DROP TABLE t",
+            "SELECT E'\\''; DROP TABLE t; SELECT ''",
+            "SELECT 'x'; SELECT é$$",
         ] {
             assert!(separates_statements(sql), "{sql}");
         }

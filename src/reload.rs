@@ -51,11 +51,12 @@ impl OpenWrite {
             .saturating_add(1)
     }
 
+    /// Marks a write as open, keeping the first mark of a write already open; a mark
+    /// past the limit (its close event lost) is replaced.
     fn begin(&self) {
-        let now = self.now();
-        let _ = self
-            .since
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        if !self.in_progress() {
+            self.since.store(self.now(), Ordering::Relaxed);
+        }
     }
 
     fn end(&self) {
