@@ -13,6 +13,7 @@
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -209,11 +210,9 @@ struct Inner {
     resume_seq: u64,
     snapshots: Vec<(Reason, Bytes)>,
     health: Health,
-    /// The current `status` event, for clients that skipped a change of it.
+    /// The `status` event of `health`, encoded once: for clients that skipped a change
+    /// of it, and for every client that connects while the upstream is degraded.
     status: Bytes,
-    /// The `status` event of a degraded upstream, encoded once for every client that
-    /// connects or resets meanwhile; `None` while streaming.
-    degraded: Option<Bytes>,
     end: Option<Bytes>,
 }
 
@@ -251,34 +250,12 @@ impl Inner {
             return Some(b.clone());
         }
         let ts = self.state_ts;
-        let mut data = String::with_capacity(64 + state.len() * 48);
-        data.push_str("{\"ts\":\"");
-        data.push_str(&ts.to_string());
-        data.push_str("\",\"reason\":\"");
-        data.push_str(reason.as_str());
-        data.push_str("\",\"changes\":[");
-        let mut first = true;
-        let mut sep = |data: &mut String| {
-            if !std::mem::take(&mut first) {
-                data.push(',');
-            }
-        };
+        let mut data = ChangesJson::new(ts, Some(reason), state.len());
         match state {
-            State::Diff(m) => {
-                for (row, n) in m {
-                    sep(&mut data);
-                    push_diff(&mut data, row, *n);
-                }
-            }
-            State::Keyed(m) => {
-                for (key, row) in m {
-                    sep(&mut data);
-                    push_upsert(&mut data, key, Some(row));
-                }
-            }
+            State::Diff(m) => m.iter().for_each(|(row, n)| data.diff(row, *n)),
+            State::Keyed(m) => m.iter().for_each(|(key, row)| data.upsert(key, Some(row))),
         }
-        data.push_str("]}");
-        let bytes = sse::event("snapshot", Some(ts), &data);
+        let bytes = sse::event("snapshot", Some(ts), &data.finish());
         self.snapshots.push((reason, bytes.clone()));
         Some(bytes)
     }
@@ -364,6 +341,12 @@ impl Inner {
         out.push(self.status.clone());
     }
 
+    /// The `status` a connecting client is sent first: only while the upstream is
+    /// degraded.
+    fn degraded(&self) -> Option<Bytes> {
+        matches!(self.health, Health::Reconnecting { .. }).then(|| self.status.clone())
+    }
+
     /// Where a resuming client's cursor goes, or `None` if the history cannot serve it.
     fn resume_position(&self, after: u64) -> Option<u64> {
         self.state.as_ref()?;
@@ -393,20 +376,62 @@ impl Inner {
     }
 }
 
-fn push_diff(out: &mut String, row: &str, diff: i64) {
-    out.push_str("{\"diff\":");
-    out.push_str(&diff.to_string());
-    out.push_str(",\"row\":");
-    out.push_str(row);
-    out.push('}');
+/// The data of `snapshot` and update events:
+/// `{"ts":"<ts>","reason":"<reason>","changes":[...]}`, `reason` only in snapshots.
+/// Rows and keys are already JSON, so they are copied in as they are.
+struct ChangesJson {
+    out: String,
+    empty: bool,
 }
 
-fn push_upsert(out: &mut String, key: &str, row: Option<&str>) {
-    out.push_str("{\"key\":");
-    out.push_str(key);
-    out.push_str(",\"row\":");
-    out.push_str(row.unwrap_or("null"));
-    out.push('}');
+impl ChangesJson {
+    fn new(ts: u64, reason: Option<Reason>, changes: usize) -> Self {
+        let mut out = String::with_capacity(64 + changes * 48);
+        let _ = write!(out, "{{\"ts\":\"{ts}\",");
+        if let Some(reason) = reason {
+            out.push_str("\"reason\":\"");
+            out.push_str(reason.as_str());
+            out.push_str("\",");
+        }
+        out.push_str("\"changes\":[");
+        ChangesJson { out, empty: true }
+    }
+
+    /// The buffer, with a separator if a change came before.
+    fn next(&mut self) -> &mut String {
+        if !std::mem::take(&mut self.empty) {
+            self.out.push(',');
+        }
+        &mut self.out
+    }
+
+    fn diff(&mut self, row: &str, diff: i64) {
+        let out = self.next();
+        let _ = write!(out, "{{\"diff\":{diff},\"row\":");
+        out.push_str(row);
+        out.push('}');
+    }
+
+    fn upsert(&mut self, key: &str, row: Option<&str>) {
+        let out = self.next();
+        out.push_str("{\"key\":");
+        out.push_str(key);
+        out.push_str(",\"row\":");
+        out.push_str(row.unwrap_or("null"));
+        out.push('}');
+    }
+
+    fn push(&mut self, change: &Change) {
+        match change {
+            Change::Diff { row, diff } => self.diff(row, *diff),
+            Change::Upsert { key, row } => self.upsert(key, row.as_deref()),
+        }
+    }
+
+    fn finish(mut self) -> String {
+        self.out.push_str("]}");
+        self.out
+    }
 }
 
 /// Counters the metrics endpoint reads.
@@ -446,7 +471,6 @@ impl Hub {
                 resume_seq: 0,
                 snapshots: Vec::new(),
                 status: status_frame(&connecting),
-                degraded: Some(status_frame(&connecting)),
                 health: connecting,
                 end: None,
             }),
@@ -537,21 +561,11 @@ impl Hub {
         if net.is_empty() {
             return;
         }
-        let mut data = String::with_capacity(32 + net.len() * 48);
-        data.push_str("{\"ts\":\"");
-        data.push_str(&id.to_string());
-        data.push_str("\",\"changes\":[");
-        for (i, c) in net.iter().enumerate() {
-            if i > 0 {
-                data.push(',');
-            }
-            match c {
-                Change::Diff { row, diff } => push_diff(&mut data, row, *diff),
-                Change::Upsert { key, row } => push_upsert(&mut data, key, row.as_deref()),
-            }
+        let mut data = ChangesJson::new(id, None, net.len());
+        for change in &net {
+            data.push(change);
         }
-        data.push_str("]}");
-        let bytes = sse::event(&inner.settings.event, Some(id), &data);
+        let bytes = sse::event(&inner.settings.event, Some(id), &data.finish());
         inner.push(Entry::Batch { min_ts, id, bytes });
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.notify(&inner);
@@ -594,10 +608,6 @@ impl Hub {
             return;
         }
         let frame = status_frame(&health);
-        inner.degraded = match health {
-            Health::Streaming => None,
-            Health::Reconnecting { .. } => Some(frame.clone()),
-        };
         inner.health = health;
         inner.status = frame.clone();
         inner.push(Entry::Control(frame));
@@ -659,7 +669,7 @@ impl Hub {
             let mut inner = hub.lock();
             resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
             first.push(inner.retry_frame.clone());
-            first.extend(inner.degraded.clone());
+            first.extend(inner.degraded());
             pos = inner.head();
             let replay = match resume {
                 Resume::After(after) => inner.resume_position(after),
@@ -874,6 +884,7 @@ mod tests {
     use super::*;
     use crate::sse::{Item, Parser};
     use futures::StreamExt;
+    use std::pin::Pin;
 
     fn settings(client_queue: usize, history: usize) -> Settings {
         Settings {
@@ -892,21 +903,46 @@ mod tests {
         }
     }
 
-    /// Everything a client has received so far, parsed.
-    async fn drain(
-        stream: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin),
-        parser: &mut Parser,
-    ) -> Vec<Item> {
-        let mut out = Vec::new();
-        while let Ok(Some(Ok(chunk))) =
-            tokio::time::timeout(Duration::from_millis(20), stream.next()).await
-        {
-            parser.feed(&chunk, &mut out);
-        }
-        out
+    type Ev = (String, Option<String>, serde_json::Value);
+
+    /// A subscribed client that parses what it receives.
+    struct Client {
+        stream: Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Send>>,
+        parser: Parser,
     }
 
-    fn events(items: &[Item]) -> Vec<(String, Option<String>, serde_json::Value)> {
+    impl Client {
+        fn new(hub: &Arc<Hub>, resume: Resume) -> Client {
+            Client {
+                stream: Box::pin(hub.subscribe(resume).into_stream()),
+                parser: Parser::new(),
+            }
+        }
+
+        /// A client that has read its opening frames.
+        async fn connected(hub: &Arc<Hub>) -> Client {
+            let mut client = Client::new(hub, Resume::Fresh);
+            client.items().await;
+            client
+        }
+
+        /// Everything received since the last call, parsed.
+        async fn items(&mut self) -> Vec<Item> {
+            let mut out = Vec::new();
+            while let Ok(Some(Ok(chunk))) =
+                tokio::time::timeout(Duration::from_millis(20), self.stream.next()).await
+            {
+                self.parser.feed(&chunk, &mut out);
+            }
+            out
+        }
+
+        async fn events(&mut self) -> Vec<Ev> {
+            events(&self.items().await)
+        }
+    }
+
+    fn events(items: &[Item]) -> Vec<Ev> {
         items
             .iter()
             .filter_map(|i| match i {
@@ -923,9 +959,8 @@ mod tests {
     #[tokio::test]
     async fn snapshot_then_updates_in_order() {
         let hub = Hub::new(settings(100, 100));
-        let mut early = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut p1 = Parser::new();
-        let items = drain(&mut early, &mut p1).await;
+        let mut early = Client::new(&hub, Resume::Fresh);
+        let items = early.items().await;
         assert_eq!(items.first(), Some(&Item::Retry(15000)));
         assert!(items
             .iter()
@@ -934,7 +969,7 @@ mod tests {
         let mut state = State::empty(false);
         state.apply(&diff("{\"a\":1}", 2));
         hub.load_snapshot(10, state, Reason::ConfigChanged);
-        let ev = events(&drain(&mut early, &mut p1).await);
+        let ev = early.events().await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].0, "snapshot");
         assert_eq!(ev[0].2["reason"], "initial");
@@ -943,7 +978,7 @@ mod tests {
         hub.publish(12, 12, &[diff("{\"a\":3}", 1), diff("{\"a\":3}", -1)]);
         hub.publish(13, 13, &[diff("{\"a\":4}", 1)]);
 
-        let ev = events(&drain(&mut early, &mut p1).await);
+        let ev = early.events().await;
         assert_eq!(ev.len(), 2, "{ev:?}");
         assert_eq!(ev[0].1.as_deref(), Some("11"));
         assert_eq!(ev[0].2["changes"].as_array().map(Vec::len), Some(2));
@@ -960,25 +995,21 @@ mod tests {
             hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
         }
         hub.advance(20);
-        let mut parser = Parser::new();
-        let mut s = Box::pin(hub.subscribe(Resume::After(12)).into_stream());
-        let ev = events(&drain(&mut s, &mut parser).await);
+        let ev = Client::new(&hub, Resume::After(12)).events().await;
         let ids: Vec<_> = ev.iter().map(|e| e.1.clone().unwrap_or_default()).collect();
         assert_eq!(ids, vec!["13", "14", "15"]);
         assert!(ev.iter().all(|e| e.0 == "update"));
 
         // Between batches, and at the state's own timestamp: nothing or the tail.
-        let mut s = Box::pin(hub.subscribe(Resume::After(18)).into_stream());
-        assert!(events(&drain(&mut s, &mut Parser::new()).await).is_empty());
+        let mut s = Client::new(&hub, Resume::After(18));
+        assert!(s.events().await.is_empty());
 
         for (after, why) in [(9, "before the floor"), (21, "from the future")] {
-            let mut s = Box::pin(hub.subscribe(Resume::After(after)).into_stream());
-            let ev = events(&drain(&mut s, &mut Parser::new()).await);
+            let ev = Client::new(&hub, Resume::After(after)).events().await;
             assert_eq!(ev.len(), 1, "{why}");
             assert_eq!(ev[0].2["reason"], "resume-gap", "{why}");
         }
-        let mut s = Box::pin(hub.subscribe(Resume::Invalid).into_stream());
-        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        let ev = Client::new(&hub, Resume::Invalid).events().await;
         assert_eq!(ev[0].2["reason"], "resume-gap");
     }
 
@@ -987,8 +1018,7 @@ mod tests {
         let hub = Hub::new(settings(100, 100));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
         hub.publish(11, 15, &[diff("{\"a\":1}", 1), diff("{\"a\":2}", 1)]);
-        let mut s = Box::pin(hub.subscribe(Resume::After(12)).into_stream());
-        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        let ev = Client::new(&hub, Resume::After(12)).events().await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].2["reason"], "resume-gap");
     }
@@ -1000,12 +1030,10 @@ mod tests {
         for ts in 11..=20 {
             hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
         }
-        let mut s = Box::pin(hub.subscribe(Resume::After(16)).into_stream());
-        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        let ev = Client::new(&hub, Resume::After(16)).events().await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].2["reason"], "resume-gap");
-        let mut s = Box::pin(hub.subscribe(Resume::After(17)).into_stream());
-        let ev = events(&drain(&mut s, &mut Parser::new()).await);
+        let ev = Client::new(&hub, Resume::After(17)).events().await;
         assert_eq!(ev.len(), 3);
     }
 
@@ -1013,13 +1041,11 @@ mod tests {
     async fn a_client_that_falls_behind_gets_a_lagged_snapshot() {
         let hub = Hub::new(settings(4, 1000));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
-        let mut slow = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut parser = Parser::new();
-        drain(&mut slow, &mut parser).await;
+        let mut slow = Client::connected(&hub).await;
         for ts in 11..=30 {
             hub.publish(ts, ts, &[diff(&format!("{{\"t\":{ts}}}"), 1)]);
         }
-        let ev = events(&drain(&mut slow, &mut parser).await);
+        let ev = slow.events().await;
         assert_eq!(ev.len(), 1, "{ev:?}");
         assert_eq!(ev[0].2["reason"], "lagged");
         assert_eq!(ev[0].2["changes"].as_array().map(Vec::len), Some(20));
@@ -1031,9 +1057,7 @@ mod tests {
         let hub = Hub::new(settings(4, 1000));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
         hub.set_health(Health::Streaming);
-        let mut slow = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut parser = Parser::new();
-        drain(&mut slow, &mut parser).await;
+        let mut slow = Client::connected(&hub).await;
         hub.publish(11, 11, &[diff("{\"t\":11}", 1)]);
         hub.set_health(Health::Reconnecting {
             error: "link lost".into(),
@@ -1041,7 +1065,7 @@ mod tests {
         for _ in 0..10 {
             hub.heartbeat();
         }
-        let items = drain(&mut slow, &mut parser).await;
+        let items = slow.items().await;
         let status: Vec<_> = items
             .iter()
             .filter_map(|i| match i {
@@ -1057,55 +1081,40 @@ mod tests {
     #[tokio::test]
     async fn a_resume_before_the_first_snapshot_is_a_resume_gap() {
         let hub = Hub::new(settings(100, 100));
-        let mut resumed = Box::pin(hub.subscribe(Resume::After(5)).into_stream());
-        let mut hostile = Box::pin(hub.subscribe(Resume::Invalid).into_stream());
-        let mut fresh = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let (mut p1, mut p2, mut p3) = (Parser::new(), Parser::new(), Parser::new());
-        for (s, p) in [
-            (&mut resumed, &mut p1),
-            (&mut hostile, &mut p2),
-            (&mut fresh, &mut p3),
-        ] {
-            assert!(events(&drain(s, p).await).is_empty());
+        let mut resumed = Client::new(&hub, Resume::After(5));
+        let mut hostile = Client::new(&hub, Resume::Invalid);
+        let mut fresh = Client::new(&hub, Resume::Fresh);
+        for client in [&mut resumed, &mut hostile, &mut fresh] {
+            assert!(client.events().await.is_empty());
         }
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
         hub.publish(11, 11, &[diff("{\"a\":1}", 1)]);
-        let reasons = |ev: Vec<(String, Option<String>, serde_json::Value)>| {
+        let reasons = |ev: Vec<Ev>| {
             ev.iter()
                 .map(|e| e.2["reason"].as_str().unwrap_or("-").to_string())
                 .collect::<Vec<_>>()
         };
         // The snapshot already holds timestamp 11, so no update follows it.
         let gap = vec!["resume-gap".to_string()];
-        assert_eq!(reasons(events(&drain(&mut resumed, &mut p1).await)), gap);
-        assert_eq!(reasons(events(&drain(&mut hostile, &mut p2).await)), gap);
+        assert_eq!(reasons(resumed.events().await), gap);
+        assert_eq!(reasons(hostile.events().await), gap);
         let initial = vec!["initial".to_string()];
-        assert_eq!(reasons(events(&drain(&mut fresh, &mut p3).await)), initial);
+        assert_eq!(reasons(fresh.events().await), initial);
     }
 
     #[tokio::test]
     async fn a_new_retry_reaches_connected_clients() {
         let hub = Hub::new(settings(100, 100));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut parser = Parser::new();
-        drain(&mut s, &mut parser).await;
+        let mut s = Client::connected(&hub).await;
         hub.update_settings(settings(100, 100));
-        assert!(
-            drain(&mut s, &mut parser).await.is_empty(),
-            "unchanged retry"
-        );
+        assert!(s.items().await.is_empty(), "unchanged retry");
         hub.update_settings(Settings {
             retry: Duration::from_millis(2500),
             ..settings(100, 100)
         });
-        assert_eq!(
-            drain(&mut s, &mut parser).await,
-            vec![Item::Retry(2500)],
-            "connected client"
-        );
-        let mut late = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let items = drain(&mut late, &mut Parser::new()).await;
+        assert_eq!(s.items().await, vec![Item::Retry(2500)], "connected client");
+        let items = Client::new(&hub, Resume::Fresh).items().await;
         assert_eq!(items.first(), Some(&Item::Retry(2500)), "new client");
 
         // A reset that replaces the range holding the change still carries it.
@@ -1114,7 +1123,7 @@ mod tests {
             ..settings(100, 100)
         });
         hub.load_snapshot(11, State::empty(false), Reason::ConfigChanged);
-        let items = drain(&mut s, &mut parser).await;
+        let items = s.items().await;
         assert!(items.contains(&Item::Retry(4000)), "{items:?}");
         assert_eq!(events(&items)[0].2["reason"], "config-changed");
     }
@@ -1128,9 +1137,7 @@ mod tests {
             row: Some("{\"id\":1,\"v\":\"a\"}".into()),
         });
         hub.load_snapshot(10, state, Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut parser = Parser::new();
-        drain(&mut s, &mut parser).await;
+        let mut s = Client::connected(&hub).await;
         let up = |id: i64, v: Option<&str>| Change::Upsert {
             key: format!("{{\"id\":{id}}}").into(),
             row: v.map(|v| format!("{{\"id\":{id},\"v\":\"{v}\"}}").into()),
@@ -1148,7 +1155,7 @@ mod tests {
             ],
         );
         hub.publish(13, 13, &[up(1, None)]);
-        let ev = events(&drain(&mut s, &mut parser).await);
+        let ev = s.events().await;
         assert_eq!(ev.len(), 2, "{ev:?}");
         assert_eq!(
             ev[0].2["changes"],
@@ -1167,15 +1174,13 @@ mod tests {
         old.apply(&diff("{\"a\":1}", 1));
         old.apply(&diff("{\"a\":2}", 1));
         hub.load_snapshot(10, old, Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut parser = Parser::new();
-        drain(&mut s, &mut parser).await;
+        let mut s = Client::connected(&hub).await;
 
         let mut fresh = State::empty(false);
         fresh.apply(&diff("{\"a\":2}", 1));
         fresh.apply(&diff("{\"a\":3}", 2));
         hub.resync(20, fresh.clone());
-        let ev = events(&drain(&mut s, &mut parser).await);
+        let ev = s.events().await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].0, "update");
         let mut changes: Vec<String> = ev[0].2["changes"]
@@ -1194,11 +1199,11 @@ mod tests {
 
         hub.load_snapshot(30, State::empty(true), Reason::ConfigChanged);
         hub.close(EndReason::Removed);
-        let ev = events(&drain(&mut s, &mut parser).await);
+        let ev = s.events().await;
         assert_eq!(ev[0].2["reason"], "config-changed");
         assert_eq!(ev[1].0, "end");
         assert_eq!(ev[1].2["reason"], "removed");
-        assert!(s.next().await.is_none(), "stream ends after `end`");
+        assert!(s.stream.next().await.is_none(), "stream ends after `end`");
         assert_eq!(hub.stats.clients.load(Ordering::Relaxed), 0);
     }
 
@@ -1206,16 +1211,14 @@ mod tests {
     async fn a_resync_that_cannot_be_diffed_is_an_upstream_reset() {
         let hub = Hub::new(settings(100, 100));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
-        let mut s = Box::pin(hub.subscribe(Resume::Fresh).into_stream());
-        let mut parser = Parser::new();
-        drain(&mut s, &mut parser).await;
+        let mut s = Client::connected(&hub).await;
         let mut keyed = State::empty(true);
         keyed.apply(&Change::Upsert {
             key: "{\"k\":1}".into(),
             row: Some("{\"k\":1}".into()),
         });
         hub.resync(20, keyed);
-        let ev = events(&drain(&mut s, &mut parser).await);
+        let ev = s.events().await;
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].0, "snapshot");
         assert_eq!(ev[0].2["reason"], "upstream-reset");
