@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -111,45 +111,47 @@ pub fn spawn_watchers(
     });
     let seen_by_watcher = Arc::clone(&open_write);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = &res {
-            if event
-                .paths
-                .iter()
-                .any(|p| p.file_name() == Some(name.as_os_str()))
-            {
-                match event.kind {
-                    EventKind::Modify(notify::event::ModifyKind::Data(_)) => {
-                        seen_by_watcher.begin()
-                    }
-                    // Closed, replaced or removed: no write to this file is open.
-                    EventKind::Access(AccessKind::Close(AccessMode::Write))
-                    | EventKind::Modify(notify::event::ModifyKind::Name(_))
-                    | EventKind::Create(_)
-                    | EventKind::Remove(_) => seen_by_watcher.end(),
-                    _ => {}
-                }
-            }
-        }
-        let relevant = match &res {
-            Err(_) => true,
-            Ok(event) => {
-                let kind_matters = match event.kind {
-                    // Data written in place counts when the writer closes the file.
-                    EventKind::Modify(notify::event::ModifyKind::Data(_)) => false,
-                    EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                    EventKind::Access(_) => false,
-                    _ => true,
-                };
-                kind_matters
-                    && (event.paths.is_empty()
-                        || event.paths.iter().any(|p| {
-                            p.file_name().is_some_and(|n| {
-                                n == name.as_os_str() || n.to_string_lossy().starts_with("..")
-                            })
-                        }))
+        let event = match res {
+            Ok(event) => event,
+            // Events may have been lost: reload and let the content hash decide.
+            Err(_) => {
+                let _ = raw_tx.send(());
+                return;
             }
         };
-        if relevant {
+        let ours = event
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(name.as_os_str()));
+        let relevant = match event.kind {
+            // Data written in place counts when the writer closes the file.
+            EventKind::Modify(ModifyKind::Data(_)) => {
+                if ours {
+                    seen_by_watcher.begin();
+                }
+                false
+            }
+            // Closed, replaced or removed: no write to this file is open.
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Create(_)
+            | EventKind::Remove(_) => {
+                if ours {
+                    seen_by_watcher.end();
+                }
+                true
+            }
+            EventKind::Access(_) => false,
+            _ => true,
+        };
+        // Kubernetes replaces a mounted file by swapping its `..data` symlink.
+        let swapped = || {
+            event.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+            })
+        };
+        if relevant && (ours || event.paths.is_empty() || swapped()) {
             let _ = raw_tx.send(());
         }
     })
