@@ -553,21 +553,19 @@ impl RawConfig {
         };
 
         let s = self.server.unwrap_or_default();
+        let default_listen = SocketAddr::from(([127, 0, 0, 1], 8000));
         let listen = match &s.listen {
-            None => SocketAddr::from(([127, 0, 0, 1], 8000)),
-            Some(l) => match l.get_ref().parse::<SocketAddr>() {
-                Ok(a) => a,
-                Err(_) => {
-                    p.at(
-                        l.span().start,
-                        format!(
-                            "`listen` must be an address like 127.0.0.1:8000, got {:?}",
-                            l.get_ref()
-                        ),
-                    );
-                    SocketAddr::from(([127, 0, 0, 1], 8000))
-                }
-            },
+            None => default_listen,
+            Some(l) => l.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
+                p.at(
+                    l.span().start,
+                    format!(
+                        "`listen` must be an address like 127.0.0.1:8000, got {:?}",
+                        l.get_ref()
+                    ),
+                );
+                default_listen
+            }),
         };
         let max_lifetime = duration(p, &s.max_lifetime, Duration::ZERO);
         let server = ServerConfig {
@@ -819,10 +817,7 @@ fn validate_stream(
     });
 
     // Every field is checked even when the source is wrong, so all problems show.
-    let event = s
-        .event
-        .as_ref()
-        .map_or_else(|| d.event.clone(), |_| event_name(p, &s.event, "update"));
+    let event = event_name(p, &s.event, &d.event);
     let delay = duration(p, &s.delay, d.delay);
     let retry = duration(p, &s.retry, d.retry);
     let history = count(p, &s.history, d.history, "history");
