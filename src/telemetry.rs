@@ -106,15 +106,17 @@ impl Metrics {
     pub fn render(&self, routes: &Routes) -> String {
         let mut out = String::new();
         let r = Ordering::Relaxed;
-        let _ = writeln!(
-            out,
-            "# TYPE config_last_reload_successful gauge\nconfig_last_reload_successful {}",
-            u8::from(self.reload_successful.load(r))
+        single(
+            &mut out,
+            "config_last_reload_successful",
+            "gauge",
+            u64::from(self.reload_successful.load(r)),
         );
-        let _ = writeln!(
-            out,
-            "# TYPE config_last_reload_success_timestamp_seconds gauge\nconfig_last_reload_success_timestamp_seconds {}",
-            self.reload_success_unix.load(r)
+        single(
+            &mut out,
+            "config_last_reload_success_timestamp_seconds",
+            "gauge",
+            self.reload_success_unix.load(r),
         );
         let _ = writeln!(
             out,
@@ -122,20 +124,19 @@ impl Metrics {
             self.reloads_ok.load(r),
             self.reloads_failed.load(r)
         );
-        let _ = writeln!(
-            out,
-            "# TYPE http_connections gauge\nhttp_connections {}",
-            self.connections.load(r)
+        let connections = self.connections.load(r) as u64;
+        single(&mut out, "http_connections", "gauge", connections);
+        single(
+            &mut out,
+            "http_connections_refused_total",
+            "counter",
+            self.connections_refused.load(r),
         );
-        let _ = writeln!(
-            out,
-            "# TYPE http_connections_refused_total counter\nhttp_connections_refused_total {}",
-            self.connections_refused.load(r)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE sse_stall_disconnects_total counter\nsse_stall_disconnects_total {}",
-            self.stall_disconnects.load(r)
+        single(
+            &mut out,
+            "sse_stall_disconnects_total",
+            "counter",
+            self.stall_disconnects.load(r),
         );
         let families: [Family; 6] = [
             ("sse_clients", "gauge", |h| {
@@ -170,4 +171,9 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One unlabelled metric with its `# TYPE` line.
+fn single(out: &mut String, name: &str, kind: &str, value: u64) {
+    let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
 }
