@@ -82,14 +82,12 @@ impl Gateway {
             engine.as_ref().map(RunningEngine::local_addr),
         )?);
 
-        let listener = http::bind(config.server.listen).map_err(|source| GatewayError::Bind {
+        let bind_error = |source| GatewayError::Bind {
             addr: config.server.listen,
             source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
+        };
+        let listener = http::bind(config.server.listen).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
 
         let routes = Arc::new(ArcSwap::from_pointee(Routes::new()));
         let supervisor = Supervisor::start(

@@ -52,16 +52,12 @@ enum Command {
         #[arg(long)]
         legacy: bool,
         /// How long change history is kept for AS OF.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = config::parse_duration)]
         retain: Duration,
         /// Interval of progress rows.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = config::parse_duration)]
         tick: Duration,
     },
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s)
 }
 
 fn main() -> ExitCode {

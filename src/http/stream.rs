@@ -9,7 +9,7 @@
 //! allows that for responses), which is what `EventSource` expects of a stream.
 //!
 //! Any other first request goes to hyper with the bytes already read (see
-//! [`super::PrefixedIo`]). The task ends when the hub ends the stream (`end`), the
+//! [`super::WatchedIo`]). The task ends when the hub ends the stream (`end`), the
 //! client goes away, a write times out, or the connection's lifetime is over.
 
 use std::io::{self, IoSlice};

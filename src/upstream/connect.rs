@@ -111,35 +111,33 @@ impl Target {
             None => {}
         }
         let connect = async {
-            match &self.tls {
+            let (client, conn) = match &self.tls {
                 Some(tls) => {
-                    let (client, conn) = config
-                        .connect(tls.clone())
-                        .await
-                        .map_err(ConnectError::Connect)?;
-                    Ok((
-                        client,
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        }),
-                    ))
+                    let (client, conn) = config.connect(tls.clone()).await?;
+                    (client, spawn_connection(conn))
                 }
                 None => {
-                    let (client, conn) =
-                        config.connect(NoTls).await.map_err(ConnectError::Connect)?;
-                    Ok((
-                        client,
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        }),
-                    ))
+                    let (client, conn) = config.connect(NoTls).await?;
+                    (client, spawn_connection(conn))
                 }
-            }
+            };
+            Ok((client, conn))
         };
         tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ConnectError::Timeout)?
+            .map_err(ConnectError::Connect)
     }
+}
+
+/// Drives a connection in its own task; the handle resolves when the link is gone.
+fn spawn_connection<F>(conn: F) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _ = conn.await;
+    })
 }
 
 /// A verifying rustls connector: the web roots plus an optional CA file.
