@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::support::{items_truth, TestGateway, WAIT};
+use crate::support::{items_truth, TestGateway, ITEMS_STREAM, WAIT};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -125,15 +125,12 @@ async fn chromium_eventsource_resumes_across_rotations_and_matches_the_view() {
         eprintln!("chromium not installed; skipping");
         return;
     }
-    let gw = TestGateway::start(
-        "max_lifetime = \"1s\"\ncors_origins = [\"*\"]\n[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/items\"\nview = \"items_v\"\nretry = \"100ms\"\n",
-        &[(
-            "init.sql",
-            "CREATE TABLE items (id int, name text, qty int);\n\
-             CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
-             INSERT INTO items VALUES (1, 'one', 10), (2, 'two \"quoted\"\\n', 20);\n",
-        )],
+    let gw = TestGateway::embedded(
+        "max_lifetime = \"1s\"\ncors_origins = [\"*\"]\n",
+        "CREATE TABLE items (id int, name text, qty int);\n\
+         CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
+         INSERT INTO items VALUES (1, 'one', 10), (2, 'two \"quoted\"\\n', 20);\n",
+        &format!("{ITEMS_STREAM}retry = \"100ms\"\n"),
     )
     .await;
     let db = gw.sql().await;

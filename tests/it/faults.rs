@@ -3,45 +3,39 @@
 //! converges to the view, ids strictly increase (checked by `Model::apply`), and a
 //! snapshot appears only where one is specified.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tailgate::sse::Item;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{
-    converge, engine_subscriptions, get, items_truth, sql, wait_for, ChildGateway, Model,
-    RawSseClient, SseClient, TestEngine, TestGateway, WAIT,
+    converge, embedded_body, engine_subscriptions, get, initial, items_truth, sql, wait_for,
+    write_config, ChildGateway, Model, RawSseClient, SseClient, TestEngine, TestGateway,
+    ITEMS_INIT, ITEMS_STREAM, WAIT,
 };
-
-const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
-    CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
-    INSERT INTO items VALUES (1, 'one', 10), (2, 'two', 20);\n";
 
 const TICK: Duration = Duration::from_millis(200);
 
-/// An engine, a proxy in front of it, and a gateway reading through the proxy.
-async fn proxied(extra: &str) -> (TestEngine, Proxy, TestGateway) {
-    let engine = TestEngine::start(INIT, Duration::from_secs(600), TICK).await;
-    let proxy = Proxy::start(engine.addr).await;
-    let gw = TestGateway::start(
-        &format!(
-            "{}{extra}[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-            TestEngine::upstream(proxy.addr)
-        ),
-        &[],
-    )
-    .await;
-    (engine, proxy, gw)
+/// Engine history that outlasts any test.
+const LONG_HISTORY: Duration = Duration::from_secs(600);
+
+/// A gateway streaming `items_v` at `/items` from the engine at `upstream`; `extra`
+/// goes between the `[upstream]` table and the stream.
+async fn items_via(upstream: SocketAddr, extra: &str) -> TestGateway {
+    let body = format!("{}{extra}{ITEMS_STREAM}", TestEngine::upstream(upstream));
+    TestGateway::start(&body, &[]).await
 }
 
-async fn initial(client: &mut SseClient) -> Model {
-    let mut model = Model::default();
-    let e = client.next_data_event(WAIT).await;
-    assert_eq!(e.event, "snapshot");
-    model.apply(&e, "update");
-    model
+/// An engine keeping `retain` of history, a proxy in front of it, and a gateway
+/// reading through the proxy.
+async fn proxied(retain: Duration, extra: &str) -> (TestEngine, Proxy, TestGateway) {
+    let engine = TestEngine::start(ITEMS_INIT, retain, TICK).await;
+    let proxy = Proxy::start(engine.addr).await;
+    let gw = items_via(proxy.addr, extra).await;
+    (engine, proxy, gw)
 }
 
 async fn wait_status(client: &mut SseClient, model: &mut Model, upstream: &str) -> Instant {
@@ -59,7 +53,7 @@ async fn wait_status(client: &mut SseClient, model: &mut Model, upstream: &str) 
 }
 
 async fn outage(reset: bool) {
-    let (engine, proxy, gw) = proxied("").await;
+    let (engine, proxy, gw) = proxied(LONG_HISTORY, "").await;
     let direct = sql(engine.addr).await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
@@ -106,7 +100,7 @@ async fn outage(reset: bool) {
 /// hold them back until it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_changes_are_delivered_during_an_outage() {
-    let (engine, proxy, gw) = proxied("[defaults]\ndelay = \"60s\"\n\n").await;
+    let (engine, proxy, gw) = proxied(LONG_HISTORY, "[defaults]\ndelay = \"60s\"\n\n").await;
     let direct = sql(engine.addr).await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
@@ -117,9 +111,9 @@ async fn delayed_changes_are_delivered_during_an_outage() {
     // Two reads from the engine after the write committed: the change and a later
     // progress row (ticks every 200 ms) have reached the gateway, so its timestamp is
     // closed and waits in the 60 s window.
-    let before = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed);
+    let before = proxy.forwarded();
     wait_for("the change and a later tick forwarded", WAIT, || async {
-        (proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed) >= before + 2).then_some(())
+        (proxy.forwarded() >= before + 2).then_some(())
     })
     .await;
     let quiet = Instant::now() + Duration::from_millis(300);
@@ -161,7 +155,7 @@ async fn a_closed_link_resumes_without_a_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_link_is_detected_by_missing_progress() {
-    let (engine, proxy, gw) = proxied("").await;
+    let (engine, proxy, gw) = proxied(LONG_HISTORY, "").await;
     let direct = sql(engine.addr).await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
@@ -196,16 +190,7 @@ async fn a_blackholed_link_is_detected_by_missing_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_upstream_history_is_resynchronised_with_a_diff() {
     // The engine keeps 300 ms of history, so after a longer outage AS OF is refused.
-    let engine = TestEngine::start(INIT, Duration::from_millis(300), TICK).await;
-    let proxy = Proxy::start(engine.addr).await;
-    let gw = TestGateway::start(
-        &format!(
-            "{}[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-            TestEngine::upstream(proxy.addr)
-        ),
-        &[],
-    )
-    .await;
+    let (engine, proxy, gw) = proxied(Duration::from_millis(300), "").await;
     let direct = sql(engine.addr).await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
@@ -254,11 +239,7 @@ async fn lost_upstream_history_is_resynchronised_with_a_diff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_resume_within_history_and_get_a_snapshot_outside_it() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\nhistory = 6\n",
-        &[("init.sql", INIT)],
-    )
-    .await;
+    let gw = TestGateway::embedded("", ITEMS_INIT, &format!("{ITEMS_STREAM}history = 6\n")).await;
     let db = gw.sql().await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
@@ -343,13 +324,9 @@ async fn browsers_resume_within_history_and_get_a_snapshot_outside_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_id_resumes_on_a_second_gateway() {
-    let engine = TestEngine::start(INIT, Duration::from_secs(600), TICK).await;
-    let body = format!(
-        "{}[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        TestEngine::upstream(engine.addr)
-    );
-    let a = TestGateway::start(&body, &[]).await;
-    let b = TestGateway::start(&body, &[]).await;
+    let engine = TestEngine::start(ITEMS_INIT, LONG_HISTORY, TICK).await;
+    let a = items_via(engine.addr, "").await;
+    let b = items_via(engine.addr, "").await;
     let db = sql(engine.addr).await;
     let mut on_b = b.sse("/items").await;
     initial(&mut on_b).await;
@@ -381,16 +358,16 @@ async fn the_same_id_resumes_on_a_second_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_streams_degrade_alone() {
     let init = format!(
-        "{INIT}CREATE TABLE zeros (a int);\nINSERT INTO zeros VALUES (1);\n\
+        "{ITEMS_INIT}CREATE TABLE zeros (a int);\nINSERT INTO zeros VALUES (1);\n\
          CREATE VIEW doomed AS SELECT id FROM items;\nCREATE TABLE blobs (b text);\n"
     );
-    let gw = TestGateway::start(
-        "[upstream]\nmax_row_bytes = 1000\nbackoff_max = \"300ms\"\n[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/ok\"\nview = \"items_v\"\n\
+    let gw = TestGateway::embedded(
+        "[upstream]\nmax_row_bytes = 1000\nbackoff_max = \"300ms\"\n",
+        &init,
+        "[[streams]]\npath = \"/ok\"\nview = \"items_v\"\n\
          [[streams]]\npath = \"/dropped\"\nview = \"doomed\"\n\
          [[streams]]\npath = \"/eval\"\nquery = \"SELECT 10 / a AS q FROM zeros\"\n\
          [[streams]]\npath = \"/big\"\nview = \"blobs\"\n",
-        &[("init.sql", &init)],
     )
     .await;
     let db = gw.sql().await;
@@ -414,14 +391,7 @@ async fn broken_streams_degrade_alone() {
         .iter_mut()
         .zip(["dropped", "division by zero", "exceeds"])
     {
-        let item = c
-            .wait_item(
-                needle,
-                WAIT,
-                |i| matches!(i, Item::Event(e) if e.event == "status" && e.data.contains(needle)),
-            )
-            .await;
-        assert!(matches!(item, Item::Event(_)));
+        c.status_event(needle, WAIT).await;
     }
     // The healthy stream delivers every write promptly meanwhile.
     for i in 0..5 {
@@ -436,7 +406,7 @@ async fn broken_streams_degrade_alone() {
             "healthy stream delayed"
         );
     }
-    let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
+    let (_, metrics) = gw.get("/metrics").await;
     for path in ["/dropped", "/eval", "/big"] {
         let line = metrics
             .lines()
@@ -449,13 +419,10 @@ async fn broken_streams_degrade_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/blob\"\nview = \"blob\"\nkey = [\"id\"]\nclient_queue = 4\n",
-        &[(
-            "init.sql",
-            "CREATE TABLE blob (id int, body text);\nINSERT INTO blob VALUES (1, 'start');\n",
-        )],
+    let gw = TestGateway::embedded(
+        "",
+        "CREATE TABLE blob (id int, body text);\nINSERT INTO blob VALUES (1, 'start');\n",
+        "[[streams]]\npath = \"/blob\"\nview = \"blob\"\nkey = [\"id\"]\nclient_queue = 4\n",
     )
     .await;
     let db = gw.sql().await;
@@ -480,7 +447,7 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
     // Only read once the gateway has published every update, so the backlog is real
     // however slowly the upstream side ran.
     wait_for("all 150 updates published", WAIT, || async {
-        let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
+        let (_, metrics) = gw.get("/metrics").await;
         metrics
             .lines()
             .find_map(|l| l.strip_prefix("sse_batches_total{stream=\"/blob\"} "))
@@ -528,27 +495,21 @@ async fn a_slow_reader_gets_a_lagged_snapshot_and_converges() {
         lagged,
         "the overflow was announced with snapshot(lagged): {seen:?}"
     );
-    let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
+    let (_, metrics) = gw.get("/metrics").await;
     assert!(!metrics.contains("sse_lagged_total{stream=\"/blob\"} 0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_off_without_slowing_others() {
-    let gw = TestGateway::start(
-        "send_timeout = \"3s\"\n[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/blob\"\nview = \"blob\"\n",
-        &[("init.sql", "CREATE TABLE blob (id int, body text);\n")],
+    let gw = TestGateway::embedded(
+        "send_timeout = \"3s\"\n",
+        "CREATE TABLE blob (id int, body text);\n",
+        "[[streams]]\npath = \"/blob\"\nview = \"blob\"\n",
     )
     .await;
     let db = gw.sql().await;
     // A raw socket with a tiny receive buffer that sends its request and never reads.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stuck = socket.connect(gw.addr).await.expect("connect");
-    stuck
-        .write_all(b"GET /blob HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .expect("request");
+    let mut stuck = RawSseClient::send_request(gw.addr, "/blob").await;
     let mut healthy = gw.sse("/blob").await;
     initial(&mut healthy).await;
 
@@ -568,7 +529,7 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_others() {
         "healthy client delayed by {worst:?}"
     );
     wait_for("the stuck client to be disconnected", WAIT, || async {
-        let (_, metrics) = get(gw.addr, "/metrics", &[]).await;
+        let (_, metrics) = gw.get("/metrics").await;
         (!metrics.contains("sse_stall_disconnects_total 0")).then_some(())
     })
     .await;
@@ -591,15 +552,11 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_others() {
 async fn connection_churn_leaves_nothing_behind() {
     // The gateway runs as its own process, so its descriptors and memory are its own.
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("init.sql"), INIT).expect("init");
-    let path = dir.path().join("streams.toml");
-    std::fs::write(
-        &path,
-        crate::support::config_text(
-            "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        ),
-    )
-    .expect("config");
+    let path = write_config(
+        dir.path(),
+        &embedded_body("", ITEMS_STREAM),
+        &[("init.sql", ITEMS_INIT)],
+    );
     let (gw, addr) = ChildGateway::start(&path);
     let churn = |n: usize| async move {
         for _ in 0..n / 250 {
@@ -643,11 +600,7 @@ async fn connection_churn_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_lifetime_ends_streams_and_browsers_resume() {
-    let gw = TestGateway::start(
-        "max_lifetime = \"1s\"\n[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        &[("init.sql", INIT)],
-    )
-    .await;
+    let gw = TestGateway::embedded("max_lifetime = \"1s\"\n", ITEMS_INIT, ITEMS_STREAM).await;
     let db = gw.sql().await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
@@ -681,7 +634,7 @@ impl Drop for EngineProcess {
 }
 
 impl EngineProcess {
-    async fn start(addr: std::net::SocketAddr, init: &std::path::Path) -> EngineProcess {
+    async fn start(addr: SocketAddr, init: &std::path::Path) -> EngineProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
             .args([
                 "engine",
@@ -708,21 +661,14 @@ impl EngineProcess {
 async fn killing_and_restarting_the_engine_resyncs_without_a_snapshot() {
     let dir = tempfile::tempdir().expect("temp dir");
     let init = dir.path().join("init.sql");
-    std::fs::write(&init, INIT).expect("init");
+    std::fs::write(&init, ITEMS_INIT).expect("init");
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port");
     let mut engine = EngineProcess::start(addr, &init).await;
     // The proxy keeps the gateway away until the restarted engine has taken writes.
     let proxy = Proxy::start(addr).await;
-    let gw = TestGateway::start(
-        &format!(
-            "{}[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-            TestEngine::upstream(proxy.addr)
-        ),
-        &[],
-    )
-    .await;
+    let gw = items_via(proxy.addr, "").await;
     let mut client = gw.sse("/items").await;
     let mut model = initial(&mut client).await;
     {

@@ -10,13 +10,9 @@ use serde_json::{json, Value};
 use tailgate::sse::Item;
 
 use crate::support::{
-    converge, engine_subscriptions, gateway_sessions, items_truth, multiset, Model, TestGateway,
-    WAIT,
+    converge, engine_subscriptions, gateway_sessions, initial, items_truth, multiset, Model,
+    SseClient, TestGateway, ITEMS_INIT, ITEMS_STREAM, WAIT,
 };
-
-const ITEMS_SQL: &str = "CREATE TABLE items (id int, name text, qty int);\n\
-    CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
-    INSERT INTO items VALUES (1, 'one', 10), (2, 'two', 20);\n";
 
 /// The items truth as a keyed stream on `id` would hold it: key JSON → row JSON.
 fn by_id(truth: &[(String, i64)]) -> std::collections::BTreeMap<String, String> {
@@ -39,39 +35,22 @@ fn keyed_rows(m: &Model) -> std::collections::BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/items\"\nview = \"items_v\"\n\
-         [[streams]]\npath = \"/items/by-id\"\nquery = \"SELECT id, name, qty FROM items\"\nkey = [\"id\"]\nevent = \"row\"\n",
-        &[("init.sql", ITEMS_SQL)],
+    let gw = TestGateway::embedded(
+        "",
+        ITEMS_INIT,
+        &format!(
+            "{ITEMS_STREAM}[[streams]]\npath = \"/items/by-id\"\n\
+             query = \"SELECT id, name, qty FROM items\"\nkey = [\"id\"]\nevent = \"row\"\n"
+        ),
     )
     .await;
     let sql = gw.sql().await;
     let mut diff_client = gw.sse("/items").await;
     let mut keyed_client = gw.sse("/items/by-id").await;
     assert_eq!(diff_client.status, 200);
-    assert_eq!(
-        diff_client
-            .headers
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or("")),
-        Some("text/event-stream")
-    );
-    for (name, value) in [("cache-control", "no-cache"), ("x-accel-buffering", "no")] {
-        assert_eq!(
-            diff_client
-                .headers
-                .get(name)
-                .map(|v| v.to_str().unwrap_or("")),
-            Some(value),
-            "{name}"
-        );
-    }
-    let mut diff_model = Model::default();
+    diff_client.assert_stream_headers();
     let mut keyed_model = Model::default();
-    let first = diff_client.next_data_event(WAIT).await;
-    assert_eq!(first.event, "snapshot");
-    diff_model.apply(&first, "update");
+    let mut diff_model = initial(&mut diff_client).await;
     assert_eq!(diff_model.snapshots, vec!["initial"]);
     assert_eq!(diff_model.rows.len(), 2);
 
@@ -135,11 +114,7 @@ async fn model_clients_converge_to_the_view_for_diff_and_keyed_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_share_one_upstream_subscription() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        &[("init.sql", ITEMS_SQL)],
-    )
-    .await;
+    let gw = TestGateway::embedded("", ITEMS_INIT, ITEMS_STREAM).await;
     let sql = gw.sql().await;
     let mut clients = Vec::new();
     for _ in 0..200 {
@@ -173,9 +148,10 @@ async fn two_hundred_clients_share_one_upstream_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_text_arrives_intact() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/t\"\nview = \"notes\"\n",
-        &[("init.sql", "CREATE TABLE notes (id int, body text);\n")],
+    let gw = TestGateway::embedded(
+        "",
+        "CREATE TABLE notes (id int, body text);\n",
+        "[[streams]]\npath = \"/t\"\nview = \"notes\"\n",
     )
     .await;
     let sql = gw.sql().await;
@@ -208,11 +184,11 @@ async fn hostile_text_arrives_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_coalesces_and_retry_event_and_heartbeat_are_as_configured() {
-    let gw = TestGateway::start(
-        "heartbeat = \"300ms\"\n[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/now\"\nview = \"items_v\"\nevent = \"new_message\"\nretry = \"2500ms\"\n\
+    let gw = TestGateway::embedded(
+        "heartbeat = \"300ms\"\n",
+        ITEMS_INIT,
+        "[[streams]]\npath = \"/now\"\nview = \"items_v\"\nevent = \"new_message\"\nretry = \"2500ms\"\n\
          [[streams]]\npath = \"/slow\"\nview = \"items_v\"\ndelay = \"1s\"\n",
-        &[("init.sql", ITEMS_SQL)],
     )
     .await;
     let sql = gw.sql().await;
@@ -261,11 +237,10 @@ async fn delay_coalesces_and_retry_event_and_heartbeat_are_as_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_engine_streams_through_tail() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\nlegacy = true\n\
-         [[streams]]\npath = \"/items\"\nview = \"items_v\"\n\
-         [[streams]]\npath = \"/by-id\"\nview = \"items_v\"\nkey = [\"id\"]\n",
-        &[("init.sql", ITEMS_SQL)],
+    let gw = TestGateway::embedded(
+        "",
+        ITEMS_INIT,
+        &format!("legacy = true\n{ITEMS_STREAM}[[streams]]\npath = \"/by-id\"\nview = \"items_v\"\nkey = [\"id\"]\n"),
     )
     .await;
     let sql = gw.sql().await;
@@ -301,25 +276,16 @@ async fn legacy_engine_streams_through_tail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_reports_status_while_others_deliver() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/broken\"\nview = \"no_such_view\"\n\
-         [[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        &[("init.sql", ITEMS_SQL)],
+    let gw = TestGateway::embedded(
+        "",
+        ITEMS_INIT,
+        &format!("[[streams]]\npath = \"/broken\"\nview = \"no_such_view\"\n{ITEMS_STREAM}"),
     )
     .await;
     let sql = gw.sql().await;
     let mut broken = gw.sse("/broken").await;
     assert_eq!(broken.status, 200, "a degraded stream still answers 200");
-    let status = match broken
-        .wait_item("a status event naming the error", WAIT, |i| {
-            matches!(i, Item::Event(e) if e.event == "status" && e.data.contains("no_such_view"))
-        })
-        .await
-    {
-        Item::Event(e) => e,
-        other => panic!("{other:?}"),
-    };
+    let status = broken.status_event("no_such_view", WAIT).await;
     let v: Value = serde_json::from_str(&status.data).expect("json");
     assert_eq!(v["upstream"], "reconnecting");
 
@@ -351,11 +317,7 @@ async fn a_broken_stream_reports_status_while_others_deliver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_paths_get_404_and_the_listing_has_html() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        &[("init.sql", ITEMS_SQL)],
-    )
-    .await;
+    let gw = TestGateway::embedded("", ITEMS_INIT, ITEMS_STREAM).await;
     assert_eq!(gw.status("/nope").await, 404);
     let (status, page) = crate::support::get(gw.addr, "/", &[("accept", "text/html")]).await;
     assert_eq!(status, 200);
@@ -367,11 +329,11 @@ async fn unknown_paths_get_404_and_the_listing_has_html() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_every_stream_with_end() {
-    let mut gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/a\"\nview = \"items_v\"\n\
+    let mut gw = TestGateway::embedded(
+        "",
+        ITEMS_INIT,
+        "[[streams]]\npath = \"/a\"\nview = \"items_v\"\n\
          [[streams]]\npath = \"/b\"\nview = \"items\"\n",
-        &[("init.sql", ITEMS_SQL)],
     )
     .await;
     let mut a = gw.sse("/a").await;
@@ -395,11 +357,7 @@ async fn shutdown_ends_every_stream_with_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_requested_on_a_reused_connection_is_served_too() {
     use http_body_util::BodyExt;
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/items\"\nview = \"items_v\"\n",
-        &[("init.sql", ITEMS_SQL)],
-    )
-    .await;
+    let gw = TestGateway::embedded("", ITEMS_INIT, ITEMS_STREAM).await;
     // The first request on the connection is not a stream, so hyper serves the
     // connection, and the stream request after it goes through the router.
     let tcp = tokio::net::TcpStream::connect(gw.addr)
@@ -415,40 +373,35 @@ async fn a_stream_requested_on_a_reused_connection_is_served_too() {
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .expect("request")
     };
-    let health = send.send_request(req("/healthz")).await.expect("healthz");
-    assert_eq!(health.status(), 200);
-    health.into_body().collect().await.expect("body");
-    send.ready().await.expect("connection reusable");
-    let resp = send.send_request(req("/items")).await.expect("stream");
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    assert_eq!(resp.headers()["cache-control"], "no-cache");
-    assert_eq!(resp.headers()["x-accel-buffering"], "no");
-    let mut body = resp.into_body();
-    let mut parser = tailgate::sse::Parser::new();
-    let mut items = Vec::new();
-    while !items
-        .iter()
-        .any(|i| matches!(i, Item::Event(e) if e.event == "snapshot"))
-    {
-        let frame = tokio::time::timeout(WAIT, body.frame())
-            .await
-            .expect("frame in time")
-            .expect("frame")
-            .expect("ok frame");
-        if let Ok(data) = frame.into_data() {
-            parser.feed(&data, &mut items);
-        }
-    }
-    assert_eq!(items[0], Item::Retry(15000));
+    let exchange = async {
+        let health = send.send_request(req("/healthz")).await.expect("healthz");
+        assert_eq!(health.status(), 200);
+        health.into_body().collect().await.expect("body");
+        send.ready().await.expect("connection reusable");
+        send.send_request(req("/items")).await.expect("stream")
+    };
+    let resp = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("both response heads in time");
+    let mut stream = SseClient::from_response(resp);
+    assert_eq!(stream.status, 200);
+    stream.assert_stream_headers();
+    assert_eq!(stream.next_item(WAIT).await, Some(Item::Retry(15000)));
+    stream
+        .wait_item(
+            "a snapshot",
+            WAIT,
+            |i| matches!(i, Item::Event(e) if e.event == "snapshot"),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_violation_is_reported_and_the_stream_goes_on() {
-    let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/by-id\"\nview = \"items\"\nkey = [\"id\"]\n",
-        &[("init.sql", ITEMS_SQL)],
+    let gw = TestGateway::embedded(
+        "",
+        ITEMS_INIT,
+        "[[streams]]\npath = \"/by-id\"\nview = \"items\"\nkey = [\"id\"]\n",
     )
     .await;
     let sql = gw.sql().await;
@@ -459,14 +412,7 @@ async fn a_key_violation_is_reported_and_the_stream_goes_on() {
     sql.batch_execute("INSERT INTO items VALUES (8, 'a', 1), (8, 'b', 2)")
         .await
         .expect("duplicate key");
-    let status = client
-        .wait_item("a key-violation status", WAIT, |i| {
-            matches!(i, Item::Event(e) if e.event == "status" && e.data.contains("key violation"))
-        })
-        .await;
-    let Item::Event(status) = status else {
-        panic!("not an event")
-    };
+    let status = client.status_event("key violation", WAIT).await;
     assert!(
         status.data.contains("\"upstream\":\"streaming\""),
         "{}",

@@ -9,7 +9,8 @@ use serde_json::Value;
 use tailgate::sse::Item;
 
 use crate::support::{
-    config_text, engine_subscriptions, gateway_sessions, wait_for, Model, TestGateway, WAIT,
+    config_text, embedded_body, engine_subscriptions, gateway_sessions, items_truth, wait_for,
+    Model, TestGateway, WAIT,
 };
 
 const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
@@ -17,14 +18,13 @@ const INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
     CREATE VIEW names AS SELECT name FROM items;\n\
     INSERT INTO items VALUES (1, 'one', 10);\n";
 
+/// A body streaming `items_v` at each of `paths`.
 fn streams_body(paths: &[&str]) -> String {
-    let mut body = String::from("[embedded]\ninit = \"init.sql\"\n");
-    for p in paths {
-        body.push_str(&format!(
-            "[[streams]]\npath = \"{p}\"\nview = \"items_v\"\n"
-        ));
-    }
-    body
+    let streams: String = paths
+        .iter()
+        .map(|p| format!("[[streams]]\npath = \"{p}\"\nview = \"items_v\"\n"))
+        .collect();
+    embedded_body("", &streams)
 }
 
 fn streams(paths: &[&str]) -> String {
@@ -37,13 +37,19 @@ async fn start(paths: &[&str]) -> TestGateway {
     gw
 }
 
-/// Waits until every path answers with a snapshot.
+/// Whether the listing names `path`.
+async fn listed(gw: &TestGateway, path: &str) -> bool {
+    gw.get("/")
+        .await
+        .1
+        .contains(&format!("\"path\":\"{path}\""))
+}
+
+/// Waits until every path is listed.
 async fn wait_served(gw: &TestGateway, paths: &[&str]) {
     for p in paths {
-        let p = p.to_string();
-        wait_for(&format!("{p} served"), WAIT, || {
-            let p = p.clone();
-            async move { (gw.get("/").await.1.contains(&format!("\"path\":\"{p}\""))).then_some(()) }
+        wait_for(&format!("{p} served"), WAIT, || async move {
+            listed(gw, p).await.then_some(())
         })
         .await;
     }
@@ -51,17 +57,12 @@ async fn wait_served(gw: &TestGateway, paths: &[&str]) {
 
 async fn wait_gone(gw: &TestGateway, path: &str) {
     wait_for(&format!("{path} gone"), WAIT, || async move {
-        (!gw.get("/")
-            .await
-            .1
-            .contains(&format!("\"path\":\"{path}\"")))
-        .then_some(())
+        (!listed(gw, path).await).then_some(())
     })
     .await;
 }
 
-async fn wait_sessions(gw: &TestGateway, sql: &tokio_postgres::Client, n: i64) {
-    let _ = gw;
+async fn wait_sessions(sql: &tokio_postgres::Client, n: i64) {
     wait_for(
         &format!("{n} upstream sessions, each with its subscription"),
         WAIT,
@@ -155,12 +156,12 @@ async fn unchanged_streams_are_untouched_across_fifty_reloads() {
 
     for i in 0..50u64 {
         // Others come, change (view, then delay/event), and go.
-        let mut body = String::from("[embedded]\ninit = \"init.sql\"\n[[streams]]\npath = \"/stable\"\nview = \"items_v\"\n");
-        match i % 3 {
-            0 => body.push_str("[[streams]]\npath = \"/other\"\nview = \"items_v\"\n"),
-            1 => body.push_str("[[streams]]\npath = \"/other\"\nview = \"names\"\ndelay = \"50ms\"\nevent = \"x\"\n"),
-            _ => {}
-        }
+        let other = match i % 3 {
+            0 => "[[streams]]\npath = \"/other\"\nview = \"items_v\"\n",
+            1 => "[[streams]]\npath = \"/other\"\nview = \"names\"\ndelay = \"50ms\"\nevent = \"x\"\n",
+            _ => "",
+        };
+        let body = format!("{}{other}", streams_body(&["/stable"]));
         if i % 2 == 0 {
             write_in_place(&path, &config_text(&body));
         } else {
@@ -174,23 +175,10 @@ async fn unchanged_streams_are_untouched_across_fifty_reloads() {
         .expect("insert");
         gw.wait_reloaded(base_ok + i + 1).await;
         let expected = if i % 3 == 2 { 1 } else { 2 };
-        wait_sessions(&gw, &sql, expected).await;
+        wait_sessions(&sql, expected).await;
     }
 
-    let truth = {
-        let rows = sql
-            .simple_query("SELECT id, name, qty FROM items_v")
-            .await
-            .expect("select");
-        crate::support::multiset(rows.into_iter().filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(serde_json::json!({
-                "id": r.get(0).and_then(|v| v.parse::<i64>().ok()),
-                "name": r.get(1),
-                "qty": r.get(2).and_then(|v| v.parse::<i64>().ok()),
-            })),
-            _ => None,
-        }))
-    };
+    let truth = items_truth(&sql).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while model.sorted() != truth {
         assert!(
@@ -220,15 +208,12 @@ async fn unchanged_streams_are_untouched_across_fifty_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_changed_and_retuned_streams_behave_as_specified() {
     let gw = TestGateway::start(
-        "[embedded]\ninit = \"init.sql\"\n\
-         [[streams]]\npath = \"/gone\"\nview = \"items_v\"\n\
-         [[streams]]\npath = \"/changed\"\nview = \"items_v\"\n\
-         [[streams]]\npath = \"/tuned\"\nview = \"items_v\"\n",
+        &streams_body(&["/gone", "/changed", "/tuned"]),
         &[("init.sql", INIT)],
     )
     .await;
     let sql = gw.sql().await;
-    wait_sessions(&gw, &sql, 3).await;
+    wait_sessions(&sql, 3).await;
     let mut gone = gw.sse("/gone").await;
     let mut changed = gw.sse("/changed").await;
     let mut tuned = gw.sse("/tuned").await;
@@ -237,11 +222,11 @@ async fn removed_changed_and_retuned_streams_behave_as_specified() {
     }
     std::fs::write(
         gw.config_path(),
-        config_text(
-            "[embedded]\ninit = \"init.sql\"\n\
-             [[streams]]\npath = \"/changed\"\nview = \"names\"\n\
+        config_text(&embedded_body(
+            "",
+            "[[streams]]\npath = \"/changed\"\nview = \"names\"\n\
              [[streams]]\npath = \"/tuned\"\nview = \"items_v\"\nevent = \"renamed\"\nretry = \"1s\"\n",
-        ),
+        )),
     )
     .expect("write");
     gw.wait_reloaded(1).await;
@@ -258,7 +243,7 @@ async fn removed_changed_and_retuned_streams_behave_as_specified() {
     assert_eq!(v["reason"], "config-changed");
     assert_eq!(v["changes"][0]["row"], serde_json::json!({"name": "one"}));
 
-    wait_sessions(&gw, &sql, 2).await;
+    wait_sessions(&sql, 2).await;
     sql.batch_execute("INSERT INTO items VALUES (2, 'two', 2)")
         .await
         .expect("insert");

@@ -2,14 +2,12 @@
 //! with the crate's spec parser, a model client that applies events, and waiting for
 //! conditions under a timeout.
 
-#![allow(dead_code)]
-
 pub mod proxy;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,9 +24,35 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The data most tests stream: a table `items`, a view `items_v` over it, and two rows.
+pub const ITEMS_INIT: &str = "CREATE TABLE items (id int, name text, qty int);\n\
+    CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n\
+    INSERT INTO items VALUES (1, 'one', 10), (2, 'two', 20);\n";
+
+/// A stream of `items_v` at `/items`.
+pub const ITEMS_STREAM: &str = "[[streams]]\npath = \"/items\"\nview = \"items_v\"\n";
+
 /// The full config text for a test body that continues the `[server]` table.
 pub fn config_text(body: &str) -> String {
     format!("[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{body}")
+}
+
+/// A config body for the embedded engine running `init.sql`: `before` continues the
+/// `[server]` table (or adds tables of its own), `after` continues `[embedded]` and
+/// holds the streams.
+pub fn embedded_body(before: &str, after: &str) -> String {
+    format!("{before}[embedded]\ninit = \"init.sql\"\n{after}")
+}
+
+/// Writes `files` and a `streams.toml` holding `config_text(body)` into `dir`, and
+/// returns the config's path.
+pub fn write_config(dir: &Path, body: &str, files: &[(&str, &str)]) -> PathBuf {
+    for (name, content) in files {
+        std::fs::write(dir.join(name), content).expect("write file");
+    }
+    let path = dir.join("streams.toml");
+    std::fs::write(&path, config_text(body)).expect("write config");
+    path
 }
 
 /// Logs go to the test output only when `TEST_LOG` is set.
@@ -72,16 +96,17 @@ impl TestGateway {
     /// Extra files (for `init`) are written next to the config first.
     pub async fn start(body: &str, files: &[(&str, &str)]) -> TestGateway {
         let dir = tempfile::tempdir().expect("temp dir");
-        for (name, content) in files {
-            std::fs::write(dir.path().join(name), content).expect("write file");
-        }
-        let path = dir.path().join("streams.toml");
-        std::fs::write(&path, config_text(body)).expect("write config");
+        let path = write_config(dir.path(), body, files);
         Self::launch(dir, &path).await
     }
 
+    /// Starts a gateway on its embedded engine, which runs `init`; see [`embedded_body`].
+    pub async fn embedded(before: &str, init: &str, after: &str) -> TestGateway {
+        Self::start(&embedded_body(before, after), &[("init.sql", init)]).await
+    }
+
     /// Starts a gateway on an existing config file inside `dir`.
-    pub async fn launch(dir: tempfile::TempDir, path: &std::path::Path) -> TestGateway {
+    pub async fn launch(dir: tempfile::TempDir, path: &Path) -> TestGateway {
         init_logging();
         let config = config::load(path).expect("valid test config");
         let gateway = Gateway::build(config).await.expect("gateway starts");
@@ -203,6 +228,7 @@ pub async fn gateway_sessions(client: &tokio_postgres::Client) -> i64 {
     row.get::<_, i64>(0)
 }
 
+/// A GET on a fresh connection, up to the response head.
 async fn request(
     addr: SocketAddr,
     path: &str,
@@ -220,10 +246,13 @@ async fn request(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    sender
-        .send_request(req.body(Empty::<Bytes>::new()).expect("request"))
-        .await
-        .expect("response")
+    tokio::time::timeout(
+        WAIT,
+        sender.send_request(req.body(Empty::<Bytes>::new()).expect("request")),
+    )
+    .await
+    .expect("response head in time")
+    .expect("response")
 }
 
 /// A plain GET, body collected.
@@ -250,7 +279,11 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
-        let resp = request(addr, path, headers).await;
+        Self::from_response(request(addr, path, headers).await)
+    }
+
+    /// Reads a response the test requested itself.
+    pub fn from_response(resp: hyper::Response<Incoming>) -> SseClient {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         SseClient {
@@ -288,19 +321,6 @@ impl SseClient {
         }
     }
 
-    /// The next event (skipping comments and retry), failing the test after `limit`.
-    pub async fn next_event(&mut self, limit: Duration) -> Event {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next_item(left).await {
-                Some(Item::Event(e)) => return e,
-                Some(_) => continue,
-                None => panic!("no event within {limit:?} (ended: {})", self.ended),
-            }
-        }
-    }
-
     /// Skips items until one satisfies `pred`, failing the test after `limit`.
     pub async fn wait_item(
         &mut self,
@@ -319,15 +339,61 @@ impl SseClient {
         }
     }
 
-    /// The next event that is not `status`.
+    /// The next event that is not `status`, failing the test after `limit`.
     pub async fn next_data_event(&mut self, limit: Duration) -> Event {
-        loop {
-            let e = self.next_event(limit).await;
-            if e.event != "status" {
-                return e;
-            }
+        let item = self
+            .wait_item(
+                "a data event",
+                limit,
+                |i| matches!(i, Item::Event(e) if e.event != "status"),
+            )
+            .await;
+        let Item::Event(e) = item else {
+            unreachable!("wait_item returned an item its predicate refused")
+        };
+        e
+    }
+
+    /// The next `status` event whose data contains `needle`, failing the test after
+    /// `limit`.
+    pub async fn status_event(&mut self, needle: &str, limit: Duration) -> Event {
+        let item = self
+            .wait_item(
+                &format!("a status event with {needle:?}"),
+                limit,
+                |i| matches!(i, Item::Event(e) if e.event == "status" && e.data.contains(needle)),
+            )
+            .await;
+        let Item::Event(e) = item else {
+            unreachable!("wait_item returned an item its predicate refused")
+        };
+        e
+    }
+
+    /// Asserts the headers every stream response carries.
+    pub fn assert_stream_headers(&self) {
+        for (name, value) in [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+            ("x-accel-buffering", "no"),
+        ] {
+            assert_eq!(
+                self.headers.get(name).map(|v| v.to_str().unwrap_or("")),
+                Some(value),
+                "{name}"
+            );
         }
     }
+}
+
+/// Reads the initial snapshot into a new model, failing if the first data event is
+/// anything else.
+pub async fn initial(client: &mut SseClient) -> Model {
+    let mut model = Model::default();
+    let e = client.next_data_event(WAIT).await;
+    assert_eq!(e.event, "snapshot");
+    model.apply(&e, "update");
+    model
 }
 
 /// A browser-side model: applies snapshot and update events to a multiset of rows.
@@ -504,7 +570,7 @@ impl Drop for ChildGateway {
 }
 
 impl ChildGateway {
-    pub fn start(config: &std::path::Path) -> (ChildGateway, std::net::SocketAddr) {
+    pub fn start(config: &Path) -> (ChildGateway, SocketAddr) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tailgate"))
             .arg("--config")
             .arg(config)
@@ -556,16 +622,16 @@ impl ChildGateway {
     /// Open descriptors and resident memory (KiB) of the gateway process.
     pub fn fds_and_rss(&self) -> (usize, u64) {
         let pid = self.child.id();
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the gateway's /proc/<pid>/fd")
+            .count();
         let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0);
+            .expect("the gateway's /proc/<pid>/status")
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
         (fds, rss)
     }
 }
@@ -581,8 +647,9 @@ pub struct RawSseClient {
 }
 
 impl RawSseClient {
-    pub async fn connect(addr: SocketAddr, path: &str) -> RawSseClient {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A socket with a 4 KiB receive buffer that has sent `GET path` and read nothing.
+    pub async fn send_request(addr: SocketAddr, path: &str) -> TcpStream {
+        use tokio::io::AsyncWriteExt;
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(4096).expect("rcvbuf");
         let mut socket = socket.connect(addr).await.expect("connect");
@@ -590,6 +657,12 @@ impl RawSseClient {
             .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
             .await
             .expect("request");
+        socket
+    }
+
+    pub async fn connect(addr: SocketAddr, path: &str) -> RawSseClient {
+        use tokio::io::AsyncReadExt;
+        let mut socket = Self::send_request(addr, path).await;
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,9 +24,8 @@ pub struct Proxy {
     mode: watch::Sender<Mode>,
     /// Bumped to make every live link close; `reset` asks for an RST instead of a FIN.
     cut: watch::Sender<(u64, bool)>,
-    pub accepted: Arc<Mutex<u64>>,
     /// Reads from the upstream forwarded to the gateway, over all links.
-    pub forwarded: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,8 +41,6 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy addr");
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let (cut, cut_rx) = watch::channel((0u64, false));
-        let accepted = Arc::new(Mutex::new(0));
-        let count = Arc::clone(&accepted);
         let forwarded = Arc::new(AtomicU64::new(0));
         let chunks = Arc::clone(&forwarded);
         let task = tokio::spawn(async move {
@@ -51,9 +48,6 @@ impl Proxy {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                if let Ok(mut n) = count.lock() {
-                    *n += 1;
-                }
                 if *mode_rx.borrow() == Mode::Refuse {
                     drop(client);
                     continue;
@@ -74,10 +68,14 @@ impl Proxy {
             addr,
             mode,
             cut,
-            accepted,
             forwarded,
             task,
         }
+    }
+
+    /// Reads from the upstream forwarded to the gateway so far, over all links.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Relaxed)
     }
 
     pub fn set(&self, mode: Mode) {
