@@ -454,25 +454,20 @@ impl<'a> P<'a> {
         Ok(name)
     }
 
-    /// Index just past the parenthesis group starting at the current `(`.
-    fn skip_group(&mut self) -> Result<(usize, usize), SqlError> {
+    /// The text inside the parenthesis group at the current `(`, which must hold
+    /// at least one token; moves past the group. `what` names it in the error.
+    fn group_text(&mut self, what: &str) -> Result<&'a str, SqlError> {
         let open = self.i;
-        let mut depth = 0;
-        while let Some(t) = self.peek() {
-            match t.tok {
-                Tok::LParen => depth += 1,
-                Tok::RParen => {
-                    depth -= 1;
-                    if depth == 0 {
-                        self.i += 1;
-                        return Ok((open, self.i));
-                    }
-                }
-                _ => {}
-            }
-            self.i += 1;
+        let end =
+            group_end(self.toks, open).ok_or_else(|| SqlError::syntax("unbalanced parentheses"))?;
+        self.i = end;
+        match (
+            self.toks.get(open + 1),
+            self.toks.get(end.saturating_sub(2)),
+        ) {
+            (Some(a), Some(b)) if end - open >= 3 => Ok(&self.sql[a.start..b.end]),
+            _ => Err(SqlError::syntax(format!("expected {what}"))),
         }
-        Err(SqlError::syntax("unbalanced parentheses"))
     }
 
     fn at_end(&self) -> bool {
@@ -680,14 +675,7 @@ fn parse_subscribe(p: &mut P<'_>, legacy: bool) -> Result<SubscribeStmt, SqlErro
         p.eat_word("to");
     }
     let relation = if p.peek().is_some_and(|t| t.tok == Tok::LParen) {
-        let (open, close) = p.skip_group()?;
-        let (Some(a), Some(b)) = (p.toks.get(open + 1), p.toks.get(close - 2)) else {
-            return Err(SqlError::syntax("expected a query in parentheses"));
-        };
-        if close - open < 3 {
-            return Err(SqlError::syntax("expected a query in parentheses"));
-        }
-        Relation::Query(p.sql[a.start..b.end].to_owned())
+        Relation::Query(p.group_text("a query in parentheses")?.to_owned())
     } else {
         Relation::Name(p.object_name()?)
     };
@@ -811,6 +799,12 @@ fn parse_timestamp_expr(p: &mut P<'_>, legacy: bool) -> Result<u64, SqlError> {
     let toks = &p.toks[start..p.i];
     let words: Vec<String> = toks.iter().filter_map(|t| t.ident()).collect();
     let castable = || SqlError::internal(CASTABLE);
+    let unmaterializable = || {
+        SqlError::new(
+            "0A000",
+            "calling an unmaterializable function in AS OF or UP TO not yet supported",
+        )
+    };
     if toks.is_empty() {
         return Err(SqlError::syntax("expected an expression"));
     }
@@ -821,17 +815,11 @@ fn parse_timestamp_expr(p: &mut P<'_>, legacy: bool) -> Result<u64, SqlError> {
         if legacy && toks.len() == 3 && words.first().is_some_and(|w| w == "now") {
             return u64::try_from(super::store::now_ms()).map_err(|_| castable());
         }
-        return Err(SqlError::new(
-            "0A000",
-            "calling an unmaterializable function in AS OF or UP TO not yet supported",
-        ));
+        return Err(unmaterializable());
     }
     if words.iter().any(|w| w == "current_database") {
         if words.iter().any(|w| w == "mz_timestamp") {
-            return Err(SqlError::new(
-                "0A000",
-                "calling an unmaterializable function in AS OF or UP TO not yet supported",
-            ));
+            return Err(unmaterializable());
         }
         return Err(SqlError::internal(
             "AS OF or UP TO does not support implicitly casting from text to mz_timestamp",
@@ -927,12 +915,13 @@ pub fn parse_interval(s: &str) -> Result<Duration, SqlError> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
+    let invalid = || {
         SqlError::new(
             "22007",
             format!("invalid input syntax for type interval: \"{s}\""),
         )
-    })?;
+    };
+    let n: f64 = num.parse().map_err(|_| invalid())?;
     let secs = match unit.trim() {
         "" | "s" | "sec" | "secs" | "second" | "seconds" => n,
         "ms" | "millisecond" | "milliseconds" => n / 1000.0,
@@ -940,12 +929,7 @@ pub fn parse_interval(s: &str) -> Result<Duration, SqlError> {
         "m" | "min" | "mins" | "minute" | "minutes" => n * 60.0,
         "h" | "hr" | "hour" | "hours" => n * 3600.0,
         "d" | "day" | "days" => n * 86_400.0,
-        _ => {
-            return Err(SqlError::new(
-                "22007",
-                format!("invalid input syntax for type interval: \"{s}\""),
-            ))
-        }
+        _ => return Err(invalid()),
     };
     Ok(Duration::from_secs_f64(secs.max(0.0)))
 }
@@ -962,14 +946,7 @@ fn parse_copy(p: &mut P<'_>, legacy: bool) -> Result<Stmt, SqlError> {
         Stmt::CopySubscribe(s)
     } else {
         p.i -= 1;
-        let (open, close) = p.skip_group()?;
-        let (Some(a), Some(b)) = (p.toks.get(open + 1), p.toks.get(close.saturating_sub(2))) else {
-            return Err(SqlError::syntax("expected a query"));
-        };
-        if close - open < 3 {
-            return Err(SqlError::syntax("expected a query"));
-        }
-        Stmt::CopySelect(p.sql[a.start..b.end].to_owned())
+        Stmt::CopySelect(p.group_text("a query")?.to_owned())
     };
     p.expect_word("to")?;
     p.expect_word("stdout")?;
@@ -1149,25 +1126,20 @@ const SCHEMAS: &[&str] = &[
 /// Rewrites Postgres/Materialize SQL into SQLite SQL.
 pub fn translate(sql: &str) -> Result<String, SqlError> {
     let toks = tokenize(sql)?;
-    let mut tr = Translator {
-        sql,
-        out: Vec::new(),
-        groups: Vec::new(),
-        stack: Vec::new(),
-    };
+    let mut tr = Translator::default();
     tr.run(&toks)?;
     Ok(tr.out.join(" "))
 }
 
-struct Translator<'a> {
-    sql: &'a str,
+#[derive(Default)]
+struct Translator {
     out: Vec<String>,
     /// (index of `(`, index of `)`) for closed groups in `out`.
     groups: Vec<(usize, usize)>,
     stack: Vec<usize>,
 }
 
-impl Translator<'_> {
+impl Translator {
     fn run(&mut self, toks: &[Token]) -> Result<(), SqlError> {
         let mut i = 0;
         while i < toks.len() {
@@ -1205,7 +1177,7 @@ impl Translator<'_> {
                     continue;
                 }
                 Tok::Word(w) => self.out.push(w.clone()),
-                Tok::Quoted(q) => self.out.push(format!("\"{}\"", q.replace('"', "\"\""))),
+                Tok::Quoted(q) => self.out.push(quote_ident(q)),
                 Tok::Str(s) => self.out.push(format!("'{}'", s.replace('\'', "''"))),
                 Tok::Num(n) => self.out.push(n.clone()),
                 Tok::Param(n) => self.out.push(format!("?{n}")),
@@ -1243,12 +1215,7 @@ impl Translator<'_> {
                     if right_toks.is_empty() {
                         return Err(SqlError::syntax("expected an expression after /"));
                     }
-                    let mut sub = Translator {
-                        sql: self.sql,
-                        out: Vec::new(),
-                        groups: Vec::new(),
-                        stack: Vec::new(),
-                    };
+                    let mut sub = Translator::default();
                     sub.run(right_toks)?;
                     self.out
                         .push(format!("mz_div({left}, {})", sub.out.join(" ")));
@@ -1334,23 +1301,8 @@ fn primary_end(toks: &[Token], mut i: usize) -> Result<usize, SqlError> {
     let Some(t) = toks.get(i) else {
         return Ok(i);
     };
-    let skip_group = |mut j: usize| -> Result<usize, SqlError> {
-        let mut depth = 0;
-        while let Some(t) = toks.get(j) {
-            match t.tok {
-                Tok::LParen => depth += 1,
-                Tok::RParen => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return Ok(j + 1);
-                    }
-                }
-                _ => {}
-            }
-            j += 1;
-        }
-        Err(SqlError::syntax("unbalanced parentheses"))
-    };
+    let skip_group =
+        |j: usize| group_end(toks, j).ok_or_else(|| SqlError::syntax("unbalanced parentheses"));
     i = match &t.tok {
         Tok::LParen => skip_group(i)?,
         Tok::Word(_) | Tok::Quoted(_) => {
@@ -1375,6 +1327,25 @@ fn primary_end(toks: &[Token], mut i: usize) -> Result<usize, SqlError> {
         i = cast_type(toks, i + 1)?.1;
     }
     Ok(i)
+}
+
+/// Index just past the `)` that closes the group opening at `open`; `None` when
+/// it is never closed.
+fn group_end(toks: &[Token], open: usize) -> Option<usize> {
+    let mut depth = 0;
+    for (j, t) in toks.iter().enumerate().skip(open) {
+        match t.tok {
+            Tok::LParen => depth += 1,
+            Tok::RParen => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(j + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Reads a type name after `::`; returns it and the index after it.
@@ -1456,28 +1427,11 @@ pub fn select_items(sql: &str, lookup: ColumnLookup<'_>) -> Option<Vec<SelectIte
     let mut i = start + 1;
     let mut items: Vec<&[Token]> = Vec::new();
     if values {
-        let (open, close) = {
-            if toks.get(i)?.tok != Tok::LParen {
-                return None;
-            }
-            let mut d = 0;
-            let mut j = i;
-            loop {
-                match toks.get(j)?.tok {
-                    Tok::LParen => d += 1,
-                    Tok::RParen => {
-                        d -= 1;
-                        if d == 0 {
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-            (i, j)
-        };
-        split_items(toks.get(open + 1..close)?, &mut items);
+        if toks.get(i)?.tok != Tok::LParen {
+            return None;
+        }
+        let end = group_end(&toks, i)?;
+        split_items(toks.get(i + 1..end - 1)?, &mut items);
         return Some(
             items
                 .iter()
@@ -1792,10 +1746,6 @@ pub fn expr_type(expr: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
 }
 
 fn select_items_from_tokens(toks: &[Token], lookup: ColumnLookup<'_>) -> Option<PgType> {
-    let (Some(a), Some(b)) = (toks.first(), toks.last()) else {
-        return None;
-    };
-    let _ = (a, b);
     let mut items = Vec::new();
     let end = toks
         .iter()
@@ -1970,23 +1920,27 @@ pub fn spf_relation(sql: &str) -> Option<String> {
         }
     }
     let name_at = from? + 1;
-    let name_of = |t: &Token| match &t.tok {
-        Tok::Word(w) if !is_keyword(w) => Some(w.to_ascii_lowercase()),
-        Tok::Quoted(q) => Some(q.clone()),
-        _ => None,
-    };
-    let name = name_of(rest.get(name_at)?)?;
+    let name = plain_name(rest.get(name_at)?)?;
     let mut i = name_at + 1;
     if rest.get(i).is_some_and(|t| t.is_word("as")) {
-        name_of(rest.get(i + 1)?)?;
+        plain_name(rest.get(i + 1)?)?;
         i += 2;
-    } else if rest.get(i).and_then(name_of).is_some() {
+    } else if rest.get(i).and_then(plain_name).is_some() {
         i += 1;
     }
     match rest.get(i) {
         None => Some(name),
         Some(t) if t.is_word("where") || t.is_word("order") => Some(name),
         Some(_) => None,
+    }
+}
+
+/// A name that is not a keyword: lower-cased unless quoted.
+fn plain_name(t: &Token) -> Option<String> {
+    match &t.tok {
+        Tok::Word(w) if !is_keyword(w) => Some(w.to_ascii_lowercase()),
+        Tok::Quoted(q) => Some(q.clone()),
+        _ => None,
     }
 }
 
@@ -2040,19 +1994,12 @@ pub fn group_aggregate(sql: &str) -> Option<GroupAgg> {
     if group < from || !toks.get(group + 1)?.is_word("by") {
         return None;
     }
-    let plain = |t: &Token| -> Option<String> {
-        match &t.tok {
-            Tok::Word(w) if !is_keyword(w) => Some(w.to_ascii_lowercase()),
-            Tok::Quoted(q) => Some(q.clone()),
-            _ => None,
-        }
-    };
     // GROUP BY col, col, ... up to the end.
     let mut keys = Vec::new();
     let by = &toks[group + 2..];
     for (i, t) in by.iter().enumerate() {
         if i % 2 == 0 {
-            keys.push(plain(t)?);
+            keys.push(plain_name(t)?);
         } else if t.tok != Tok::Comma {
             return None;
         }
@@ -2068,13 +2015,13 @@ pub fn group_aggregate(sql: &str) -> Option<GroupAgg> {
     for (pos, item) in items.iter().enumerate() {
         // Drop a trailing `AS name` or `name`.
         let body = match item {
-            [rest @ .., a, n] if a.is_word("as") && plain(n).is_some() => rest,
-            [rest @ .., n] if rest.len() > 1 && plain(n).is_some() => rest,
+            [rest @ .., a, n] if a.is_word("as") && plain_name(n).is_some() => rest,
+            [rest @ .., n] if rest.len() > 1 && plain_name(n).is_some() => rest,
             _ => item,
         };
         match body {
             [c] => {
-                let name = plain(c)?;
+                let name = plain_name(c)?;
                 let k = keys.iter().position(|k| *k == name)?;
                 if key_pos[k].is_some() {
                     return None;
@@ -2088,7 +2035,7 @@ pub fn group_aggregate(sql: &str) -> Option<GroupAgg> {
                     && star.tok == Tok::Op("*".into())
                     && r.tok == Tok::RParen => {}
             [f, l, c, r] if l.tok == Tok::LParen && r.tok == Tok::RParen => {
-                let name = plain(c)?;
+                let name = plain_name(c)?;
                 if f.is_word("sum") {
                     sums.push((pos, name.clone()));
                 } else if !f.is_word("count") {
@@ -2118,7 +2065,8 @@ pub fn group_aggregate(sql: &str) -> Option<GroupAgg> {
     })
 }
 
-fn quote_ident(name: &str) -> String {
+/// `name` as a double-quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -2221,30 +2169,22 @@ mod tests {
         };
         assert_eq!(name, "c");
         assert!(s.progress);
-        assert_eq!(
-            parse("FETCH 3 c WITH (timeout = '1s')", false).unwrap(),
+        let fetch = |count, timeout| {
             Stmt::Fetch(FetchStmt {
                 cursor: "c".into(),
-                count: Some(3),
-                timeout: Some(Duration::from_secs(1))
+                count,
+                timeout,
             })
+        };
+        assert_eq!(
+            parse("FETCH 3 c WITH (timeout = '1s')", false).unwrap(),
+            fetch(Some(3), Some(Duration::from_secs(1)))
         );
         assert_eq!(
             parse("FETCH FORWARD ALL FROM c", false).unwrap(),
-            Stmt::Fetch(FetchStmt {
-                cursor: "c".into(),
-                count: None,
-                timeout: None
-            })
+            fetch(None, None)
         );
-        assert_eq!(
-            parse("FETCH c", false).unwrap(),
-            Stmt::Fetch(FetchStmt {
-                cursor: "c".into(),
-                count: Some(1),
-                timeout: None
-            })
-        );
+        assert_eq!(parse("FETCH c", false).unwrap(), fetch(Some(1), None));
         assert!(parse("FETCH c WITH (timeout = '2d')", false).is_err());
         assert!(matches!(
             parse("COPY (SUBSCRIBE t) TO STDOUT", false),
