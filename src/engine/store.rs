@@ -22,7 +22,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::error::{SqlError, DIV_BY_ZERO_MARKER};
-use super::sql::{self, DropKind, Relation, SubscribeStmt};
+use super::sql::{self, quote_ident, DropKind, Relation, SubscribeStmt};
 use super::subscribe::{consolidate, diff_maps, Output, ResultSet, SubEvent};
 use super::value::{format_timestamptz_ms, parse_bool, Column, Datum, PgType, Row};
 
@@ -39,6 +39,21 @@ fn now_u64() -> u64 {
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, SqlError>>;
+
+/// One write's consolidated changes, by table.
+type Changes = BTreeMap<String, Vec<(Row, i64)>>;
+
+/// Logged changes by write, in time order: each write's timestamp and its
+/// (table, row, diff) entries.
+type WriteBatches = Vec<(u64, Vec<(String, Row, i64)>)>;
+
+/// A subscription's result at AS OF, the diff of each later write by timestamp,
+/// and its current result.
+type Replay = (
+    HashMap<Row, i64>,
+    Vec<(u64, Vec<(Row, i64)>)>,
+    HashMap<Row, i64>,
+);
 
 /// Result of a read query.
 #[derive(Debug)]
@@ -264,12 +279,12 @@ impl Groups {
     /// `None` if a recomputed group's sum is not an integer (then nothing was
     /// changed and the caller re-evaluates the whole query instead).
     fn update(&mut self, conn: &Connection) -> Result<Option<Vec<(Row, i64)>>, SqlError> {
-        let keys = rows_of(conn, &self.keys_sql)?;
+        let keys = rows_of(conn, &self.keys_sql, &[])?;
         if keys.is_empty() {
             return Ok(Some(Vec::new()));
         }
         let mut fresh: HashMap<Row, Row> = HashMap::new();
-        for row in rows_of(conn, &self.sql)? {
+        for row in rows_of(conn, &self.sql, &[])? {
             if !self.exact(&row) || fresh.insert(self.key(&row), row).is_some() {
                 return Ok(None);
             }
@@ -318,20 +333,30 @@ fn affinity(declared: &str) -> char {
     }
 }
 
-/// Every row of a parameterless query.
-fn rows_of(conn: &Connection, sql: &str) -> Result<Vec<Row>, SqlError> {
+/// One result row of a statement with `n` columns.
+fn read_row(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Row> {
+    (0..n)
+        .map(|i| r.get_ref(i).map(Datum::from_sqlite))
+        .collect()
+}
+
+/// Every row of a query (through the statement cache).
+fn rows_of(conn: &Connection, sql: &str, params: &[Datum]) -> Result<Vec<Row>, SqlError> {
     let mut stmt = conn.prepare_cached(sql)?;
     let n = stmt.column_count();
-    let mut rows = stmt.query([])?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        out.push(
-            (0..n)
-                .map(|i| r.get_ref(i).map(Datum::from_sqlite))
-                .collect::<Result<Row, _>>()?,
-        );
+        out.push(read_row(r, n)?);
     }
     Ok(out)
+}
+
+/// The name and declared type of each column of `table`.
+fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut st = conn.prepare_cached("SELECT name, type FROM pragma_table_info(?1)")?;
+    let rows = st.query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
 struct Sub {
@@ -388,10 +413,6 @@ const LOG_PREFIX: &str = "_tg_log_";
 /// Temp tables holding one write's changed rows of a table, with a `_tg_sign`
 /// column, for [`Source::Delta`] subscriptions.
 const DELTA_PREFIX: &str = "_tg_delta_";
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
 
 impl Store {
     fn new(config: StoreConfig, counters: Arc<Counters>) -> Result<Store, rusqlite::Error> {
@@ -596,8 +617,12 @@ impl Store {
     }
 
     fn describe(&self, text: &str) -> Result<Vec<Column>, SqlError> {
-        let translated = sql::translate(text)?;
-        let stmt = self.conn.prepare_cached(&translated)?;
+        self.describe_translated(text, &sql::translate(text)?)
+    }
+
+    /// Result columns of `text`, whose translation the caller already has.
+    fn describe_translated(&self, text: &str, translated: &str) -> Result<Vec<Column>, SqlError> {
+        let stmt = self.conn.prepare_cached(translated)?;
         let deps: Vec<&RelInfo> = sql::identifiers(text)
             .iter()
             .filter_map(|i| self.catalog.get(i))
@@ -632,29 +657,14 @@ impl Store {
             .collect())
     }
 
-    fn eval_rows(&self, translated: &str, params: &[Datum]) -> Result<Vec<Row>, SqlError> {
-        let mut stmt = self.conn.prepare_cached(translated)?;
-        let n = stmt.column_count();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let mut row = Vec::with_capacity(n);
-            for i in 0..n {
-                row.push(Datum::from_sqlite(r.get_ref(i)?));
-            }
-            out.push(row);
-        }
-        Ok(out)
-    }
-
     fn eval_multiset(&self, translated: &str) -> Result<HashMap<Row, i64>, SqlError> {
         multiset(&mut *self.conn.prepare_cached(translated)?)
     }
 
     fn query(&self, text: &str, params: &[Datum]) -> Result<QueryResult, SqlError> {
-        let columns = self.describe(text)?;
         let translated = sql::translate(text)?;
-        let rows = self.eval_rows(&translated, params)?;
+        let columns = self.describe_translated(text, &translated)?;
+        let rows = rows_of(&self.conn, &translated, params)?;
         Ok(QueryResult { columns, rows })
     }
 
@@ -697,11 +707,10 @@ impl Store {
         Ok(counts)
     }
 
-    #[allow(clippy::type_complexity)]
     fn write_inner(
         &mut self,
         stmts: &[(String, Vec<Datum>)],
-    ) -> Result<(Vec<usize>, BTreeMap<String, Vec<(Row, i64)>>), SqlError> {
+    ) -> Result<(Vec<usize>, Changes), SqlError> {
         let mut counts = Vec::with_capacity(stmts.len());
         for (text, params) in stmts {
             let translated = sql::translate(text)?;
@@ -710,10 +719,10 @@ impl Store {
         }
         let mut changes = BTreeMap::new();
         for table in self.take_dirty() {
-            let log = quote(&format!("{LOG_PREFIX}{table}"));
-            let mut rows = self.eval_rows(&format!("SELECT * FROM {log}"), &[])?;
+            let log = quote_ident(&format!("{LOG_PREFIX}{table}"));
+            let rows = rows_of(&self.conn, &format!("SELECT * FROM {log}"), &[])?;
             self.conn.execute(&format!("DELETE FROM {log}"), [])?;
-            let diffs = consolidate(rows.drain(..).filter_map(|mut r| {
+            let diffs = consolidate(rows.into_iter().filter_map(|mut r| {
                 if r.is_empty() {
                     return None;
                 }
@@ -728,7 +737,7 @@ impl Store {
     }
 
     /// Pushes the diff at `ts` to every subscription that reads a changed table.
-    fn publish(&mut self, ts: u64, changes: &BTreeMap<String, Vec<(Row, i64)>>) {
+    fn publish(&mut self, ts: u64, changes: &Changes) {
         let mut finished = Vec::new();
         let ids: Vec<u64> = self
             .subs
@@ -834,11 +843,9 @@ impl Store {
     /// its diff says, with the diff's sign.
     fn load_delta(&self, table: &str, diffs: &[(Row, i64)]) -> Result<(), SqlError> {
         let width = self.catalog.get(table).map_or(0, |r| r.columns.len());
-        let marks: Vec<String> = (1..=width + 1).map(|i| format!("?{i}")).collect();
-        let mut st = self.conn.prepare_cached(&format!(
-            "INSERT INTO temp.{} VALUES ({})",
-            quote(&format!("{DELTA_PREFIX}{table}")),
-            marks.join(", ")
+        let mut st = self.conn.prepare_cached(&insert_temp_sql(
+            &format!("{DELTA_PREFIX}{table}"),
+            width + 1,
         ))?;
         for (row, diff) in diffs {
             let sign = Datum::Int(diff.signum());
@@ -883,28 +890,31 @@ impl Store {
             }
         };
         let names = |cols: &[Column]| -> String {
-            let q: Vec<String> = cols.iter().map(|c| quote(&c.name)).collect();
+            let q: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
             q.join(", ")
         };
         let cols = names(&info.columns);
         let mut ctes = vec![format!(
             "{} ({cols}) AS (SELECT {cols} FROM temp.{} WHERE \"_tg_sign\" = ?1)",
-            quote(&table),
-            quote(&delta)
+            quote_ident(&table),
+            quote_ident(&delta)
         )];
         for (name, view) in views.iter().rev() {
             ctes.push(format!(
                 "{} ({}) AS ({})",
-                quote(name),
+                quote_ident(name),
                 names(&view.columns),
                 view.body.as_deref().unwrap_or_default()
             ));
         }
         let sql = format!("WITH {} {translated}", ctes.join(", "));
-        // The rewrite must prepare and keep the result's width.
-        let want = self.conn.prepare(translated).ok()?.column_count();
-        let got = self.conn.prepare(&sql).ok()?.column_count();
-        (want == got).then_some((table, sql))
+        self.same_width(translated, &sql).then_some((table, sql))
+    }
+
+    /// Whether a rewrite of `translated` prepares and keeps the result's width.
+    fn same_width(&self, translated: &str, rewritten: &str) -> bool {
+        let width = |sql: &str| self.conn.prepare(sql).map(|st| st.column_count()).ok();
+        matches!((width(translated), width(rewritten)), (Some(a), Some(b)) if a == b)
     }
 
     /// The per-group form of a subscription's translated query, if it is (or is
@@ -937,18 +947,11 @@ impl Store {
             return None;
         }
         let delta = self.ensure_delta_table(&table).ok()??;
-        let mut types: HashMap<String, String> = HashMap::new();
-        {
-            let mut st = self
-                .conn
-                .prepare("SELECT name, type FROM pragma_table_info(?1)")
-                .ok()?;
-            let mut rows = st.query([&table]).ok()?;
-            while let Some(r) = rows.next().ok()? {
-                let name: String = r.get(0).ok()?;
-                types.insert(name.to_lowercase(), r.get(1).ok()?);
-            }
-        }
+        let types: HashMap<String, String> = table_columns(&self.conn, &table)
+            .ok()?
+            .into_iter()
+            .map(|(name, ty)| (name.to_lowercase(), ty))
+            .collect();
         let aff = |c: &str| types.get(&c.to_lowercase()).map(|t| affinity(t));
         if !agg
             .keys
@@ -975,11 +978,11 @@ impl Store {
                 return None;
             }
         }
-        let keys: Vec<String> = agg.keys.iter().map(|k| quote(k)).collect();
-        let index = quote(&format!("_tg_idx_{table}({})", agg.keys.join(",")));
+        let keys: Vec<String> = agg.keys.iter().map(|k| quote_ident(k)).collect();
+        let index = quote_ident(&format!("_tg_idx_{table}({})", agg.keys.join(",")));
         if let Err(e) = self.conn.execute_batch(&format!(
             "CREATE INDEX IF NOT EXISTS main.{index} ON {} ({})",
-            quote(&table),
+            quote_ident(&table),
             keys.join(", ")
         )) {
             tracing::debug!(table = %table, error = %e, "No group index; subscription re-evaluates in full.");
@@ -988,10 +991,10 @@ impl Store {
         groups.keys_sql = format!(
             "SELECT DISTINCT {} FROM temp.{}",
             keys.join(", "),
-            quote(&delta)
+            quote_ident(&delta)
         );
         let info = self.catalog.get(&table)?;
-        let cols: Vec<String> = info.columns.iter().map(|c| quote(&c.name)).collect();
+        let cols: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let picked: Vec<String> = cols.iter().map(|c| format!("\"_tg_r\".{c}")).collect();
         let on: Vec<String> = keys
             .iter()
@@ -999,17 +1002,14 @@ impl Store {
             .collect();
         groups.sql = format!(
             "WITH {} ({}) AS (SELECT {} FROM ({}) AS \"_tg_k\" CROSS JOIN main.{} AS \"_tg_r\" ON {}) {body}",
-            quote(&table),
+            quote_ident(&table),
             cols.join(", "),
             picked.join(", "),
             groups.keys_sql,
-            quote(&table),
+            quote_ident(&table),
             on.join(" AND ")
         );
-        // The rewrite must prepare and keep the result's width.
-        let want = self.conn.prepare(translated).ok()?.column_count();
-        let got = self.conn.prepare(&groups.sql).ok()?.column_count();
-        (want == got).then_some(groups)
+        self.same_width(translated, &groups.sql).then_some(groups)
     }
 
     /// Creates `table`'s delta table if missing: its columns with the same
@@ -1028,22 +1028,14 @@ impl Store {
         {
             return Ok(None);
         }
-        let mut defs = Vec::new();
-        {
-            let mut st = self
-                .conn
-                .prepare("SELECT name, type FROM pragma_table_info(?1)")?;
-            let mut rows = st.query([table])?;
-            while let Some(r) = rows.next()? {
-                let name: String = r.get(0)?;
-                let ty: String = r.get(1)?;
-                defs.push(format!("{} {ty}", quote(&name)));
-            }
-        }
+        let defs: Vec<String> = table_columns(&self.conn, table)?
+            .iter()
+            .map(|(name, ty)| format!("{} {ty}", quote_ident(name)))
+            .collect();
         let delta = format!("{DELTA_PREFIX}{table}");
         self.conn.execute_batch(&format!(
             "CREATE TEMP TABLE IF NOT EXISTS {} ({}, \"_tg_sign\")",
-            quote(&delta),
+            quote_ident(&delta),
             defs.join(", ")
         ))?;
         Ok(Some(delta))
@@ -1104,31 +1096,22 @@ impl Store {
         self.conn.execute_batch("SAVEPOINT tg_ddl")?;
         let res = (|| -> Result<Vec<Column>, SqlError> {
             self.conn.execute_batch(&translated)?;
-            let mut cols = Vec::new();
-            {
-                let mut st = self.conn.prepare(&format!(
-                    "SELECT name, type FROM pragma_table_info({})",
-                    sql_str(name)
-                ))?;
-                let mut rows = st.query([])?;
-                while let Some(r) = rows.next()? {
-                    let n: String = r.get(0)?;
-                    let t: String = r.get(1)?;
-                    cols.push(Column::new(n, PgType::from_decl(&t)));
-                }
-            }
-            let log = quote(&format!("{LOG_PREFIX}{name}"));
-            let names: Vec<String> = cols.iter().map(|c| quote(&c.name)).collect();
+            let cols: Vec<Column> = table_columns(&self.conn, name)?
+                .into_iter()
+                .map(|(n, t)| Column::new(n, PgType::from_decl(&t)))
+                .collect();
+            let log = quote_ident(&format!("{LOG_PREFIX}{name}"));
+            let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
             let new: Vec<String> = cols
                 .iter()
-                .map(|c| format!("NEW.{}", quote(&c.name)))
+                .map(|c| format!("NEW.{}", quote_ident(&c.name)))
                 .collect();
             let old: Vec<String> = cols
                 .iter()
-                .map(|c| format!("OLD.{}", quote(&c.name)))
+                .map(|c| format!("OLD.{}", quote_ident(&c.name)))
                 .collect();
-            let t = quote(name);
-            let trig = |kind: &str| quote(&format!("_tg_{kind}_{name}"));
+            let t = quote_ident(name);
+            let trig = |kind: &str| quote_ident(&format!("_tg_{kind}_{name}"));
             self.conn.execute_batch(&format!(
                 "CREATE TABLE {log} (_tg_diff, {cols});
                  CREATE TRIGGER {ti} AFTER INSERT ON {t} BEGIN INSERT INTO {log} VALUES (1, {new}); END;
@@ -1178,12 +1161,12 @@ impl Store {
             }
             self.drop(DropKind::View, &[name.to_owned()], false, false)?;
         }
-        let columns = self.describe(body)?;
         let translated = sql::translate(body)?;
-        let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+        let columns = self.describe_translated(body, &translated)?;
+        let names: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
         self.conn.execute_batch(&format!(
             "CREATE VIEW {} ({}) AS {translated}",
-            quote(name),
+            quote_ident(name),
             names.join(", ")
         ))?;
         let deps = sql::identifiers(body)
@@ -1267,15 +1250,15 @@ impl Store {
             RelKind::Table => {
                 self.conn.execute_batch(&format!(
                     "DROP TABLE {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS temp.{};",
-                    quote(name),
-                    quote(&format!("{LOG_PREFIX}{name}")),
-                    quote(&format!("{DELTA_PREFIX}{name}"))
+                    quote_ident(name),
+                    quote_ident(&format!("{LOG_PREFIX}{name}")),
+                    quote_ident(&format!("{DELTA_PREFIX}{name}"))
                 ))?;
                 self.history.remove(name);
             }
             RelKind::View => {
                 self.conn
-                    .execute_batch(&format!("DROP VIEW {}", quote(name)))?;
+                    .execute_batch(&format!("DROP VIEW {}", quote_ident(name)))?;
             }
         }
         let affected: Vec<u64> = self
@@ -1314,17 +1297,21 @@ impl Store {
 
     /// Resolves a SUBSCRIBE's relation and output layout without running it.
     fn plan(&self, stmt: &SubscribeStmt) -> Result<Plan, SqlError> {
-        let (select, rel_columns, source_table) = match &stmt.relation {
+        let (translated, rel_columns, source_table) = match &stmt.relation {
             Relation::Name(name) => {
                 let info = self
                     .catalog
                     .get(name)
                     .ok_or_else(|| SqlError::unknown_relation(name))?;
-                let select = format!("SELECT * FROM {}", quote(name));
+                let select = format!("SELECT * FROM {}", quote_ident(name));
                 let table = (info.kind == RelKind::Table).then(|| name.clone());
-                (select, info.columns.clone(), table)
+                (sql::translate(&select)?, info.columns.clone(), table)
             }
-            Relation::Query(q) => (q.clone(), self.describe(q)?, None),
+            Relation::Query(q) => {
+                let translated = sql::translate(q)?;
+                let columns = self.describe_translated(q, &translated)?;
+                (translated, columns, None)
+            }
         };
         let deps = match &stmt.relation {
             Relation::Name(name) => {
@@ -1336,7 +1323,7 @@ impl Store {
         };
         let out = Output::new(stmt, rel_columns)?;
         Ok(Plan {
-            translated: sql::translate(&select)?,
+            translated,
             base_tables: deps
                 .iter()
                 .filter(|d| {
@@ -1418,7 +1405,7 @@ impl Store {
         // Snapshot at AS OF and every later change up to now, then go live.
         let replay = if as_of >= self.clock.last_write {
             let state = match &plan.source_table {
-                Some(t) => self.eval_multiset(&format!("SELECT * FROM {}", quote(t))),
+                Some(t) => self.eval_multiset(&format!("SELECT * FROM {}", quote_ident(t))),
                 None => self.eval_multiset(&plan.translated),
             };
             state.map(|s| (s.clone(), Vec::new(), s))
@@ -1508,19 +1495,7 @@ impl Store {
 
     /// Reconstructs the subscription's result at `as_of` and every change after it
     /// from the table history. Returns (state at AS OF, later batches, current state).
-    #[allow(clippy::type_complexity)]
-    fn replay(
-        &mut self,
-        plan: &Plan,
-        as_of: u64,
-    ) -> Result<
-        (
-            HashMap<Row, i64>,
-            Vec<(u64, Vec<(Row, i64)>)>,
-            HashMap<Row, i64>,
-        ),
-        SqlError,
-    > {
+    fn replay(&mut self, plan: &Plan, as_of: u64) -> Result<Replay, SqlError> {
         // All history entries after AS OF for the tables involved, in time order.
         let mut later: Vec<(u64, &str, &Row, i64)> = Vec::new();
         for t in &plan.base_tables {
@@ -1536,15 +1511,14 @@ impl Store {
         later.sort_by_key(|(ts, ..)| *ts);
         let mut past: HashMap<String, HashMap<Row, i64>> = HashMap::new();
         for t in &plan.base_tables {
-            let mut state = self.eval_multiset(&format!("SELECT * FROM {}", quote(t)))?;
-            for (_, table, row, diff) in later.iter().filter(|(_, table, ..)| table == t) {
-                let _ = table;
+            let mut state = self.eval_multiset(&format!("SELECT * FROM {}", quote_ident(t)))?;
+            for (_, _, row, diff) in later.iter().filter(|(_, table, ..)| table == t) {
                 *state.entry((*row).clone()).or_insert(0) -= diff;
             }
             state.retain(|_, c| *c > 0);
             past.insert(t.clone(), state);
         }
-        let mut groups: Vec<(u64, Vec<(String, Row, i64)>)> = Vec::new();
+        let mut groups: WriteBatches = Vec::new();
         for (ts, table, row, diff) in later {
             match groups.last_mut() {
                 Some((g, entries)) if *g == ts => {
@@ -1578,22 +1552,14 @@ impl Store {
         res
     }
 
-    #[allow(clippy::type_complexity)]
     fn replay_in_temp(
         &self,
         plan: &Plan,
         past: &HashMap<String, HashMap<Row, i64>>,
-        groups: Vec<(u64, Vec<(String, Row, i64)>)>,
-    ) -> Result<
-        (
-            HashMap<Row, i64>,
-            Vec<(u64, Vec<(Row, i64)>)>,
-            HashMap<Row, i64>,
-        ),
-        SqlError,
-    > {
+        groups: WriteBatches,
+    ) -> Result<Replay, SqlError> {
         for (t, state) in past {
-            let q = quote(t);
+            let q = quote_ident(t);
             self.conn.execute_batch(&format!(
                 "CREATE TEMP TABLE {q} AS SELECT * FROM main.{q} WHERE 0"
             ))?;
@@ -1611,10 +1577,10 @@ impl Store {
             .collect();
         views.sort_by_key(|(_, r)| r.seq);
         for (name, info) in views {
-            let cols: Vec<String> = info.columns.iter().map(|c| quote(&c.name)).collect();
+            let cols: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
             self.conn.execute_batch(&format!(
                 "CREATE TEMP VIEW {} ({}) AS {}",
-                quote(name),
+                quote_ident(name),
                 cols.join(", "),
                 info.body.as_deref().unwrap_or("SELECT 1")
             ))?;
@@ -1645,12 +1611,9 @@ impl Store {
     }
 
     fn insert_temp(&self, table: &str, row: &Row) -> Result<(), SqlError> {
-        let marks: Vec<String> = (1..=row.len()).map(|i| format!("?{i}")).collect();
-        let mut st = self.conn.prepare_cached(&format!(
-            "INSERT INTO temp.{} VALUES ({})",
-            quote(table),
-            marks.join(", ")
-        ))?;
+        let mut st = self
+            .conn
+            .prepare_cached(&insert_temp_sql(table, row.len()))?;
         st.execute(rusqlite::params_from_iter(row.iter()))?;
         Ok(())
     }
@@ -1663,9 +1626,9 @@ impl Store {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{} IS ?{}", quote(&c.name), i + 1))
+            .map(|(i, c)| format!("{} IS ?{}", quote_ident(&c.name), i + 1))
             .collect();
-        let q = quote(table);
+        let q = quote_ident(table);
         let mut st = self.conn.prepare_cached(&format!(
             "DELETE FROM temp.{q} WHERE rowid IN (SELECT rowid FROM temp.{q} WHERE {} LIMIT {count})",
             conds.join(" AND ")
@@ -1684,10 +1647,7 @@ fn eval_delta(conn: &Connection, sql: &str) -> Result<Vec<(Row, i64)>, SqlError>
     for sign in [-1i64, 1] {
         let mut rows = stmt.query([sign])?;
         while let Some(r) = rows.next()? {
-            let row = (0..n)
-                .map(|i| r.get_ref(i).map(Datum::from_sqlite))
-                .collect::<Result<Row, _>>()?;
-            updates.push((row, sign));
+            updates.push((read_row(r, n)?, sign));
         }
     }
     Ok(consolidate(updates))
@@ -1718,15 +1678,21 @@ fn reevaluate(
     }
 }
 
+/// `INSERT INTO temp.<table> VALUES (?1, .., ?width)`.
+fn insert_temp_sql(table: &str, width: usize) -> String {
+    let marks: Vec<String> = (1..=width).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO temp.{} VALUES ({})",
+        quote_ident(table),
+        marks.join(", ")
+    )
+}
+
 fn kind_name(k: RelKind) -> &'static str {
     match k {
         RelKind::Table => "table",
         RelKind::View => "view",
     }
-}
-
-fn sql_str(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Runs a prepared query and counts its rows.
@@ -1735,11 +1701,7 @@ fn multiset(stmt: &mut rusqlite::Statement<'_>) -> Result<HashMap<Row, i64>, Sql
     let mut rows = stmt.query([])?;
     let mut out: HashMap<Row, i64> = HashMap::new();
     while let Some(r) = rows.next()? {
-        let mut row = Vec::with_capacity(n);
-        for i in 0..n {
-            row.push(Datum::from_sqlite(r.get_ref(i)?));
-        }
-        *out.entry(row).or_insert(0) += 1;
+        *out.entry(read_row(r, n)?).or_insert(0) += 1;
     }
     Ok(out)
 }
@@ -2233,19 +2195,25 @@ mod tests {
         assert_eq!(s.subs.len(), subjects.len() * 2, "a subscription ended");
     }
 
-    /// Division by zero in a new row poisons the subscription either way.
-    #[test]
-    fn evaluation_errors_match() {
+    /// Subscribes to `q` both ways (the incremental one must take the path
+    /// `is_incremental` checks), applies `writes` one by one, and checks that
+    /// both end with the same events, a division by zero last.
+    fn assert_errors_match(
+        schema: &str,
+        q: &str,
+        is_incremental: fn(&Store, u64) -> bool,
+        writes: [&str; 2],
+    ) {
         let mut s = store();
-        s.script("CREATE TABLE t (a int); INSERT INTO t VALUES (1);")
-            .expect("schema");
-        let (inc, mut inc_rx) = subscribe(&mut s, "(SELECT 10 / a AS q FROM t)", true);
-        let (_, mut full_rx) = subscribe(&mut s, "(SELECT 10 / a AS q FROM t)", false);
-        assert!(is_delta(&s, inc));
+        s.script(schema).expect("schema");
+        let (inc, mut inc_rx) = subscribe(&mut s, q, true);
+        let (_, mut full_rx) = subscribe(&mut s, q, false);
+        assert!(is_incremental(&s, inc), "{q}");
         // The snapshots differ only in their AS OF timestamp when a millisecond passes.
         assert_eq!(drain_from(&mut inc_rx, 1), drain_from(&mut full_rx, 1));
-        write(&mut s, &["INSERT INTO t VALUES (2)".to_owned()]);
-        write(&mut s, &["INSERT INTO t VALUES (0)".to_owned()]);
+        for w in writes {
+            write(&mut s, &[w.to_owned()]);
+        }
         let events = drain(&mut inc_rx);
         assert!(events
             .last()
@@ -2254,24 +2222,25 @@ mod tests {
         assert!(s.subs.is_empty());
     }
 
+    /// Division by zero in a new row poisons the subscription either way.
+    #[test]
+    fn evaluation_errors_match() {
+        assert_errors_match(
+            "CREATE TABLE t (a int); INSERT INTO t VALUES (1);",
+            "(SELECT 10 / a AS q FROM t)",
+            is_delta,
+            ["INSERT INTO t VALUES (2)", "INSERT INTO t VALUES (0)"],
+        );
+    }
+
     /// The same for a grouped aggregate whose filter divides by a group column.
     #[test]
     fn grouped_evaluation_errors_match() {
-        let mut s = store();
-        s.script("CREATE TABLE t (a int, b int); INSERT INTO t VALUES (1, 1);")
-            .expect("schema");
-        let q = "(SELECT a, count(*) AS n, sum(b) AS s FROM t WHERE 10 / a > 1 GROUP BY a)";
-        let (inc, mut inc_rx) = subscribe(&mut s, q, true);
-        let (_, mut full_rx) = subscribe(&mut s, q, false);
-        assert!(is_groups(&s, inc));
-        assert_eq!(drain_from(&mut inc_rx, 1), drain_from(&mut full_rx, 1));
-        write(&mut s, &["INSERT INTO t VALUES (2, 5)".to_owned()]);
-        write(&mut s, &["INSERT INTO t VALUES (0, 1)".to_owned()]);
-        let events = drain(&mut inc_rx);
-        assert!(events
-            .last()
-            .is_some_and(|e| e.contains("division by zero")));
-        assert_eq!(events, drain(&mut full_rx));
-        assert!(s.subs.is_empty());
+        assert_errors_match(
+            "CREATE TABLE t (a int, b int); INSERT INTO t VALUES (1, 1);",
+            "(SELECT a, count(*) AS n, sum(b) AS s FROM t WHERE 10 / a > 1 GROUP BY a)",
+            is_groups,
+            ["INSERT INTO t VALUES (2, 5)", "INSERT INTO t VALUES (0, 1)"],
+        );
     }
 }
