@@ -35,6 +35,21 @@ impl SqlError {
         SqlError::new("42P01", format!("unknown catalog item '{name}'"))
     }
 
+    pub fn unknown_cursor(name: &str) -> SqlError {
+        SqlError::new("34000", format!("cursor \"{name}\" does not exist"))
+    }
+
+    pub fn unknown_portal(name: &str) -> SqlError {
+        SqlError::new("34000", format!("portal \"{name}\" does not exist"))
+    }
+
+    pub fn unknown_statement(name: &str) -> SqlError {
+        SqlError::new(
+            "26000",
+            format!("prepared statement \"{name}\" does not exist"),
+        )
+    }
+
     pub fn division_by_zero() -> SqlError {
         SqlError::new("XX000", "Evaluation error: division by zero")
     }

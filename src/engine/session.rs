@@ -435,6 +435,11 @@ fn copy_line(row: &Row, columns: &[Column]) -> Bytes {
     Bytes::from(s)
 }
 
+/// CopyOutResponse for `n` text columns.
+fn copy_out_response(n: usize) -> PgWireBackendMessage {
+    PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(0, n as i16, vec![0; n]))
+}
+
 fn tag_for(stmt: &Stmt) -> &'static str {
     match stmt {
         Stmt::CreateTable { .. } => "CREATE TABLE",
@@ -710,6 +715,7 @@ impl Session {
             return Err(SqlError::aborted_txn().into());
         }
         let store = self.shared.store.clone();
+        let tag = tag_for(&stmt);
         match stmt {
             Stmt::Begin => {
                 if matches!(self.txn, Txn::Idle) {
@@ -786,14 +792,8 @@ impl Session {
                     })?;
                     vec![vec![Datum::Text(v.clone())]]
                 };
-                let columns = show_columns(&name);
-                if simple {
-                    self.send_rows(&columns, rows, formats, true, "SELECT")
-                        .await
-                } else {
-                    self.send_rows(&columns, rows, formats, false, "SELECT")
-                        .await
-                }
+                self.send_rows(&show_columns(&name), rows, formats, simple, "SELECT")
+                    .await
             }
             Stmt::Select { sql } => {
                 let params = params.to_vec();
@@ -804,30 +804,24 @@ impl Session {
                     .await
             }
             Stmt::Write { sql, tag } => {
-                let count = if let Txn::Open { writes } = &mut self.txn {
-                    let mut all = writes.clone();
-                    all.push((sql.clone(), params.to_vec()));
-                    let counts = store
-                        .call(|reply| Command::Write {
-                            stmts: all,
-                            dry_run: true,
-                            reply,
-                        })
-                        .await?;
-                    if let Txn::Open { writes } = &mut self.txn {
-                        writes.push((sql, params.to_vec()));
+                let write = (sql, params.to_vec());
+                let (stmts, dry_run) = match &mut self.txn {
+                    // Checked now by a dry run of the whole transaction, applied at
+                    // COMMIT; an error fails the transaction, dropping its writes.
+                    Txn::Open { writes } => {
+                        writes.push(write);
+                        (writes.clone(), true)
                     }
-                    counts.last().copied().unwrap_or(0)
-                } else {
-                    let counts = store
-                        .call(|reply| Command::Write {
-                            stmts: vec![(sql, params.to_vec())],
-                            dry_run: false,
-                            reply,
-                        })
-                        .await?;
-                    counts.first().copied().unwrap_or(0)
+                    _ => (vec![write], false),
                 };
+                let counts = store
+                    .call(|reply| Command::Write {
+                        stmts,
+                        dry_run,
+                        reply,
+                    })
+                    .await?;
+                let count = counts.last().copied().unwrap_or(0);
                 let tag = if tag == "INSERT" {
                     format!("INSERT 0 {count}")
                 } else {
@@ -835,20 +829,18 @@ impl Session {
                 };
                 self.complete(&tag).await
             }
-            Stmt::CreateTable { ref name, ref sql } => {
-                let (name, sql) = (name.clone(), sql.clone());
+            Stmt::CreateTable { name, sql } => {
                 store
                     .call(|reply| Command::CreateTable { name, sql, reply })
                     .await?;
-                self.complete(tag_for(&stmt)).await
+                self.complete(tag).await
             }
             Stmt::CreateView {
-                ref name,
-                ref body,
+                name,
+                body,
                 replace,
                 ..
             } => {
-                let (name, body) = (name.clone(), body.clone());
                 store
                     .call(|reply| Command::CreateView {
                         name,
@@ -857,15 +849,14 @@ impl Session {
                         reply,
                     })
                     .await?;
-                self.complete(tag_for(&stmt)).await
+                self.complete(tag).await
             }
             Stmt::Drop {
                 kind,
-                ref names,
+                names,
                 if_exists,
                 cascade,
             } => {
-                let names = names.clone();
                 store
                     .call(|reply| Command::Drop {
                         kind,
@@ -875,9 +866,9 @@ impl Session {
                         reply,
                     })
                     .await?;
-                self.complete(tag_for(&stmt)).await
+                self.complete(tag).await
             }
-            Stmt::CreateIndex | Stmt::Discard => self.complete(tag_for(&stmt)).await,
+            Stmt::CreateIndex | Stmt::Discard => self.complete(tag).await,
             Stmt::Declare { name, query } => {
                 if self.cursors.contains_key(&name) {
                     return Err(SqlError::new(
@@ -917,9 +908,10 @@ impl Session {
                 self.complete("DECLARE CURSOR").await
             }
             Stmt::Fetch(f) => {
-                let mut cursor = self.cursors.remove(&f.cursor).ok_or_else(|| {
-                    SqlError::new("34000", format!("cursor \"{}\" does not exist", f.cursor))
-                })?;
+                let mut cursor = self
+                    .cursors
+                    .remove(&f.cursor)
+                    .ok_or_else(|| SqlError::unknown_cursor(&f.cursor))?;
                 let res = self.fetch(&mut cursor, &f, token).await;
                 let columns = cursor.columns.clone();
                 self.cursors.insert(f.cursor.clone(), cursor);
@@ -932,11 +924,7 @@ impl Session {
                     None => self.cursors.clear(),
                     Some(n) => {
                         if self.cursors.remove(&n).is_none() {
-                            return Err(SqlError::new(
-                                "34000",
-                                format!("cursor \"{n}\" does not exist"),
-                            )
-                            .into());
+                            return Err(SqlError::unknown_cursor(&n).into());
                         }
                     }
                 }
@@ -974,26 +962,28 @@ impl Session {
                         .await?;
                 }
                 self.socket.flush().await?;
-                let mut n = 0usize;
-                loop {
-                    match self.wait_event(&mut sub.rx, token, None).await? {
-                        Some(SubEvent::Rows(rows)) => {
-                            for row in rows {
-                                let dr = data_row(&row, &sub.columns, formats)?;
-                                self.socket.feed(PgWireBackendMessage::DataRow(dr)).await?;
-                                n += 1;
-                            }
-                            self.socket.flush().await?;
-                        }
-                        Some(SubEvent::Done) => return self.complete(&format!("SELECT {n}")).await,
-                        Some(SubEvent::Error(e)) => return Err(e.into()),
-                        None => {}
-                    }
-                }
+                let n = self
+                    .stream(&mut sub, token, |row, columns| {
+                        data_row(row, columns, formats).map(PgWireBackendMessage::DataRow)
+                    })
+                    .await?;
+                self.complete(&format!("SELECT {n}")).await
             }
             Stmt::CopySubscribe(s) => {
                 let mut sub = self.subscribe(s).await?;
-                self.copy_out(&mut sub, token).await
+                let n = sub.columns.len();
+                self.socket.send(copy_out_response(n)).await?;
+                let count = self
+                    .stream(&mut sub, token, |row, columns| {
+                        Ok(PgWireBackendMessage::CopyData(CopyData::new(copy_line(
+                            row, columns,
+                        ))))
+                    })
+                    .await?;
+                self.socket
+                    .feed(PgWireBackendMessage::CopyDone(CopyDone::new()))
+                    .await?;
+                self.complete(&format!("COPY {count}")).await
             }
             Stmt::CopySelect(sql) => {
                 let res = store
@@ -1003,13 +993,8 @@ impl Session {
                         reply,
                     })
                     .await?;
-                let n = res.columns.len();
                 self.socket
-                    .feed(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
-                        0,
-                        n as i16,
-                        vec![0; n],
-                    )))
+                    .feed(copy_out_response(res.columns.len()))
                     .await?;
                 let count = res.rows.len();
                 for row in &res.rows {
@@ -1028,40 +1013,25 @@ impl Session {
         }
     }
 
-    async fn copy_out(
+    /// Sends a subscription's rows as they come, each encoded by `encode` and
+    /// flushed per batch, until it completes; returns how many were sent.
+    async fn stream(
         &mut self,
         sub: &mut Subscription,
         token: &CancellationToken,
-    ) -> Result<(), ExecError> {
-        let n = sub.columns.len();
-        self.socket
-            .send(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
-                0,
-                n as i16,
-                vec![0; n],
-            )))
-            .await?;
+        encode: impl Fn(&Row, &[Column]) -> Result<PgWireBackendMessage, SqlError>,
+    ) -> Result<usize, ExecError> {
         let mut count = 0usize;
         loop {
             match self.wait_event(&mut sub.rx, token, None).await? {
                 Some(SubEvent::Rows(rows)) => {
                     for row in rows {
-                        self.socket
-                            .feed(PgWireBackendMessage::CopyData(CopyData::new(copy_line(
-                                &row,
-                                &sub.columns,
-                            ))))
-                            .await?;
+                        self.socket.feed(encode(&row, &sub.columns)?).await?;
                         count += 1;
                     }
                     self.socket.flush().await?;
                 }
-                Some(SubEvent::Done) => {
-                    self.socket
-                        .feed(PgWireBackendMessage::CopyDone(CopyDone::new()))
-                        .await?;
-                    return self.complete(&format!("COPY {count}")).await;
-                }
+                Some(SubEvent::Done) => return Ok(count),
                 Some(SubEvent::Error(e)) => return Err(e.into()),
                 None => {}
             }
@@ -1231,12 +1201,10 @@ impl Session {
 
     async fn on_bind(&mut self, b: pgwire::messages::extendedquery::Bind) -> Result<(), ExecError> {
         let name = b.statement_name.unwrap_or_default();
-        let prepared = self.statements.get(&name).ok_or_else(|| {
-            SqlError::new(
-                "26000",
-                format!("prepared statement \"{name}\" does not exist"),
-            )
-        })?;
+        let prepared = self
+            .statements
+            .get(&name)
+            .ok_or_else(|| SqlError::unknown_statement(&name))?;
         let params = b
             .parameters
             .iter()
@@ -1283,9 +1251,7 @@ impl Session {
                 self.cursors
                     .get(&f.cursor)
                     .map(|c| c.columns.clone())
-                    .ok_or_else(|| {
-                        SqlError::new("34000", format!("cursor \"{}\" does not exist", f.cursor))
-                    })?,
+                    .ok_or_else(|| SqlError::unknown_cursor(&f.cursor))?,
             ),
             _ => None,
         })
@@ -1297,17 +1263,16 @@ impl Session {
     ) -> Result<(), ExecError> {
         let name = d.name.unwrap_or_default();
         let (stmt, formats, params) = if d.target_type == b'S' {
-            let p = self.statements.get(&name).ok_or_else(|| {
-                SqlError::new(
-                    "26000",
-                    format!("prepared statement \"{name}\" does not exist"),
-                )
-            })?;
+            let p = self
+                .statements
+                .get(&name)
+                .ok_or_else(|| SqlError::unknown_statement(&name))?;
             (p.stmt.clone(), Vec::new(), Some(p.param_types.clone()))
         } else {
-            let p = self.portals.get(&name).ok_or_else(|| {
-                SqlError::new("34000", format!("portal \"{name}\" does not exist"))
-            })?;
+            let p = self
+                .portals
+                .get(&name)
+                .ok_or_else(|| SqlError::unknown_portal(&name))?;
             (p.stmt.clone(), p.formats.clone(), None)
         };
         if let Some(types) = params {
@@ -1346,7 +1311,7 @@ impl Session {
         let max_rows = usize::try_from(e.max_rows).unwrap_or(0);
         let token = self.start_query();
         let Some(portal) = self.portals.get_mut(&name) else {
-            return Err(SqlError::new("34000", format!("portal \"{name}\" does not exist")).into());
+            return Err(SqlError::unknown_portal(&name).into());
         };
         let Some(stmt) = portal.stmt.clone() else {
             self.socket
@@ -1380,13 +1345,7 @@ impl Session {
                     .await;
             }
         }
-        let res = self.execute(stmt, &params, &formats, false, &token).await;
-        if let Err(ExecError::Sql(_)) = &res {
-            if matches!(self.txn, Txn::Open { .. }) {
-                self.txn = Txn::Failed;
-            }
-        }
-        res
+        self.execute(stmt, &params, &formats, false, &token).await
     }
 
     async fn send_partial(
