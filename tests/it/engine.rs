@@ -6,10 +6,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tailgate::engine::{self, EngineConfig, RunningEngine};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{engine_subscriptions, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -39,21 +41,8 @@ impl TestEngine {
         self.engine.as_ref().expect("running").local_addr()
     }
 
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=materialize dbname=materialize",
-            self.addr().port()
-        )
-    }
-
     async fn connect(&self) -> Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+        crate::support::sql(self.addr()).await
     }
 
     fn stats(&self) -> engine::EngineStats {
@@ -80,25 +69,26 @@ async fn bounded<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f).await.expect("timed out")
 }
 
-/// Polls `cond` until it holds, failing after [`LIMIT`].
-async fn wait_until<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + LIMIT;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "condition not reached in time");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Waits until the engine lists `n` subscriptions, as seen by `client`.
+async fn wait_subscriptions(client: &Client, n: i64) {
+    wait_for(&format!("{n} subscriptions"), LIMIT, || async {
+        (engine_subscriptions(client).await == n).then_some(())
+    })
+    .await
+}
+
+/// The messages of a simple query that must succeed.
+async fn simple(client: &Client, sql: &str) -> Vec<SimpleQueryMessage> {
+    bounded(client.simple_query(sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 /// Rows of a simple query as text.
 async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    let msgs = bounded(client.simple_query(sql))
+    simple(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    msgs.into_iter()
+        .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(r) => {
                 Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
@@ -110,10 +100,9 @@ async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
 
 /// Column names of the last result of a simple query.
 async fn columns(client: &Client, sql: &str) -> Vec<String> {
-    let msgs = bounded(client.simple_query(sql))
+    simple(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    msgs.into_iter()
+        .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::RowDescription(cols) => {
                 Some(cols.iter().map(|c| c.name().to_owned()).collect())
@@ -134,11 +123,25 @@ fn s(v: &str) -> Option<String> {
     Some(v.to_owned())
 }
 
-async fn count_subscriptions(client: &Client) -> i64 {
-    rows(client, "SELECT count(*) FROM mz_internal.mz_subscriptions").await[0][0]
+/// The `mz_timestamp` (first column) of a row.
+fn row_ts(row: &[Option<String>]) -> u64 {
+    row[0]
         .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(-1)
+        .and_then(|t| t.parse().ok())
+        .expect("a timestamp")
+}
+
+/// Reads a result stream to its end; the error that ends it, if any.
+async fn drain<T>(
+    stream: impl Stream<Item = Result<T, tokio_postgres::Error>>,
+) -> Result<usize, tokio_postgres::Error> {
+    futures::pin_mut!(stream);
+    let mut n = 0;
+    while let Some(item) = stream.next().await {
+        item?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 #[tokio::test]
@@ -295,7 +298,7 @@ async fn up_to_and_bounds_validation() {
     rows(&c, "INSERT INTO t VALUES (1)").await;
     let r = rows(&c, &format!("SUBSCRIBE t UP TO {up_to}")).await;
     assert_eq!(r.len(), 1);
-    assert!(r[0][0].as_deref().unwrap().parse::<u64>().unwrap() < up_to);
+    assert!(row_ts(&r[0]) < up_to);
     // A cursor whose subscription ended returns 0 rows at once.
     let up_to = engine_now(&c).await + 200;
     rows(
@@ -310,9 +313,7 @@ async fn up_to_and_bounds_validation() {
             break;
         }
         seen += r.len();
-        assert!(r
-            .iter()
-            .all(|row| row[0].as_deref().unwrap().parse::<u64>().unwrap() < up_to));
+        assert!(r.iter().all(|row| row_ts(row) < up_to));
     }
     assert!(seen >= 2, "snapshot and progress before UP TO");
     let started = Instant::now();
@@ -323,11 +324,7 @@ async fn up_to_and_bounds_validation() {
 }
 
 async fn engine_now(c: &Client) -> u64 {
-    rows(c, "SELECT mz_epoch_ms()").await[0][0]
-        .as_deref()
-        .unwrap()
-        .parse()
-        .unwrap()
+    row_ts(&rows(c, "SELECT mz_epoch_ms()").await[0])
 }
 
 #[tokio::test]
@@ -404,14 +401,17 @@ async fn consolidation_and_fetch_timing() {
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
     // FETCH without timeout blocks until a row arrives, then returns up to n.
-    let writer = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        rows(&w, "INSERT INTO t VALUES ('g'), ('h')").await;
-        w
-    });
+    let fetch = rows(&c, "FETCH c");
+    tokio::pin!(fetch);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut fetch)
+            .await
+            .is_err(),
+        "FETCH returned before any row arrived"
+    );
+    rows(&w, "INSERT INTO t VALUES ('g'), ('h')").await;
+    assert_eq!(fetch.await.len(), 1);
     assert_eq!(rows(&c, "FETCH c").await.len(), 1);
-    assert_eq!(rows(&c, "FETCH c").await.len(), 1);
-    let _w = writer.await.unwrap();
     // FETCH 0 returns nothing and does not wait.
     assert!(rows(&c, "FETCH 0 c").await.is_empty());
     rows(&c, "COMMIT").await;
@@ -567,6 +567,14 @@ async fn fetch_data(c: &Client, n: usize) -> Vec<Vec<Option<String>>> {
     data
 }
 
+/// Checks that PROGRESS cursor `c` has only progress rows to give.
+async fn assert_only_progress(c: &Client) {
+    assert!(rows(c, "FETCH ALL c WITH (timeout = '100ms')")
+        .await
+        .iter()
+        .all(|r| r[1] == s("t")));
+}
+
 #[tokio::test]
 async fn as_of_replays_history() {
     let e = TestEngine::start().await;
@@ -587,10 +595,7 @@ async fn as_of_replays_history() {
     }
     let live = fetch_data(&c, 3).await;
     rows(&c, "COMMIT").await;
-    let ts: Vec<u64> = live
-        .iter()
-        .map(|r| r[0].as_deref().unwrap().parse().unwrap())
-        .collect();
+    let ts: Vec<u64> = live.iter().map(|r| row_ts(r)).collect();
     assert!(ts[0] < ts[1] && ts[1] < ts[2]);
 
     // With SNAPSHOT: state at AS OF stamped AS OF, then later changes at their own time.
@@ -605,12 +610,7 @@ async fn as_of_replays_history() {
     let got = fetch_data(&c, 3).await;
     let got: Vec<(u64, String)> = got
         .iter()
-        .map(|r| {
-            (
-                r[0].as_deref().unwrap().parse().unwrap(),
-                r[3].clone().unwrap(),
-            )
-        })
+        .map(|r| (row_ts(r), r[3].clone().unwrap()))
         .collect();
     assert_eq!(
         got,
@@ -620,10 +620,7 @@ async fn as_of_replays_history() {
             (ts[2], "3".into())
         ]
     );
-    assert!(rows(&c, "FETCH ALL c WITH (timeout = '100ms')")
-        .await
-        .iter()
-        .all(|r| r[1] == s("t")));
+    assert_only_progress(&c).await;
     rows(&c, "COMMIT").await;
 
     // SNAPSHOT = false: only changes strictly after AS OF.
@@ -640,10 +637,7 @@ async fn as_of_replays_history() {
         (got[0][0].clone(), got[0][3].clone()),
         (Some(ts[2].to_string()), s("3"))
     );
-    assert!(rows(&c, "FETCH ALL c WITH (timeout = '100ms')")
-        .await
-        .iter()
-        .all(|r| r[1] == s("t")));
+    assert_only_progress(&c).await;
     rows(&c, "COMMIT").await;
 
     // A view is re-evaluated over the reconstructed past.
@@ -658,13 +652,7 @@ async fn as_of_replays_history() {
     let got = fetch_data(&c, 5).await;
     let got: Vec<(u64, String, String)> = got
         .iter()
-        .map(|r| {
-            (
-                r[0].as_deref().unwrap().parse().unwrap(),
-                r[2].clone().unwrap(),
-                r[3].clone().unwrap(),
-            )
-        })
+        .map(|r| (row_ts(r), r[2].clone().unwrap(), r[3].clone().unwrap()))
         .collect();
     assert_eq!(
         got,
@@ -808,18 +796,21 @@ async fn disconnect_frees_subscription() {
     let cancel = streaming.cancel_token();
     let stream =
         tokio::spawn(async move { streaming.simple_query("SUBSCRIBE t").await.map(|_| ()) });
-    wait_until(|| async { count_subscriptions(&observer).await == 2 }).await;
+    wait_subscriptions(&observer, 2).await;
     assert_eq!(e.stats().subscriptions, 2);
     assert_eq!(e.stats().sessions, 3);
     drop(gone);
-    wait_until(|| async { count_subscriptions(&observer).await == 1 }).await;
+    wait_subscriptions(&observer, 1).await;
     // A cancel request ends the streaming query with 57014.
     cancel.cancel_query(NoTls).await.unwrap();
     let err = bounded(stream).await.unwrap().expect_err("cancelled");
     assert_eq!(err.code().map(|c| c.code()), Some("57014"));
-    wait_until(|| async { count_subscriptions(&observer).await == 0 }).await;
+    wait_subscriptions(&observer, 0).await;
     // Only the observer is left: the other two clients are gone.
-    wait_until(|| async { e.stats().sessions == 1 }).await;
+    wait_for("one session", LIMIT, || async {
+        (e.stats().sessions == 1).then_some(())
+    })
+    .await;
     e.stop().await;
 }
 
@@ -831,52 +822,19 @@ async fn drop_ends_plain_subscribe_and_copy() {
         rows(&c, "CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await;
         let sub = e.connect().await;
         let task = tokio::spawn(async move {
-            let res: Result<usize, tokio_postgres::Error> = match kind {
+            match kind {
                 "simple" => sub.simple_query("SUBSCRIBE t").await.map(|m| m.len()),
                 "extended" => {
-                    let mut n = 0;
-                    let stream = sub
-                        .query_raw("SUBSCRIBE t", std::iter::empty::<i32>())
-                        .await;
-                    match stream {
-                        Ok(stream) => {
-                            futures::pin_mut!(stream);
-                            let mut res = Ok(0);
-                            while let Some(r) = stream.next().await {
-                                match r {
-                                    Ok(_) => n += 1,
-                                    Err(e) => {
-                                        res = Err(e);
-                                        break;
-                                    }
-                                }
-                            }
-                            res.map(|_: usize| n)
-                        }
-                        Err(e) => Err(e),
-                    }
+                    drain(
+                        sub.query_raw("SUBSCRIBE t", std::iter::empty::<i32>())
+                            .await?,
+                    )
+                    .await
                 }
-                _ => {
-                    let stream = sub.copy_out("COPY (SUBSCRIBE t) TO STDOUT").await;
-                    match stream {
-                        Ok(stream) => {
-                            futures::pin_mut!(stream);
-                            let mut res = Ok(0);
-                            while let Some(r) = stream.next().await {
-                                if let Err(e) = r {
-                                    res = Err(e);
-                                    break;
-                                }
-                            }
-                            res
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            res
+                _ => drain(sub.copy_out("COPY (SUBSCRIBE t) TO STDOUT").await?).await,
+            }
         });
-        wait_until(|| async { count_subscriptions(&c).await == 1 }).await;
+        wait_subscriptions(&c, 1).await;
         rows(&c, "DROP TABLE t").await;
         let err = bounded(task).await.unwrap().expect_err(kind);
         let db = err.as_db_error().unwrap_or_else(|| panic!("{kind}: {err}"));
