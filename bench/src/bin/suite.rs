@@ -139,6 +139,15 @@ impl Load {
             connect_timeout: 30.0,
         }
     }
+
+    /// Seconds until the last connect starts.
+    fn ramp(&self) -> f64 {
+        if self.connect_rate > 0.0 {
+            self.clients as f64 / self.connect_rate
+        } else {
+            0.0
+        }
+    }
 }
 
 /// One loadgen run with its context, kept in the JSON results.
@@ -205,13 +214,73 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The number at a dotted `path` of `v` (numeric parts index arrays); NaN when there
+/// is none.
+fn num(v: &Value, path: &str) -> f64 {
+    path.split('.')
+        .fold(v, |v, p| match p.parse::<usize>() {
+            Ok(i) => &v[i],
+            Err(_) => &v[p],
+        })
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
 impl Run {
+    /// A number from loadgen's report, e.g. `f("latency.p99_ms")`.
     fn f(&self, path: &str) -> f64 {
-        let mut v = &self.report;
-        for p in path.split('.') {
-            v = &v[p];
+        num(&self.report, path)
+    }
+
+    /// A number from k0's own statistics; NaN for other contenders.
+    fn k0_f(&self, path: &str) -> f64 {
+        self.k0.as_ref().map_or(f64::NAN, |k| num(k, path))
+    }
+}
+
+/// What a goal's ratio must be.
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    AtMost(f64),
+    Below(f64),
+    AtLeast(f64),
+    /// Exactly this ratio; an unreadable value fails.
+    Exactly(f64),
+    /// A count that must be 0 (no anchor: the ratio is the value); an unreadable one fails.
+    Zero,
+}
+
+impl Limit {
+    /// The goal's ratio and whether it passes; None when it cannot be judged (a missing
+    /// value or anchor of a comparison).
+    fn judge(self, value: f64, anchor: f64) -> (f64, Option<bool>) {
+        let ratio = match self {
+            Limit::Zero => value,
+            _ if anchor == 0.0 && value == 0.0 => 1.0,
+            _ => value / anchor,
+        };
+        let unknown = value.is_nan() || anchor.is_nan();
+        let pass = match self {
+            Limit::Zero => Some(value == 0.0),
+            Limit::Exactly(x) => Some(ratio == x),
+            _ if unknown => None,
+            Limit::AtMost(x) => Some(ratio <= x),
+            Limit::Below(x) => Some(ratio < x),
+            Limit::AtLeast(x) => Some(ratio >= x),
+        };
+        (ratio, pass)
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::AtMost(x) => write!(f, "<= {x}"),
+            Limit::Below(x) => write!(f, "< {x}"),
+            Limit::AtLeast(x) => write!(f, ">= {x}"),
+            Limit::Exactly(x) => write!(f, "= {x}"),
+            Limit::Zero => write!(f, "= 0"),
         }
-        v.as_f64().unwrap_or(f64::NAN)
     }
 }
 
@@ -349,13 +418,12 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         format!("latest-{}.md", args.scenario.join("-"))
     };
-    let md_name = md_name.as_str();
-    std::fs::write(out_dir.join(md_name), &md)?;
+    std::fs::write(out_dir.join(&md_name), &md)?;
     println!("{md}");
     eprintln!(
         "wrote {} and {}",
         out_dir.join(&name).display(),
-        out_dir.join(md_name).display()
+        out_dir.join(&md_name).display()
     );
     let _ = std::fs::remove_dir_all(tmp.join("work"));
     result?;
@@ -822,13 +890,14 @@ impl Suite {
                 .arg("--feed-rate")
                 .arg(rate.to_string());
         }
-        let ramp = if load.connect_rate > 0.0 {
-            load.clients as f64 / load.connect_rate
-        } else {
-            0.0
-        };
-        let bound =
-            ramp + load.connect_timeout + 4.0 + load.warmup + load.duration + load.drain + 30.0;
+        // loadgen's own deadline (two 2 s settles included) plus a margin.
+        let bound = load.ramp()
+            + load.connect_timeout
+            + 4.0
+            + load.warmup
+            + load.duration
+            + load.drain
+            + 30.0;
         let child = cmd.spawn().context("starting loadgen")?;
         Ok((child, out, bound))
     }
@@ -852,6 +921,22 @@ impl Suite {
         let text =
             std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
         Ok(serde_json::from_str(&text)?)
+    }
+
+    /// `measure`, with a failure recorded in `skipped` as `what: error` instead of
+    /// ending the scenario.
+    fn measure_or_skip(
+        &mut self,
+        what: &str,
+        scenario: &str,
+        spec: &Spec,
+        load: &Load,
+    ) -> Option<Run> {
+        self.measure(scenario, spec, load).unwrap_or_else(|e| {
+            eprintln!("    {what}: {e:#}");
+            self.skipped.push(format!("{what}: {e:#}"));
+            None
+        })
     }
 
     /// Starts the contender, runs one load against it, stops it; records the run.
@@ -878,9 +963,8 @@ impl Suite {
             let (child, out, bound) = self.loadgen(&server, load, spec.rate)?;
             if scenario == "economy" {
                 // Count the engine's subscriptions in the middle of the window.
-                let ramp = load.clients as f64 / load.connect_rate.max(1.0);
                 std::thread::sleep(Duration::from_secs_f64(
-                    ramp + load.warmup + load.duration / 2.0 + 1.0,
+                    load.ramp() + load.warmup + load.duration / 2.0 + 1.0,
                 ));
                 let subs = server.engine.as_deref().map(count_subscriptions);
                 extra.insert(
@@ -921,39 +1005,28 @@ impl Suite {
         Ok(Some(run))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Records a goal: `value / anchor` of `values` against `limit`, or, when a run it
+    /// needs is missing (`None`), that it could not be measured.
     fn goal(
         &mut self,
         scenario: &str,
         goal: &str,
-        value: f64,
-        anchor: f64,
-        op: &str,
-        limit: f64,
+        values: Option<(f64, f64)>,
+        limit: Limit,
         unit: &str,
         note: &str,
     ) {
-        let ratio = if anchor == 0.0 && value == 0.0 {
-            1.0
-        } else {
-            value / anchor
+        let Some((value, anchor)) = values else {
+            return self.missing(scenario, goal, "run missing");
         };
-        let pass = if value.is_nan() || anchor.is_nan() {
-            None
-        } else if op == "<=" {
-            Some(ratio <= limit)
-        } else if op == "<" {
-            Some(ratio < limit)
-        } else {
-            Some(ratio >= limit)
-        };
+        let (ratio, pass) = limit.judge(value, anchor);
         self.goals.push(Goal {
             scenario: scenario.into(),
             goal: goal.into(),
             value,
             anchor,
             ratio,
-            limit: format!("{op} {limit}"),
+            limit: limit.to_string(),
             pass,
             unit: unit.into(),
             note: note.into(),
@@ -989,28 +1062,19 @@ impl Suite {
         let tg = self.measure("smoke", &Spec::new(Kind::Tailgate, 10.0), &load)?;
         let k0 = self.measure("smoke", &Spec::new(Kind::K0, 10.0), &load)?;
         if let (Some(tg), Some(k0)) = (tg, k0) {
-            let sweep = k0
-                .k0
-                .as_ref()
-                .and_then(|v| v["sweep"]["p50_ms"].as_f64())
-                .unwrap_or(f64::NAN);
             self.goal(
                 "smoke",
                 "delivered (tailgate / expected)",
-                tg.f("delivered"),
-                tg.f("expected"),
-                ">=",
-                1.0,
+                Some((tg.f("delivered"), tg.f("expected"))),
+                Limit::AtLeast(1.0),
                 "ticks",
                 "",
             );
             self.goal(
                 "smoke",
                 "p99 latency vs k0 sweep(500)",
-                tg.f("latency.p99_ms"),
-                sweep,
-                "<=",
-                1.3,
+                Some((tg.f("latency.p99_ms"), k0.k0_f("sweep.p50_ms"))),
+                Limit::AtMost(1.3),
                 "ms",
                 "informational in CI",
             );
@@ -1034,14 +1098,11 @@ impl Suite {
                 .collect();
             for _ in 0..reps {
                 for &kind in &kinds {
-                    match self.measure("fanout", &Spec::new(kind, rate), &load) {
-                        Ok(Some(run)) => by.entry((kind, rate as u64)).or_default().0.push(run),
-                        Ok(None) => {}
-                        Err(e) => {
-                            eprintln!("    {} at {rate}/s: {e:#}", kind.name());
-                            self.skipped
-                                .push(format!("fanout/{} {rate}/s: {e:#}", kind.name()));
-                        }
+                    let what = format!("fanout/{} {rate}/s", kind.name());
+                    if let Some(run) =
+                        self.measure_or_skip(&what, "fanout", &Spec::new(kind, rate), &load)
+                    {
+                        by.entry((kind, rate as u64)).or_default().0.push(run);
                     }
                 }
             }
@@ -1052,52 +1113,44 @@ impl Suite {
             }
         }
         for &rate in rates.iter().filter(|r| **r <= 20.0) {
-            match by.get(&(Kind::Tailgate, rate as u64)) {
-                Some(r) => self.goal(
-                    "fanout",
-                    &format!(
-                        "delivered at {rate}/s, N={n} (delivered / expected, {} runs)",
-                        r.0.len()
-                    ),
-                    r.sum("delivered"),
-                    r.sum("expected"),
-                    ">=",
-                    1.0,
-                    "ticks",
-                    &format!("gaps {}", r.sum("gaps")),
+            let tg = by.get(&(Kind::Tailgate, rate as u64));
+            self.goal(
+                "fanout",
+                &format!(
+                    "delivered at {rate}/s, N={n} (delivered / expected, {} runs)",
+                    tg.map_or(0, |r| r.0.len())
                 ),
-                None => self.missing(
-                    "fanout",
-                    &format!("delivered at {rate}/s"),
-                    "tailgate run missing",
-                ),
-            }
+                tg.map(|r| (r.sum("delivered"), r.sum("expected"))),
+                Limit::AtLeast(1.0),
+                "ticks",
+                &format!("gaps {}", tg.map_or(f64::NAN, |r| r.sum("gaps"))),
+            );
         }
+        let tg = by.get(&(Kind::Tailgate, rates[0] as u64));
         let sweep = by.get(&(Kind::K0, rates[0] as u64)).map(|r| {
             median(
                 r.0.iter()
-                    .filter_map(|run| run.k0.as_ref())
-                    .filter_map(|k| k["sweep"]["p50_ms"].as_f64())
+                    .map(|run| run.k0_f("sweep.p50_ms"))
+                    .filter(|v| !v.is_nan())
                     .collect(),
             )
         });
-        match (by.get(&(Kind::Tailgate, rates[0] as u64)), sweep) {
-            (Some(tg), Some(sweep)) if sweep.is_finite() => self.goal(
-                "fanout",
-                &format!("p99 at {}/s vs k0 sweep time (N={n})", rates[0]),
-                tg.p99(),
-                sweep,
-                "<=",
-                1.3,
-                "ms",
-                &format!(
+        self.goal(
+            "fanout",
+            &format!("p99 at {}/s vs k0 sweep time (N={n})", rates[0]),
+            tg.zip(sweep.filter(|s| s.is_finite()))
+                .map(|(tg, sweep)| (tg.p99(), sweep)),
+            Limit::AtMost(1.3),
+            "ms",
+            &tg.map(|tg| {
+                format!(
                     "sweep = k0's median time to write one event to every client; medians of {} interleaved runs, tailgate p99 {}",
                     tg.0.len(),
                     tg.spread()
-                ),
-            ),
-            _ => self.missing("fanout", "p99 vs k0 sweep", "run missing"),
-        }
+                )
+            })
+            .unwrap_or_default(),
+        );
         let tried = |kind: Kind| -> Vec<String> {
             rates
                 .iter()
@@ -1128,31 +1181,23 @@ impl Suite {
         };
         let tg = knee(Kind::Tailgate);
         for (anchor, limit) in [(Kind::K0, 0.8), (Kind::Nchan, 1.5)] {
-            match (tg, knee(anchor)) {
-                (Some(t), Some(a)) => self.goal(
-                    "fanout",
-                    &format!(
-                        "knee vs {} (highest rate with p99 <= 100 ms, >= 99.9% delivered)",
-                        anchor.name()
-                    ),
-                    t,
-                    a,
-                    ">=",
-                    limit,
-                    "ev/s",
-                    &format!(
-                        "tailgate: {}; {}: {}",
-                        tried(Kind::Tailgate).join(", "),
-                        anchor.name(),
-                        tried(anchor).join(", ")
-                    ),
+            let note = format!(
+                "tailgate: {}; {}: {}",
+                tried(Kind::Tailgate).join(", "),
+                anchor.name(),
+                tried(anchor).join(", ")
+            );
+            self.goal(
+                "fanout",
+                &format!(
+                    "knee vs {} (highest rate with p99 <= 100 ms, >= 99.9% delivered)",
+                    anchor.name()
                 ),
-                _ => self.missing(
-                    "fanout",
-                    &format!("knee vs {}", anchor.name()),
-                    "run missing",
-                ),
-            }
+                tg.zip(knee(anchor)),
+                Limit::AtLeast(limit),
+                "ev/s",
+                &note,
+            );
         }
         Ok(())
     }
@@ -1169,10 +1214,10 @@ impl Suite {
                 if rep > 0 && kind == Kind::Tutorial {
                     continue;
                 }
-                match self.measure("light", &Spec::new(kind, 10.0), &load) {
-                    Ok(Some(r)) => by.entry(kind).or_default().0.push(r),
-                    Ok(None) => {}
-                    Err(e) => self.skipped.push(format!("light/{}: {e:#}", kind.name())),
+                let what = format!("light/{}", kind.name());
+                if let Some(r) = self.measure_or_skip(&what, "light", &Spec::new(kind, 10.0), &load)
+                {
+                    by.entry(kind).or_default().0.push(r);
                 }
             }
         }
@@ -1186,22 +1231,19 @@ impl Suite {
             (Kind::Nchan, 0.33),
             (Kind::Tutorial, 0.2),
         ] {
-            match (p99.get(&Kind::Tailgate), p99.get(&kind)) {
-                (Some(&t), Some(&a)) => self.goal(
-                    "light",
-                    &format!("p99 vs {} (N=1000, 10/s)", kind.name()),
-                    t,
-                    a,
-                    "<=",
-                    limit,
-                    "ms",
-                    &format!(
-                        "medians of interleaved runs; p99 per run: {}",
-                        spreads.join("; ")
-                    ),
+            self.goal(
+                "light",
+                &format!("p99 vs {} (N=1000, 10/s)", kind.name()),
+                p99.get(&Kind::Tailgate)
+                    .copied()
+                    .zip(p99.get(&kind).copied()),
+                Limit::AtMost(limit),
+                "ms",
+                &format!(
+                    "medians of interleaved runs; p99 per run: {}",
+                    spreads.join("; ")
                 ),
-                _ => self.missing("light", &format!("p99 vs {}", kind.name()), "run missing"),
-            }
+            );
         }
         Ok(())
     }
@@ -1219,59 +1261,39 @@ impl Suite {
         let mut slope = BTreeMap::new();
         let mut tg_run = None;
         for kind in [Kind::Tailgate, Kind::NaiveAxum, Kind::Nchan] {
-            match self.measure("idle", &Spec::new(kind, 0.0), &load) {
-                Ok(Some(mut r)) => {
-                    let pts = r.report["rss_points"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default();
-                    if pts.len() == 2 {
-                        let (c1, m1) = (
-                            pts[0][0].as_f64().unwrap_or(0.0),
-                            pts[0][1].as_f64().unwrap_or(0.0),
-                        );
-                        let (c2, m2) = (
-                            pts[1][0].as_f64().unwrap_or(0.0),
-                            pts[1][1].as_f64().unwrap_or(0.0),
-                        );
-                        if c2 > c1 {
-                            let s = (m2 - m1) / (c2 - c1);
-                            slope.insert(kind, s);
-                            r.extra.insert("rss_slope_kb_per_conn".into(), json!(s));
-                            if let Some(last) = self.runs.last_mut() {
-                                last.extra.insert("rss_slope_kb_per_conn".into(), json!(s));
-                            }
-                        }
-                    }
-                    if kind == Kind::Tailgate {
-                        tg_run = Some(r);
-                    }
+            let what = format!("idle/{}", kind.name());
+            let Some(r) = self.measure_or_skip(&what, "idle", &Spec::new(kind, 0.0), &load) else {
+                continue;
+            };
+            // (connected clients, server RSS kB) at 9,500 and at 19,000 clients.
+            let (c1, m1) = (r.f("rss_points.0.0"), r.f("rss_points.0.1"));
+            let (c2, m2) = (r.f("rss_points.1.0"), r.f("rss_points.1.1"));
+            if c2 > c1 {
+                let s = (m2 - m1) / (c2 - c1);
+                slope.insert(kind, s);
+                if let Some(last) = self.runs.last_mut() {
+                    last.extra.insert("rss_slope_kb_per_conn".into(), json!(s));
                 }
-                Ok(None) => {}
-                Err(e) => self.skipped.push(format!("idle/{}: {e:#}", kind.name())),
+            }
+            if kind == Kind::Tailgate {
+                tg_run = Some(r);
             }
         }
         match &tg_run {
             Some(r) => {
-                let (c, n) = (r.f("connected") - r.f("disconnects"), r.f("clients"));
                 self.goal(
                     "idle",
                     "clients connected and held (19,000)",
-                    c,
-                    n,
-                    ">=",
-                    1.0,
+                    Some((r.f("connected") - r.f("disconnects"), r.f("clients"))),
+                    Limit::AtLeast(1.0),
                     "clients",
                     "",
                 );
-                let cpu = r.f("server_cpu");
                 self.goal(
                     "idle",
                     "idle CPU (share of one core)",
-                    cpu,
-                    1.0,
-                    "<",
-                    0.01,
+                    Some((r.f("server_cpu"), 1.0)),
+                    Limit::Below(0.01),
                     "cores",
                     "10 s window, no writes, 15 s heartbeat",
                 );
@@ -1279,23 +1301,17 @@ impl Suite {
             None => self.missing("idle", "connected", "tailgate run missing"),
         }
         for (kind, limit) in [(Kind::NaiveAxum, 0.75), (Kind::Nchan, 0.35)] {
-            match (slope.get(&Kind::Tailgate), slope.get(&kind)) {
-                (Some(&t), Some(&a)) => self.goal(
-                    "idle",
-                    &format!("RSS per connection vs {} (slope 9.5k -> 19k)", kind.name()),
-                    t,
-                    a,
-                    "<=",
-                    limit,
-                    "KB/conn",
-                    "",
-                ),
-                _ => self.missing(
-                    "idle",
-                    &format!("RSS per connection vs {}", kind.name()),
-                    "run missing",
-                ),
-            }
+            self.goal(
+                "idle",
+                &format!("RSS per connection vs {} (slope 9.5k -> 19k)", kind.name()),
+                slope
+                    .get(&Kind::Tailgate)
+                    .copied()
+                    .zip(slope.get(&kind).copied()),
+                Limit::AtMost(limit),
+                "KB/conn",
+                "",
+            );
         }
         Ok(())
     }
@@ -1312,53 +1328,40 @@ impl Suite {
         };
         let mut all = BTreeMap::new();
         for kind in [Kind::Tailgate, Kind::Nchan, Kind::NaiveAxum] {
-            match self.measure("storm", &Spec::new(kind, 10.0), &load) {
-                Ok(Some(r)) => {
-                    all.insert(kind, r);
-                }
-                Ok(None) => {}
-                Err(e) => self.skipped.push(format!("storm/{}: {e:#}", kind.name())),
+            let what = format!("storm/{}", kind.name());
+            if let Some(r) = self.measure_or_skip(&what, "storm", &Spec::new(kind, 10.0), &load) {
+                all.insert(kind, r);
             }
         }
-        match all.get(&Kind::Tailgate) {
-            Some(tg) => {
-                let failed = tg.f("failed") + tg.f("clients_without_event");
-                self.goal(
-                    "storm",
-                    "failed connects or clients without a first event",
-                    failed,
-                    0.0,
-                    "<=",
-                    1.0,
-                    "clients",
-                    "pass = 0",
-                );
-                if let Some(g) = self.goals.last_mut() {
-                    g.ratio = failed;
-                    g.limit = "= 0".into();
-                    g.pass = Some(failed == 0.0);
-                }
-                match all.get(&Kind::Nchan) {
-                    Some(nc) => self.goal(
-                        "storm",
-                        "time until all 10,000 hold their first event vs nchan",
-                        tg.f("first_event_since_start.max_ms"),
-                        nc.f("first_event_since_start.max_ms"),
-                        "<=",
-                        1.5,
-                        "ms",
-                        &format!(
-                            "p99 {:.0} vs {:.0} ms",
-                            tg.f("first_event_since_start.p99_ms"),
-                            nc.f("first_event_since_start.p99_ms")
-                        ),
-                    ),
-                    None => {
-                        self.missing("storm", "time to first event vs nchan", "nchan run missing")
-                    }
-                }
-            }
-            None => self.missing("storm", "storm", "tailgate run missing"),
+        let Some(tg) = all.get(&Kind::Tailgate) else {
+            self.missing("storm", "storm", "tailgate run missing");
+            return Ok(());
+        };
+        self.goal(
+            "storm",
+            "failed connects or clients without a first event",
+            Some((tg.f("failed") + tg.f("clients_without_event"), 0.0)),
+            Limit::Zero,
+            "clients",
+            "pass = 0",
+        );
+        match all.get(&Kind::Nchan) {
+            Some(nc) => self.goal(
+                "storm",
+                "time until all 10,000 hold their first event vs nchan",
+                Some((
+                    tg.f("first_event_since_start.max_ms"),
+                    nc.f("first_event_since_start.max_ms"),
+                )),
+                Limit::AtMost(1.5),
+                "ms",
+                &format!(
+                    "p99 {:.0} vs {:.0} ms",
+                    tg.f("first_event_since_start.p99_ms"),
+                    nc.f("first_event_since_start.p99_ms")
+                ),
+            ),
+            None => self.missing("storm", "time to first event vs nchan", "nchan run missing"),
         }
         Ok(())
     }
@@ -1384,24 +1387,14 @@ impl Suite {
         self.goal(
             "overload",
             &format!("delivered/s vs k0 batched (N={n}, {rate}/s offered)"),
-            tg.f("delivered_per_s"),
-            k0.f("delivered_per_s"),
-            ">=",
-            0.5,
+            Some((tg.f("delivered_per_s"), k0.f("delivered_per_s"))),
+            Limit::AtLeast(0.5),
             "ev/s",
-            &format!(
-                "k0 ticks per write {:.1}",
-                k0.k0
-                    .as_ref()
-                    .and_then(|k| k["ticks_per_sweep_mean"].as_f64())
-                    .unwrap_or(0.0)
-            ),
+            &format!("k0 ticks per write {:.1}", k0.k0_f("ticks_per_sweep_mean")),
         );
         // An event of this stream is ~330 bytes; a copy-per-client queue of client_queue
         // events per client is the memory the configuration allows.
-        let rss_end = tg.report["server_end"][0]["rss_kb"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
+        let rss_end = tg.f("server_end.0.rss_kb");
         let idle = tg
             .extra
             .get("rss_idle_kb")
@@ -1411,44 +1404,31 @@ impl Suite {
         self.goal(
             "overload",
             &format!("RSS growth vs configured bound (client_queue {queue} x 330 B x N)"),
-            rss_end - idle,
-            bound_kb,
-            "<=",
-            1.0,
+            Some((rss_end - idle, bound_kb)),
+            Limit::AtMost(1.0),
             "KB",
             "growth from the idle process to the end of the window",
         );
-        let silent = tg.f("silent_clients") + tg.f("clients_without_event");
         self.goal(
             "overload",
             "silent clients (nothing for 5 s of the window)",
-            silent,
-            0.0,
-            "<=",
-            1.0,
+            Some((tg.f("silent_clients") + tg.f("clients_without_event"), 0.0)),
+            Limit::Zero,
             "clients",
-            "",
-        );
-        if let Some(g) = self.goals.last_mut() {
-            g.ratio = silent;
-            g.limit = "= 0".into();
-            g.pass = Some(silent == 0.0);
-            g.note = format!(
+            &format!(
                 "lagged snapshots {}, gaps {}, disconnects {}",
                 tg.f("lagged_snapshots"),
                 tg.f("gaps"),
                 tg.f("disconnects_in_window")
-            );
-        }
+            ),
+        );
         // Lagging clients must be told: gaps imply lagged snapshots.
         let told = tg.f("gaps") == 0.0 || tg.f("lagged_snapshots") > 0.0;
         self.goal(
             "overload",
             "gaps are announced by snapshot(lagged)",
-            if told { 1.0 } else { 0.0 },
-            1.0,
-            ">=",
-            1.0,
+            Some((if told { 1.0 } else { 0.0 }, 1.0)),
+            Limit::AtLeast(1.0),
             "",
             "",
         );
@@ -1457,60 +1437,40 @@ impl Suite {
 
     fn economy(&mut self) -> anyhow::Result<()> {
         let load = Load::steady(2000, 4.0);
+        let subscriptions = |r: &Run| {
+            r.extra
+                .get("subscriptions")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN)
+        };
         for streams in [1usize, 10, 50] {
             let spec = Spec {
                 streams,
                 ..Spec::new(Kind::Tailgate, 10.0)
             };
-            match self.measure("economy", &spec, &load) {
-                Ok(Some(r)) => {
-                    let subs = r
-                        .extra
-                        .get("subscriptions")
-                        .and_then(|v| v.as_f64())
-                        .unwrap_or(f64::NAN);
-                    self.goal(
-                        "economy",
-                        &format!(
-                            "upstream subscriptions / streams ({streams} streams, 2,000 clients)"
-                        ),
-                        subs,
-                        streams as f64,
-                        "<=",
-                        1.0,
-                        "sessions",
-                        "counted on the engine: mz_internal.mz_subscriptions",
-                    );
-                    if let Some(g) = self.goals.last_mut() {
-                        g.limit = "= 1".into();
-                        g.pass = Some(subs == streams as f64);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => self.skipped.push(format!("economy/{streams}: {e:#}")),
+            let what = format!("economy/{streams}");
+            if let Some(r) = self.measure_or_skip(&what, "economy", &spec, &load) {
+                self.goal(
+                    "economy",
+                    &format!("upstream subscriptions / streams ({streams} streams, 2,000 clients)"),
+                    Some((subscriptions(&r), streams as f64)),
+                    Limit::Exactly(1.0),
+                    "sessions",
+                    "counted on the engine: mz_internal.mz_subscriptions",
+                );
             }
         }
         let tl = Load::steady(100, 4.0);
-        match self.measure("economy", &Spec::new(Kind::Tutorial, 10.0), &tl) {
-            Ok(Some(r)) => {
-                let subs = r
-                    .extra
-                    .get("subscriptions")
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NAN);
-                self.goal(
-                    "economy",
-                    "tutorial: upstream subscriptions / clients (100 clients, 1 stream)",
-                    subs,
-                    100.0,
-                    ">=",
-                    0.0,
-                    "sessions",
-                    "reference: one per client",
-                );
-            }
-            Ok(None) => {}
-            Err(e) => self.skipped.push(format!("economy/tutorial: {e:#}")),
+        let tutorial = Spec::new(Kind::Tutorial, 10.0);
+        if let Some(r) = self.measure_or_skip("economy/tutorial", "economy", &tutorial, &tl) {
+            self.goal(
+                "economy",
+                "tutorial: upstream subscriptions / clients (100 clients, 1 stream)",
+                Some((subscriptions(&r), 100.0)),
+                Limit::AtLeast(0.0),
+                "sessions",
+                "reference: one per client",
+            );
         }
         Ok(())
     }
@@ -1531,13 +1491,10 @@ impl Suite {
                 connect_timeout: 30.0,
                 ..Load::steady(n, 10.0)
             };
-            let r = match self.measure("tutorial", &Spec::new(Kind::Tutorial, 10.0), &load) {
-                Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(e) => {
-                    self.skipped.push(format!("tutorial/{n}: {e:#}"));
-                    break;
-                }
+            let spec = Spec::new(Kind::Tutorial, 10.0);
+            let Some(r) = self.measure_or_skip(&format!("tutorial/{n}"), "tutorial", &spec, &load)
+            else {
+                break;
             };
             let prev = best.as_ref().map(|b| b.f("delivered_per_s")).unwrap_or(0.0);
             let grew = r.f("delivered_per_s") >= 1.05 * prev;
@@ -1574,30 +1531,24 @@ impl Suite {
             &format!(
                 "ticks delivered/s vs the tutorial at its saturation point (N={n}; tutorial 10/s, tailgate {rate}/s)"
             ),
-            tg.f("delivered_per_s"),
-            tut.f("delivered_per_s"),
-            ">=",
-            10.0,
+            Some((tg.f("delivered_per_s"), tut.f("delivered_per_s"))),
+            Limit::AtLeast(10.0),
             "ev/s",
             "saturation = the N (of those tried) with the tutorial's highest delivered ticks/s",
         );
         self.goal(
             "tutorial",
             &format!("SSE events/s vs the tutorial (N={n}; tailgate {rate}/s)"),
-            tg.f("events_per_s"),
-            tut.f("events_per_s"),
-            ">=",
-            10.0,
+            Some((tg.f("events_per_s"), tut.f("events_per_s"))),
+            Limit::AtLeast(10.0),
             "ev/s",
             "the tutorial sends one event per client per FETCH (STREAM_DELAY = 1 s) carrying the ticks since the last one; tailgate one per tick",
         );
         self.goal(
             "tutorial",
             &format!("p99 vs the tutorial (N={n}; tailgate {rate}/s)"),
-            tg.f("latency.p99_ms"),
-            tut.f("latency.p99_ms"),
-            "<",
-            1.0,
+            Some((tg.f("latency.p99_ms"), tut.f("latency.p99_ms"))),
+            Limit::Below(1.0),
             "ms",
             "",
         );
@@ -1723,12 +1674,12 @@ fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -
                 )
             })
             .collect();
-        if let Some(k0) = &r.k0 {
+        if r.k0.is_some() {
             extra.push(format!(
                 "k0 sweep p50/p99 {}/{} ms, ticks/write {}",
-                fmt_num(k0["sweep"]["p50_ms"].as_f64().unwrap_or(f64::NAN)),
-                fmt_num(k0["sweep"]["p99_ms"].as_f64().unwrap_or(f64::NAN)),
-                fmt_num(k0["ticks_per_sweep_mean"].as_f64().unwrap_or(f64::NAN))
+                fmt_num(r.k0_f("sweep.p50_ms")),
+                fmt_num(r.k0_f("sweep.p99_ms")),
+                fmt_num(r.k0_f("ticks_per_sweep_mean"))
             ));
         }
         let _ = writeln!(
@@ -1769,4 +1720,42 @@ fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -
          Server CPU and RSS: /proc of the server process(es) over the window (nchan: its worker; tutorial: uvicorn + engine)."
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_by_path_through_objects_and_arrays() {
+        let v = json!({ "latency": { "p99_ms": 4.5 }, "rss_points": [[9500, 120], [19000, 180]] });
+        assert_eq!(num(&v, "latency.p99_ms"), 4.5);
+        assert_eq!(num(&v, "rss_points.1.0"), 19000.0);
+        assert!(num(&v, "rss_points.2.0").is_nan());
+        assert!(num(&v, "latency.p50_ms").is_nan());
+    }
+
+    #[test]
+    fn limits_judge_the_ratio() {
+        assert_eq!(Limit::AtMost(1.3).judge(13.0, 10.0), (1.3, Some(true)));
+        assert_eq!(Limit::Below(1.0).judge(10.0, 10.0), (1.0, Some(false)));
+        assert_eq!(Limit::AtLeast(1.0).judge(0.0, 0.0), (1.0, Some(true)));
+        // A comparison with a missing side cannot be judged...
+        assert_eq!(Limit::AtMost(1.0).judge(1.0, f64::NAN).1, None);
+        // ...but an exact count that could not be read fails.
+        assert_eq!(Limit::Exactly(1.0).judge(f64::NAN, 10.0).1, Some(false));
+        assert_eq!(Limit::Exactly(1.0).judge(10.0, 10.0), (1.0, Some(true)));
+        assert_eq!(Limit::Zero.judge(3.0, 0.0), (3.0, Some(false)));
+        assert_eq!(Limit::Zero.judge(0.0, 0.0), (0.0, Some(true)));
+        assert_eq!(Limit::AtMost(0.75).to_string(), "<= 0.75");
+        assert_eq!(Limit::AtLeast(10.0).to_string(), ">= 10");
+        assert_eq!(Limit::Zero.to_string(), "= 0");
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
 }
