@@ -9,6 +9,7 @@
 //! (after `--duration`, or on SIGTERM/SIGINT).
 
 use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use tailgate_bench::measure::Spread;
-use tailgate_bench::{sys, tick_json};
+use tailgate_bench::{tick_json, Schedule};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -46,10 +47,8 @@ struct Client {
     pending: BytesMut,
 }
 
-#[derive(Default)]
-struct State {
-    joining: Vec<TcpStream>,
-}
+/// Sockets that have been answered and wait for the writer to take them.
+type Joining = Rc<RefCell<Vec<TcpStream>>>;
 
 #[derive(Serialize)]
 struct Stats {
@@ -84,38 +83,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     sock.set_reuseaddr(true)?;
     sock.bind(args.listen)?;
     let listener = sock.listen(4096)?;
-    let state = Rc::new(RefCell::new(State::default()));
+    let joining = Joining::default();
     {
-        let state = state.clone();
+        let joining = joining.clone();
         tokio::task::spawn_local(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
-                let state = state.clone();
+                let joining = joining.clone();
                 tokio::task::spawn_local(async move {
                     if let Ok(Ok(s)) = timeout(Duration::from_secs(10), handshake(s)).await {
-                        state.borrow_mut().joining.push(s);
+                        joining.borrow_mut().push(s);
                     }
                 });
             }
         });
     }
     let stop = Instant::now() + Duration::from_secs_f64(args.duration);
-    let record = Rc::new(RefCell::new(Record {
-        stats: empty_stats(),
-        sweeps: Vec::new(),
-    }));
+    let record = Rc::new(RefCell::new(Record::default()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = writer(&args, state, stop, record.clone()) => {},
+        _ = writer(&args, joining, stop, record.clone()) => {},
         _ = term.recv() => {},
         _ = tokio::signal::ctrl_c() => {},
     };
-    let stats = {
-        let r = record.borrow();
-        summarize(&r.stats, &r.sweeps)
-    };
+    let stats = record.borrow().stats(args.rate);
     if let Some(p) = &args.stats {
         std::fs::write(p, serde_json::to_string_pretty(&stats)?)?;
     }
@@ -123,25 +116,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// What the writer has done so far; read when it stops, however it stops.
+#[derive(Default)]
 struct Record {
-    stats: Stats,
-    /// (clients, sweep ms, ticks written) per sweep.
-    sweeps: Vec<(usize, f64, u64)>,
+    sweeps: Vec<Sweep>,
+    writes: u64,
+    would_block: u64,
+    dropped_backlogs: u64,
+    closed: u64,
 }
 
-fn empty_stats() -> Stats {
-    Stats {
-        rate: 0.0,
-        ticks: 0,
-        max_clients: 0,
-        full_sweeps: 0,
-        sweep: Spread::default(),
-        ticks_per_sweep_mean: 0.0,
-        writes: 0,
-        would_block: 0,
-        dropped_backlogs: 0,
-        closed: 0,
-    }
+struct Sweep {
+    clients: usize,
+    ms: f64,
+    /// Ticks written in this sweep.
+    ticks: u64,
 }
 
 async fn handshake(mut s: TcpStream) -> std::io::Result<TcpStream> {
@@ -159,53 +147,39 @@ async fn handshake(mut s: TcpStream) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-async fn writer(
-    args: &Args,
-    state: Rc<RefCell<State>>,
-    stop: Instant,
-    record: Rc<RefCell<Record>>,
-) {
-    let period = Duration::from_secs_f64(1.0 / args.rate);
-    let t0 = Instant::now();
-    let t0_ms = sys::now_ms();
+async fn writer(args: &Args, joining: Joining, stop: Instant, record: Rc<RefCell<Record>>) {
+    let schedule = Schedule::start(args.rate);
     let mut clients: Vec<Client> = Vec::new();
     let mut seq: u64 = 0;
-    record.borrow_mut().stats.rate = args.rate;
     while Instant::now() < stop {
-        sleep_until(t0 + period * (seq as u32 + 1)).await;
+        sleep_until(schedule.due(seq + 1)).await;
         // Every tick that is due by now goes out in this sweep, encoded once.
-        let due = (t0.elapsed().as_secs_f64() * args.rate) as u64;
+        let due = schedule.due_now();
         let mut buf = BytesMut::new();
         let first = seq;
         while seq < due.max(first + 1) {
             seq += 1;
-            let sent_ms = t0_ms + (period * seq as u32).as_millis() as u64;
-            buf.extend_from_slice(
-                format!(
-                    "event: tick\nid: {seq}\ndata: {}\n\n",
-                    tick_json(seq, sent_ms)
-                )
-                .as_bytes(),
-            );
+            let data = tick_json(seq, schedule.sent_ms(seq));
+            let _ = write!(buf, "event: tick\nid: {seq}\ndata: {data}\n\n");
         }
         let bytes: Bytes = buf.freeze();
-        clients.extend(state.borrow_mut().joining.drain(..).map(|stream| Client {
+        clients.extend(joining.borrow_mut().drain(..).map(|stream| Client {
             stream,
             pending: BytesMut::new(),
         }));
         let started = Instant::now();
         let mut rec = record.borrow_mut();
-        let Record { stats, sweeps } = &mut *rec;
+        let rec = &mut *rec;
         clients.retain_mut(|c| {
             if !c.pending.is_empty() {
                 if c.pending.len() + bytes.len() > args.max_pending {
                     c.pending.clear();
-                    stats.dropped_backlogs += 1;
+                    rec.dropped_backlogs += 1;
                 }
                 c.pending.extend_from_slice(&bytes);
-                return flush(c, stats);
+                return flush(c, rec);
             }
-            stats.writes += 1;
+            rec.writes += 1;
             match c.stream.try_write(&bytes) {
                 Ok(k) if k == bytes.len() => true,
                 Ok(k) => {
@@ -213,65 +187,66 @@ async fn writer(
                     true
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    stats.would_block += 1;
+                    rec.would_block += 1;
                     c.pending.extend_from_slice(&bytes);
                     true
                 }
                 Err(_) => {
-                    stats.closed += 1;
+                    rec.closed += 1;
                     false
                 }
             }
         });
-        sweeps.push((
-            clients.len(),
-            started.elapsed().as_secs_f64() * 1000.0,
-            seq - first,
-        ));
-        stats.ticks = seq;
-        stats.max_clients = stats.max_clients.max(clients.len());
+        rec.sweeps.push(Sweep {
+            clients: clients.len(),
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            ticks: seq - first,
+        });
     }
 }
 
-fn flush(c: &mut Client, stats: &mut Stats) -> bool {
-    stats.writes += 1;
+fn flush(c: &mut Client, rec: &mut Record) -> bool {
+    rec.writes += 1;
     match c.stream.try_write(&c.pending) {
         Ok(k) => {
             let _ = c.pending.split_to(k);
             true
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            stats.would_block += 1;
+            rec.would_block += 1;
             true
         }
         Err(_) => {
-            stats.closed += 1;
+            rec.closed += 1;
             false
         }
     }
 }
 
-fn summarize(stats: &Stats, sweeps: &[(usize, f64, u64)]) -> Stats {
-    let peak = sweeps.iter().map(|s| s.0).max().unwrap_or(0);
-    let full: Vec<&(usize, f64, u64)> = sweeps
-        .iter()
-        .filter(|s| peak > 0 && s.0 * 100 >= peak * 99)
-        .collect();
-    let ticks: u64 = full.iter().map(|s| s.2).sum();
-    Stats {
-        rate: stats.rate,
-        ticks: stats.ticks,
-        max_clients: peak,
-        full_sweeps: full.len(),
-        sweep: Spread::of(full.iter().map(|s| s.1).collect()),
-        ticks_per_sweep_mean: if full.is_empty() {
-            0.0
-        } else {
-            ticks as f64 / full.len() as f64
-        },
-        writes: stats.writes,
-        would_block: stats.would_block,
-        dropped_backlogs: stats.dropped_backlogs,
-        closed: stats.closed,
+impl Record {
+    fn stats(&self, rate: f64) -> Stats {
+        let peak = self.sweeps.iter().map(|s| s.clients).max().unwrap_or(0);
+        let full: Vec<&Sweep> = self
+            .sweeps
+            .iter()
+            .filter(|s| peak > 0 && s.clients * 100 >= peak * 99)
+            .collect();
+        let full_ticks: u64 = full.iter().map(|s| s.ticks).sum();
+        Stats {
+            rate,
+            ticks: self.sweeps.iter().map(|s| s.ticks).sum(),
+            max_clients: peak,
+            full_sweeps: full.len(),
+            sweep: Spread::of(full.iter().map(|s| s.ms).collect()),
+            ticks_per_sweep_mean: if full.is_empty() {
+                0.0
+            } else {
+                full_ticks as f64 / full.len() as f64
+            },
+            writes: self.writes,
+            would_block: self.would_block,
+            dropped_backlogs: self.dropped_backlogs,
+            closed: self.closed,
+        }
     }
 }

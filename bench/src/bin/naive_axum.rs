@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use tailgate_bench::{sys, tick_json};
+use tailgate_bench::{tick_json, Schedule};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -45,17 +45,16 @@ async fn main() -> anyhow::Result<()> {
     let (tx, _) = broadcast::channel::<String>(1024);
     if args.rate > 0.0 {
         let tx = tx.clone();
-        let period = Duration::from_secs_f64(1.0 / args.rate);
+        let rate = args.rate;
         tokio::spawn(async move {
-            let t0_ms = sys::now_ms();
-            let mut interval = tokio::time::interval(period);
+            let schedule = Schedule::start(rate);
+            let mut interval = tokio::time::interval(schedule.period());
             interval.tick().await;
             let mut seq: u64 = 0;
             loop {
                 interval.tick().await;
                 seq += 1;
-                let sent_ms = t0_ms + (period * seq as u32).as_millis() as u64;
-                let _ = tx.send(tick_json(seq, sent_ms));
+                let _ = tx.send(tick_json(seq, schedule.sent_ms(seq)));
             }
         });
     }
