@@ -22,21 +22,13 @@ pub struct Tick {
 pub fn scan_ticks(data: &[u8], mut f: impl FnMut(Tick)) {
     let mut seq = None;
     let mut sent = None;
-    let mut i = 0;
-    while i < data.len() {
-        if data[i] != b'"' {
-            i += 1;
-            continue;
-        }
+    for i in memchr::memchr_iter(b'"', data) {
         let rest = &data[i..];
         if let Some(after) = rest.strip_prefix(b"\"seq\":") {
             seq = number(after);
-            i += 6;
         } else if let Some(after) = rest.strip_prefix(b"\"sent_ms\":") {
             sent = number(after);
-            i += 10;
         } else {
-            i += 1;
             continue;
         }
         if let (Some(s), Some(t)) = (seq, sent) {
@@ -49,8 +41,7 @@ pub fn scan_ticks(data: &[u8], mut f: impl FnMut(Tick)) {
 
 /// True when the data says `"reason":"lagged"` (a resync after overflowing the queue).
 pub fn is_lagged(data: &[u8]) -> bool {
-    let needle = b"\"reason\":\"lagged\"";
-    data.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(data, b"\"reason\":\"lagged\"").is_some()
 }
 
 fn number(s: &[u8]) -> Option<u64> {
@@ -163,7 +154,8 @@ pub struct LatencySummary {
     pub max_ms: f64,
 }
 
-/// The measurement window, in epoch milliseconds of the ticks' `sent_ms`.
+/// The measurement window, in epoch milliseconds (of a tick's `sent_ms`, or of when an
+/// event arrived).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Window {
     pub start_ms: u64,
@@ -201,7 +193,6 @@ pub struct Totals {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ClientTicks {
     pub last_seq: Option<u64>,
-    pub events: u64,
 }
 
 impl ClientTicks {
@@ -216,7 +207,6 @@ impl ClientTicks {
         win: Window,
         totals: &mut Totals,
     ) {
-        self.events += 1;
         if snapshot {
             totals.snapshots += 1;
             if is_lagged(data) {
@@ -224,8 +214,7 @@ impl ClientTicks {
             }
         } else {
             totals.events += 1;
-            let now_ms = now_us / 1000;
-            if win.start_ms != 0 && now_ms >= win.start_ms && now_ms < win.end_ms {
+            if win.contains(now_us / 1000) {
                 totals.events_in_window += 1;
             }
         }

@@ -1,10 +1,11 @@
-//! The load client's wire decoding: an incremental HTTP/1.1 chunked-body decoder and an
-//! incremental `text/event-stream` parser that follows the WHATWG rules (CR, LF and
-//! CRLF line ends, a leading BOM, `data` lines joined with LF, `id` with NUL ignored,
-//! numeric `retry`, comments, dispatch on a blank line, no dispatch without data).
+//! The load client's wire decoding: the response head (parsed by `httparse`), an
+//! incremental HTTP/1.1 chunked-body decoder, and an incremental `text/event-stream`
+//! parser that follows the WHATWG rules (CR, LF and CRLF line ends, a leading BOM,
+//! `data` lines joined with LF, `id` with NUL ignored, numeric `retry`, comments,
+//! dispatch on a blank line, no dispatch without data).
 //!
-//! Both work on borrowed chunks and call back per event, so the per-event path
-//! allocates nothing once the buffers have grown.
+//! The body decoders work on borrowed chunks and call back per event, so the per-event
+//! path allocates nothing once the buffers have grown.
 
 /// One dispatched event, borrowed from the parser's buffers.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,7 +57,7 @@ impl Parser {
             chunk = &chunk[1..];
         }
         self.after_cr = false;
-        while let Some(pos) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', chunk) {
             let end = chunk[pos];
             if self.line.is_empty() {
                 self.process_line(&chunk[..pos], &mut on_event);
@@ -88,7 +89,7 @@ impl Parser {
             self.counters.comments += 1;
             return;
         }
-        let (name, mut value) = match line.iter().position(|&b| b == b':') {
+        let (name, mut value) = match memchr::memchr(b':', line) {
             Some(i) => (&line[..i], &line[i + 1..]),
             None => (line, &b""[..]),
         };
@@ -142,8 +143,6 @@ impl Parser {
 pub struct Dechunker {
     state: ChunkState,
     size: u64,
-    /// Set once the last (zero-size) chunk has been read.
-    pub finished: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +154,9 @@ enum ChunkState {
     Data,
     DataCr,
     DataLf,
-    Trailer,
+    /// The last (zero-size) chunk has been read. Trailers are not used by any server
+    /// here, so the body ends there.
+    Done,
 }
 
 /// A malformed chunked body.
@@ -167,9 +168,14 @@ impl Dechunker {
         Self::default()
     }
 
+    /// True once the last (zero-size) chunk has been read.
+    pub fn finished(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
     /// Decodes `input`, passing each run of body bytes to `out`.
     pub fn feed(&mut self, mut input: &[u8], mut out: impl FnMut(&[u8])) -> Result<(), ChunkError> {
-        while !input.is_empty() && !self.finished {
+        while !input.is_empty() {
             match self.state {
                 ChunkState::Size => {
                     let b = input[0];
@@ -215,10 +221,7 @@ impl Dechunker {
                     input = &input[1..];
                     self.state = ChunkState::Size;
                 }
-                ChunkState::Trailer => {
-                    // Trailers are not used by any server here; the body ends at the last chunk.
-                    self.finished = true;
-                }
+                ChunkState::Done => break,
             }
         }
         Ok(())
@@ -226,13 +229,10 @@ impl Dechunker {
 
     fn end_size_line(&mut self) {
         self.state = if self.size == 0 {
-            ChunkState::Trailer
+            ChunkState::Done
         } else {
             ChunkState::Data
         };
-        if self.size == 0 {
-            self.finished = true;
-        }
     }
 }
 
@@ -245,21 +245,53 @@ pub enum Body {
     Close,
 }
 
-impl Body {
-    /// The framing of a response whose head (status line and headers) is `head`.
-    pub fn from_head(head: &[u8]) -> Self {
-        let text = String::from_utf8_lossy(head);
-        let chunked = text.lines().skip(1).any(|l| {
-            let Some((name, value)) = l.split_once(':') else {
-                return false;
-            };
-            name.trim().eq_ignore_ascii_case("transfer-encoding")
-                && value
-                    .rsplit(',')
-                    .next()
-                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+/// A complete HTTP/1.x response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: u16,
+    pub reason: String,
+    /// Bytes the head takes; the body starts there.
+    pub len: usize,
+    /// `transfer-encoding` whose last coding is `chunked`.
+    pub chunked: bool,
+    pub content_length: Option<usize>,
+}
+
+impl Head {
+    /// Parses the head at the start of `buf`: Ok(None) while it is incomplete.
+    pub fn parse(buf: &[u8]) -> Result<Option<Head>, httparse::Error> {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(len) = response.parse(buf)? else {
+            return Ok(None);
+        };
+        let value = |name: &'static str| {
+            response
+                .headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value))
+        };
+        let chunked = value("transfer-encoding").any(|v| {
+            v.rsplit(',')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
         });
-        if chunked {
+        let content_length = value("content-length").find_map(|v| v.trim().parse().ok());
+        Ok(Some(Head {
+            status: response.code.unwrap_or(0),
+            reason: response.reason.unwrap_or("").to_string(),
+            len,
+            chunked,
+            content_length,
+        }))
+    }
+}
+
+impl Body {
+    /// The framing of a response body: chunked or close-delimited.
+    pub fn of(head: &Head) -> Self {
+        if head.chunked {
             Body::Chunked(Dechunker::new())
         } else {
             Body::Close
@@ -272,7 +304,7 @@ impl Body {
         match self {
             Body::Chunked(d) => {
                 d.feed(input, out)?;
-                Ok(!d.finished)
+                Ok(!d.finished())
             }
             Body::Close => {
                 if !input.is_empty() {
@@ -288,16 +320,21 @@ impl Body {
 mod tests {
     use super::*;
 
-    fn collect(p: &mut Parser, chunks: &[&[u8]]) -> Vec<(String, String, String)> {
+    type Owned = (String, String, String);
+
+    /// (event, data, id) of a dispatched event.
+    fn owned(e: EventRef<'_>) -> Owned {
+        (
+            e.event.to_string(),
+            String::from_utf8_lossy(e.data).into_owned(),
+            String::from_utf8_lossy(e.id).into_owned(),
+        )
+    }
+
+    fn collect(p: &mut Parser, chunks: &[&[u8]]) -> Vec<Owned> {
         let mut out = Vec::new();
         for c in chunks {
-            p.feed(c, |e| {
-                out.push((
-                    e.event.to_string(),
-                    String::from_utf8_lossy(e.data).into_owned(),
-                    String::from_utf8_lossy(e.id).into_owned(),
-                ))
-            });
+            p.feed(c, |e| out.push(owned(e)));
         }
         out
     }
@@ -377,7 +414,7 @@ mod tests {
             d.feed(&body[split..], |b| out.extend_from_slice(b))
                 .unwrap();
             assert_eq!(out, b"event: hello\n0123456789");
-            assert!(d.finished);
+            assert!(d.finished());
         }
     }
 
@@ -386,26 +423,38 @@ mod tests {
         let mut d = Dechunker::new();
         assert_eq!(d.feed(b"zz\r\n", |_| {}), Err(ChunkError));
     }
-    fn events_through(
-        head: &[u8],
-        body: &[u8],
-        split: usize,
-    ) -> (Vec<(String, String, String)>, bool) {
-        let mut framing = Body::from_head(head);
+
+    fn parsed(head: &[u8]) -> Head {
+        Head::parse(head).unwrap().expect("a complete head")
+    }
+
+    #[test]
+    fn parses_a_response_head_split_anywhere() {
+        let raw = b"HTTP/1.0 404 Not Found\r\nContent-Length: 12\r\nTransfer-Encoding: gzip, chunked\r\n\r\nbody";
+        let body_start = raw.len() - 4;
+        for end in 0..body_start {
+            assert!(
+                Head::parse(&raw[..end]).unwrap().is_none(),
+                "complete at {end}"
+            );
+        }
+        let head = parsed(raw);
+        assert_eq!(
+            (head.status, head.reason.as_str(), head.len),
+            (404, "Not Found", body_start)
+        );
+        assert_eq!((head.chunked, head.content_length), (true, Some(12)));
+        assert!(Head::parse(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    fn events_through(head: &[u8], body: &[u8], split: usize) -> (Vec<Owned>, bool) {
+        let mut framing = Body::of(&parsed(head));
         let mut p = Parser::new();
         let mut out = Vec::new();
         let mut more = true;
         for part in [&body[..split], &body[split..]] {
             more = framing
-                .feed(part, |b| {
-                    p.feed(b, |e| {
-                        out.push((
-                            e.event.to_string(),
-                            String::from_utf8_lossy(e.data).into_owned(),
-                            String::from_utf8_lossy(e.id).into_owned(),
-                        ))
-                    })
-                })
+                .feed(part, |b| p.feed(b, |e| out.push(owned(e))))
                 .unwrap();
         }
         (out, more)
@@ -424,11 +473,11 @@ mod tests {
             chunked.extend_from_slice(part);
             chunked.extend_from_slice(b"\r\n");
         }
-        assert!(matches!(Body::from_head(close_head), Body::Close));
-        assert!(matches!(Body::from_head(chunked_head), Body::Chunked(_)));
-        // A body that merely mentions "chunked" elsewhere is not chunked.
+        assert!(matches!(Body::of(&parsed(close_head)), Body::Close));
+        assert!(matches!(Body::of(&parsed(chunked_head)), Body::Chunked(_)));
+        // A head that merely mentions "chunked" elsewhere is not chunked.
         assert!(matches!(
-            Body::from_head(b"HTTP/1.1 200 OK\r\nx-note: chunked\r\n\r\n"),
+            Body::of(&parsed(b"HTTP/1.1 200 OK\r\nx-note: chunked\r\n\r\n")),
             Body::Close
         ));
         let want = vec![

@@ -141,9 +141,20 @@ mod tests {
     #[test]
     fn samples_this_process() {
         let a = sample(None).unwrap();
-        assert!(a.rss_kb > 0 && a.fds > 0);
-        let b = sample(None).unwrap();
-        assert!(cpu_share(&a, &b) >= 0.0);
+        assert!(a.rss_kb > 0 && a.fds > 0 && a.at_us > 0);
         assert!(sample(Some(u32::MAX)).is_err());
+    }
+
+    #[test]
+    fn cpu_share_is_cpu_time_over_wall_time() {
+        let at = |cpu_s: f64, at_us: u64| ProcSample {
+            cpu_s,
+            at_us,
+            ..ProcSample::default()
+        };
+        assert_eq!(cpu_share(&at(1.0, 1_000_000), &at(1.5, 3_000_000)), 0.25);
+        // No wall time passed (or the clock stepped back): no share.
+        assert_eq!(cpu_share(&at(1.0, 5), &at(2.0, 5)), 0.0);
+        assert_eq!(cpu_share(&at(1.0, 9), &at(2.0, 5)), 0.0);
     }
 }

@@ -21,9 +21,9 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use tailgate_bench::measure::{ClientTicks, LatencySummary, Spread, Totals, Window};
-use tailgate_bench::sse::{Body, Parser};
+use tailgate_bench::sse::{Body, ChunkError, Head, Parser};
 use tailgate_bench::sys::{self, ProcSample};
-use tailgate_bench::tick_json;
+use tailgate_bench::{tick_json, Schedule};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(about = "SSE load client: N connections, one report")]
@@ -65,7 +65,7 @@ struct Args {
     settle: f64,
     /// Publish each tick with an HTTP POST to this loopback URL (http://127.0.0.1:P/pub).
     #[arg(long)]
-    publish_url: Option<String>,
+    publish_url: Option<PublishUrl>,
     /// Run a statement over pgwire per tick, e.g. "host=127.0.0.1 port=6875 user=materialize".
     #[arg(long)]
     feed_pg: Option<String>,
@@ -83,6 +83,31 @@ struct Args {
     /// Write the JSON report here instead of stdout.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+}
+
+/// `--publish-url`: where nchan's publisher listens.
+#[derive(Debug, Clone)]
+struct PublishUrl {
+    addr: SocketAddr,
+    path: String,
+}
+
+impl std::str::FromStr for PublishUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("expected http://ADDRESS:PORT/PATH")?;
+        let (addr, path) = match rest.split_once('/') {
+            Some((a, p)) => (a, format!("/{p}")),
+            None => (rest, "/".to_string()),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("{addr}: {e} (expected an IP address and port)"))?;
+        Ok(Self { addr, path })
+    }
 }
 
 /// State shared by every connection task (single-threaded, so `RefCell`).
@@ -113,6 +138,15 @@ impl Shared {
         self.failed += 1;
         self.settled += 1;
         *self.errors.entry(what).or_default() += 1;
+    }
+
+    /// Counts one tick fed to the server (a POST or a statement).
+    fn fed(&mut self, ok: bool) {
+        if ok {
+            self.published += 1;
+        } else {
+            self.publish_errors += 1;
+        }
     }
 }
 
@@ -219,16 +253,15 @@ async fn run(args: Args) -> anyhow::Result<Report> {
                 + args.drain
                 + 5.0,
         );
-    let feed_stop = hard_end;
     if let Some(url) = args.publish_url.clone() {
-        tokio::task::spawn_local(publisher(url, args.feed_rate, feed_stop, shared.clone()));
+        tokio::task::spawn_local(publisher(url, args.feed_rate, hard_end, shared.clone()));
     }
     if let Some(conninfo) = args.feed_pg.clone() {
         tokio::task::spawn_local(feeder(
             conninfo,
             args.feed_sql.clone(),
             args.feed_rate,
-            feed_stop,
+            hard_end,
             shared.clone(),
         ));
     }
@@ -392,32 +425,30 @@ async fn client(
         return shared.borrow_mut().fail(format!("write: {e}"));
     }
     // Response head.
-    let mut head = Vec::with_capacity(512);
-    let body_start = loop {
-        let mut buf = [0u8; 2048];
-        let r = timeout(connect_timeout, stream.read(&mut buf)).await;
-        match r {
+    let mut buf = Vec::with_capacity(2048);
+    let head = loop {
+        match timeout(connect_timeout, stream.read_buf(&mut buf)).await {
             Ok(Ok(0)) => return shared.borrow_mut().fail("closed before response".into()),
-            Ok(Ok(k)) => head.extend_from_slice(&buf[..k]),
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return shared.borrow_mut().fail(format!("read: {e}")),
             Err(_) => return shared.borrow_mut().fail("response: timeout".into()),
         }
-        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if head.len() > 16 * 1024 {
-            return shared.borrow_mut().fail("response head too long".into());
+        match Head::parse(&buf) {
+            Ok(Some(head)) => break head,
+            Ok(None) if buf.len() > 16 * 1024 => {
+                return shared.borrow_mut().fail("response head too long".into())
+            }
+            Ok(None) => {}
+            Err(e) => return shared.borrow_mut().fail(format!("response head: {e}")),
         }
     };
-    let head_text = String::from_utf8_lossy(&head[..body_start]).to_ascii_lowercase();
-    if !head_text.starts_with("http/1.1 200") && !head_text.starts_with("http/1.0 200") {
-        let status = head_text.lines().next().unwrap_or("").to_string();
+    if head.status != 200 {
         let mut s = shared.borrow_mut();
         s.bad_status += 1;
-        return s.fail(format!("status: {status}"));
+        return s.fail(format!("status: {} {}", head.status, head.reason));
     }
     // Chunked (hyper, axum, nchan, uvicorn) or close-delimited (tailgate's fast path).
-    let framing = Body::from_head(&head[..body_start]);
+    let framing = Body::of(&head);
     {
         let mut s = shared.borrow_mut();
         s.connected += 1;
@@ -430,8 +461,8 @@ async fn client(
         framing,
         ticks: ClientTicks::default(),
     };
-    conn.body(&head[body_start..], &shared);
-    drop(head);
+    conn.body(&buf[head.len..], &shared);
+    drop(buf);
     loop {
         if stream.readable().await.is_err() {
             break;
@@ -453,7 +484,6 @@ async fn client(
     if s.window.start_ms != 0 && s.window.end_ms == u64::MAX {
         s.disconnects_in_window += 1;
     }
-    s.comments += conn.parser.counters.comments;
 }
 
 struct Conn {
@@ -464,8 +494,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// Feeds body bytes; false when the body is malformed or finished.
-    fn body(&mut self, bytes: &[u8], shared: &Rc<RefCell<Shared>>) -> bool {
+    /// Feeds the body bytes of one read; false when the body is malformed or finished.
+    fn body(&mut self, bytes: &[u8], shared: &RefCell<Shared>) -> bool {
         let Conn {
             i,
             parser,
@@ -474,13 +504,12 @@ impl Conn {
         } = self;
         let mut s = shared.borrow_mut();
         let s = &mut *s;
+        // Every event of one read arrived at the same time.
         let now = sys::now_us();
-        let mut on_body = |b: &[u8]| {
+        let mut any = false;
+        let more = framing.feed(bytes, |b| {
             parser.feed(b, |ev| {
-                if s.first_us[*i] == 0 {
-                    s.first_us[*i] = now;
-                }
-                s.last_us[*i] = now;
+                any = true;
                 match ev.event {
                     "status" | "end" => {}
                     name => {
@@ -488,93 +517,82 @@ impl Conn {
                     }
                 }
             })
-        };
-        let ok = framing.feed(bytes, &mut on_body).unwrap_or(false);
+        });
+        if any {
+            if s.first_us[*i] == 0 {
+                s.first_us[*i] = now;
+            }
+            s.last_us[*i] = now;
+        }
+        s.comments += std::mem::take(&mut parser.counters.comments);
         if parser.counters.retry.is_some() {
             s.retry = parser.counters.retry;
         }
-        ok
+        match more {
+            Ok(more) => more,
+            Err(ChunkError) => {
+                *s.errors.entry("malformed chunked body".into()).or_default() += 1;
+                false
+            }
+        }
     }
 }
 
 /// POSTs one tick per period to `url` over a keep-alive connection (nchan's publisher).
-async fn publisher(url: String, rate: f64, stop: Instant, shared: Rc<RefCell<Shared>>) {
-    let Some(rest) = url.strip_prefix("http://") else {
-        shared.borrow_mut().publish_errors += 1;
-        return;
-    };
-    let (hostport, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let Ok(addr) = hostport.parse::<SocketAddr>() else {
-        shared.borrow_mut().publish_errors += 1;
-        return;
-    };
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let t0 = Instant::now();
-    let t0_ms = sys::now_ms();
+async fn publisher(url: PublishUrl, rate: f64, stop: Instant, shared: Rc<RefCell<Shared>>) {
+    let schedule = Schedule::start(rate);
     let mut seq: u64 = 0;
     let mut conn: Option<TcpStream> = None;
     while Instant::now() < stop {
         seq += 1;
-        let due = t0 + period * (seq as u32);
-        sleep_until(due).await;
-        let sent_ms = t0_ms + (period * seq as u32).as_millis() as u64;
-        let body = tick_json(seq, sent_ms);
+        sleep_until(schedule.due(seq)).await;
+        let body = tick_json(seq, schedule.sent_ms(seq));
         let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            url.path,
+            url.addr,
             body.len()
         );
         if conn.is_none() {
-            conn = TcpStream::connect(addr).await.ok();
+            conn = TcpStream::connect(url.addr).await.ok();
         }
         let ok = match conn.as_mut() {
             Some(c) => post(c, req.as_bytes()).await.is_ok(),
             None => false,
         };
-        let mut s = shared.borrow_mut();
-        if ok {
-            s.published += 1;
-        } else {
-            s.publish_errors += 1;
+        if !ok {
             conn = None;
         }
+        shared.borrow_mut().fed(ok);
     }
 }
 
+/// Sends one request and reads its response (head and `content-length` body).
 async fn post(c: &mut TcpStream, req: &[u8]) -> anyhow::Result<()> {
     timeout(Duration::from_secs(5), async {
         c.write_all(req).await?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let k = c.read(&mut buf).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let head = loop {
+            if c.read_buf(&mut buf).await? == 0 {
+                bail!("closed");
+            }
+            if let Some(head) = Head::parse(&buf)? {
+                break head;
+            }
+        };
+        let mut have = buf.len() - head.len;
+        let mut scratch = [0u8; 4096];
+        while have < head.content_length.unwrap_or(0) {
+            let k = c.read(&mut scratch).await?;
             if k == 0 {
                 bail!("closed");
             }
-            head.extend_from_slice(&buf[..k]);
-            if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                let text = String::from_utf8_lossy(&head[..p]).to_ascii_lowercase();
-                let len: usize = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                let mut have = head.len() - p - 4;
-                while have < len {
-                    let k = c.read(&mut buf).await?;
-                    if k == 0 {
-                        bail!("closed");
-                    }
-                    have += k;
-                }
-                if !(text.starts_with("http/1.1 2") || text.starts_with("http/1.0 2")) {
-                    bail!("status");
-                }
-                return Ok(());
-            }
+            have += k;
         }
+        if !(200..300).contains(&head.status) {
+            bail!("status {}", head.status);
+        }
+        Ok(())
     })
     .await?
 }
@@ -587,24 +605,37 @@ async fn feeder(
     stop: Instant,
     shared: Rc<RefCell<Shared>>,
 ) {
-    let Ok((client, connection)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
-    else {
-        shared.borrow_mut().publish_errors += 1;
-        return;
+    let (client, connection) = match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("loadgen: --feed-pg {conninfo}: {e}");
+            shared.borrow_mut().fed(false);
+            return;
+        }
     };
     tokio::task::spawn_local(connection);
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let t0 = Instant::now();
-    let mut k: u32 = 0;
+    let schedule = Schedule::start(rate);
+    let mut seq: u64 = 0;
     while Instant::now() < stop {
-        k += 1;
-        sleep_until(t0 + period * k).await;
+        seq += 1;
+        sleep_until(schedule.due(seq)).await;
         let ok = client.simple_query(&sql).await.is_ok();
-        let mut s = shared.borrow_mut();
-        if ok {
-            s.published += 1;
-        } else {
-            s.publish_errors += 1;
-        }
+        shared.borrow_mut().fed(ok);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_urls_need_an_address_and_get_a_path() {
+        let u: PublishUrl = "http://127.0.0.1:8080/pub".parse().unwrap();
+        assert_eq!((u.addr.port(), u.path.as_str()), (8080, "/pub"));
+        let u: PublishUrl = "http://127.0.0.1:8080".parse().unwrap();
+        assert_eq!(u.path, "/");
+        assert!("https://127.0.0.1:8080/pub".parse::<PublishUrl>().is_err());
+        assert!("http://localhost:8080/pub".parse::<PublishUrl>().is_err());
     }
 }
