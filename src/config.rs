@@ -51,6 +51,23 @@ pub struct ServerConfig {
     pub max_lifetime: Option<Duration>,
     /// `Access-Control-Allow-Origin` values; `*` allows any origin.
     pub cors_origins: Vec<String>,
+    /// How long a client may take to send a request head, from its first byte (or
+    /// from the connection's accept, for the first request).
+    pub head_timeout: Duration,
+    /// How long a connection may sit idle between requests before it is closed.
+    pub keepalive_timeout: Duration,
+    /// What `status` events tell clients about upstream errors.
+    pub client_errors: ClientErrors,
+}
+
+/// How much of an upstream error clients see in `status` events. Logs and `GET /`
+/// always keep the details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientErrors {
+    /// The error text as the upstream gave it (SQLSTATE, object names).
+    Full,
+    /// A fixed text, for deployments where the errors are sensitive.
+    Generic,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -371,6 +388,9 @@ struct RawServer {
     max_connections: Option<Spanned<i64>>,
     max_lifetime: Option<Spanned<String>>,
     cors_origins: Option<Vec<String>>,
+    head_timeout: Option<Spanned<String>>,
+    keepalive_timeout: Option<Spanned<String>>,
+    client_errors: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -576,6 +596,29 @@ impl RawConfig {
             max_connections: count(p, &s.max_connections, 19_000, "max_connections"),
             max_lifetime: (!max_lifetime.is_zero()).then_some(max_lifetime),
             cors_origins: s.cors_origins.unwrap_or_default(),
+            head_timeout: positive(p, &s.head_timeout, Duration::from_secs(10), "head_timeout"),
+            keepalive_timeout: positive(
+                p,
+                &s.keepalive_timeout,
+                Duration::from_secs(30),
+                "keepalive_timeout",
+            ),
+            client_errors: match &s.client_errors {
+                None => ClientErrors::Full,
+                Some(v) => {
+                    match v.get_ref().as_str() {
+                        "full" => ClientErrors::Full,
+                        "generic" => ClientErrors::Generic,
+                        other => {
+                            p.at(
+                            v.span().start,
+                            format!("`client_errors` must be \"full\" or \"generic\", got {other:?}"),
+                        );
+                            ClientErrors::Full
+                        }
+                    }
+                }
+            },
         };
 
         let u = self.upstream.unwrap_or_default();
