@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
-use crate::config::StreamConfig;
+use crate::config::{ClientErrors, StreamConfig};
 use crate::sse;
 
 /// One row change, with rows and keys already encoded as JSON objects.
@@ -151,19 +151,25 @@ pub struct Settings {
     pub history: usize,
     pub history_bytes: usize,
     pub client_queue: usize,
+    /// What `status` events say about upstream errors.
+    pub client_errors: ClientErrors,
 }
 
-impl From<&StreamConfig> for Settings {
-    fn from(s: &StreamConfig) -> Self {
+impl Settings {
+    pub fn new(s: &StreamConfig, client_errors: ClientErrors) -> Self {
         Settings {
             event: s.event.clone(),
             retry: s.retry,
             history: s.history,
             history_bytes: s.history_bytes,
             client_queue: s.client_queue,
+            client_errors,
         }
     }
 }
+
+/// The error text clients see under [`ClientErrors::Generic`].
+const GENERIC_ERROR: &str = "the upstream is unavailable";
 
 /// Upper bound on the number of changes a resync sends as an ordinary update; larger
 /// differences are sent as a `snapshot` with reason `upstream-reset`.
@@ -458,6 +464,7 @@ impl Hub {
         let connecting = Health::Reconnecting {
             error: "connecting".into(),
         };
+        let status = status_frame(&connecting, settings.client_errors);
         Arc::new(Hub {
             inner: Mutex::new(Inner {
                 retry_frame: sse::retry(settings.retry.as_millis()),
@@ -470,7 +477,7 @@ impl Hub {
                 floor_ts: 0,
                 resume_seq: 0,
                 snapshots: Vec::new(),
-                status: status_frame(&connecting),
+                status,
                 health: connecting,
                 end: None,
             }),
@@ -492,6 +499,12 @@ impl Hub {
 
     pub fn update_settings(&self, settings: Settings) {
         let mut inner = self.lock();
+        if settings.client_errors != inner.settings.client_errors {
+            let frame = status_frame(&inner.health, settings.client_errors);
+            inner.status = frame.clone();
+            inner.push(Entry::Control(frame));
+            self.notify(&inner);
+        }
         if settings.retry != inner.settings.retry {
             inner.retry_frame = sse::retry(settings.retry.as_millis());
             // Connected browsers learn the new reconnection delay too, not only new ones.
@@ -607,7 +620,7 @@ impl Hub {
         if inner.health == health {
             return;
         }
-        let frame = status_frame(&health);
+        let frame = status_frame(&health, inner.settings.client_errors);
         inner.health = health;
         inner.status = frame.clone();
         inner.push(Entry::Control(frame));
@@ -618,6 +631,10 @@ impl Hub {
     /// event with the upstream still `streaming`.
     pub fn warn(&self, error: String) {
         let mut inner = self.lock();
+        let error = match inner.settings.client_errors {
+            ClientErrors::Full => error.as_str(),
+            ClientErrors::Generic => "the upstream sent data the gateway could not serve",
+        };
         let frame = sse::event(
             "status",
             None,
@@ -753,12 +770,15 @@ impl Subscription {
     }
 }
 
-fn status_frame(health: &Health) -> Bytes {
+fn status_frame(health: &Health, errors: ClientErrors) -> Bytes {
     let data = match health {
         Health::Streaming => "{\"upstream\":\"streaming\",\"error\":null}".to_string(),
         Health::Reconnecting { error } => serde_json::json!({
             "upstream": "reconnecting",
-            "error": error,
+            "error": match errors {
+                ClientErrors::Full => error.as_str(),
+                ClientErrors::Generic => GENERIC_ERROR,
+            },
         })
         .to_string(),
     };
@@ -893,6 +913,7 @@ mod tests {
             history,
             history_bytes: 1 << 20,
             client_queue,
+            client_errors: ClientErrors::Full,
         }
     }
 
@@ -1076,6 +1097,44 @@ mod tests {
         assert_eq!(events(&items)[0].2["reason"], "lagged");
         assert_eq!(status.len(), 1, "{items:?}");
         assert!(status[0].contains("link lost"), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn generic_errors_hide_the_upstream_text_from_clients() {
+        let hub = Hub::new(settings(100, 100));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        let mut s = Client::connected(&hub).await;
+        let secret = "relation \"payroll_secret\" does not exist (SQLSTATE 42P01)";
+        hub.set_health(Health::Reconnecting {
+            error: secret.into(),
+        });
+        let statuses = |items: Vec<Item>| -> Vec<String> {
+            items
+                .into_iter()
+                .filter_map(|i| match i {
+                    Item::Event(e) if e.event == "status" => Some(e.data),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(statuses(s.items().await)[0].contains("payroll_secret"));
+        hub.update_settings(Settings {
+            client_errors: ClientErrors::Generic,
+            ..settings(100, 100)
+        });
+        let seen = statuses(s.items().await);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(!seen[0].contains("payroll"), "{seen:?}");
+        assert!(seen[0].contains(GENERIC_ERROR), "{seen:?}");
+        hub.warn("key violation: several rows for key {\"ssn\":1}".into());
+        let seen = statuses(s.items().await);
+        assert!(!seen[0].contains("ssn"), "{seen:?}");
+        let fresh = statuses(Client::new(&hub, Resume::Fresh).items().await);
+        assert!(!fresh[0].contains("payroll"), "{fresh:?}");
+        // The operator still sees the detail.
+        assert!(
+            matches!(hub.health(), Health::Reconnecting { error } if error.contains("payroll"))
+        );
     }
 
     #[tokio::test]

@@ -118,15 +118,19 @@ impl Supervisor {
         for (path, new) in wanted {
             match self.streams.get_mut(path) {
                 None => {
-                    let hub = Hub::new(Settings::from(new.as_ref()));
+                    let hub = Hub::new(Settings::new(new, config.server.client_errors));
                     let running = self.spawn(Arc::clone(new), hub, Reason::Initial);
                     self.streams.insert(path.clone(), running);
                     applied.added.push(path.to_string());
                 }
-                Some(running) if running.route.config == *new => {}
+                Some(running) if running.route.config == *new => {
+                    // Server-wide settings the hub encodes may still have changed.
+                    let settings = Settings::new(new, config.server.client_errors);
+                    running.route.hub.update_settings(settings);
+                }
                 Some(running) => {
                     let hub = Arc::clone(&running.route.hub);
-                    hub.update_settings(Settings::from(new.as_ref()));
+                    hub.update_settings(Settings::new(new, config.server.client_errors));
                     if running.route.config.upstream_differs(new) {
                         running.cancel.cancel();
                         let replacement = self.spawn(Arc::clone(new), hub, Reason::ConfigChanged);

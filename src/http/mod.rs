@@ -14,10 +14,11 @@
 mod routes;
 mod stream;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,10 +26,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -111,17 +112,17 @@ async fn refuse(mut socket: TcpStream) {
     let _ = socket.shutdown().await;
 }
 
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Reads the first request head; a stream GET takes the fast path, anything else goes
-/// to hyper along with the bytes already read.
+/// to hyper along with the bytes already read. The head must arrive within
+/// `head_timeout` of the accept, on either path.
 async fn handle(
     mut socket: TcpStream,
     router: axum::Router,
     shutdown: CancellationToken,
     state: &AppState,
 ) {
+    let accepted = Instant::now();
+    let head_timeout = state.server.load().head_timeout;
     let mut head = BytesMut::with_capacity(1024);
     let read_head = async {
         loop {
@@ -136,7 +137,7 @@ async fn handle(
         }
     };
     let request = tokio::select! {
-        r = Box::pin(tokio::time::timeout(HEAD_TIMEOUT, read_head)) => match r {
+        r = Box::pin(tokio::time::timeout(head_timeout, read_head)) => match r {
             Ok(Some(request)) => request,
             Ok(None) | Err(_) => return,
         },
@@ -148,16 +149,23 @@ async fn handle(
             stream::serve(socket, request, state).await;
         }
         None => {
-            let send_timeout = state.server.load().send_timeout;
-            let service = TowerToHyperService::new(router);
+            let limits = {
+                let server = state.server.load();
+                Limits {
+                    head_timeout: server.head_timeout,
+                    keepalive_timeout: server.keepalive_timeout,
+                    send_timeout: server.send_timeout,
+                }
+            };
             // Boxed: hyper's connection state is large, and inline it would size every
             // connection task, including the many stream ones.
             Box::pin(connection(
                 socket,
                 head.freeze(),
-                service,
+                router,
                 shutdown,
-                send_timeout,
+                limits,
+                accepted,
                 &state.metrics,
             ))
             .await;
@@ -165,18 +173,31 @@ async fn handle(
     }
 }
 
+/// The deadlines of one hyper connection, fixed when it is accepted.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    head_timeout: Duration,
+    keepalive_timeout: Duration,
+    send_timeout: Duration,
+}
+
 async fn connection(
     socket: TcpStream,
     prefix: Bytes,
-    service: TowerToHyperService<axum::Router>,
+    router: axum::Router,
     shutdown: CancellationToken,
-    send_timeout: Duration,
+    limits: Limits,
+    accepted: Instant,
     metrics: &Metrics,
 ) {
-    let watch = Arc::new(WriteWatch::default());
+    let watch = Arc::new(ConnWatch::new(accepted));
     let io = WatchedIo {
         prefix,
         inner: socket,
+        watch: Arc::clone(&watch),
+    };
+    let service = Tracked {
+        router,
         watch: Arc::clone(&watch),
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -185,18 +206,27 @@ async fn connection(
     tokio::pin!(conn);
     let mut draining = false;
     loop {
+        let deadline = watch.deadline(&limits);
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
+            // The request phase moved on: recompute the deadline.
+            _ = watch.changed.notified() => {}
+            _ = sleep_until(deadline) => {
+                if watch.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                    debug!(phase = ?watch.phase(), "Connection deadline passed; closing.");
+                    return;
+                }
+            }
             _ = watch.stalled.notified() => {
                 // A write is blocked. Give it `send_timeout` to make any progress.
                 let seen = watch.progress.load(Ordering::Relaxed);
                 tokio::select! {
                     _ = conn.as_mut() => return,
-                    _ = tokio::time::sleep(send_timeout) => {
+                    _ = tokio::time::sleep(limits.send_timeout) => {
                         if watch.blocked.load(Ordering::Relaxed)
                             && watch.progress.load(Ordering::Relaxed) == seen
                         {
@@ -211,21 +241,198 @@ async fn connection(
     }
 }
 
-/// Write progress of one connection, shared with its watchdog.
-#[derive(Default)]
-struct WriteWatch {
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where a hyper connection is between requests; each phase but `Busy` has a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A request head is arriving (from the accept, or from the first byte after an
+    /// idle spell): `head_timeout`.
+    Head,
+    /// A request is being answered; a response stream may last as long as it likes,
+    /// guarded by `send_timeout` while the client reads nothing.
+    Busy,
+    /// Between requests: `keepalive_timeout`.
+    Idle,
+}
+
+/// What a hyper connection is doing, shared by its socket wrapper, its service and the
+/// task that enforces its deadlines. Everything here is touched from that one task, so
+/// relaxed atomics suffice.
+struct ConnWatch {
+    origin: Instant,
+    phase: AtomicU8,
+    /// When the current phase began, in milliseconds since `origin`.
+    since_ms: AtomicU64,
+    /// Requests whose responses are not finished yet.
+    in_flight: AtomicUsize,
+    /// Bytes read while busy: request bodies and pipelined heads.
+    busy_bytes: AtomicUsize,
+    changed: Notify,
+    // Write progress, for the send-timeout watchdog.
     blocked: AtomicBool,
     progress: AtomicU64,
     stalled: Notify,
 }
 
+/// Bytes a client may send while a request is being answered (a pipelined request or
+/// two); beyond it the connection is closed. Stream requests have no body, and bodies
+/// are refused with 413 before they are read.
+const BUSY_READ_CAP: usize = 16 * 1024;
+
+impl ConnWatch {
+    fn new(origin: Instant) -> Self {
+        ConnWatch {
+            origin,
+            phase: AtomicU8::new(Phase::Head as u8),
+            since_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            busy_bytes: AtomicUsize::new(0),
+            changed: Notify::new(),
+            blocked: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
+            stalled: Notify::new(),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Head,
+            1 => Phase::Busy,
+            _ => Phase::Idle,
+        }
+    }
+
+    fn enter(&self, phase: Phase) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.since_ms.store(now, Ordering::Relaxed);
+        self.phase.store(phase as u8, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        let since = self.origin + Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
+        match self.phase() {
+            Phase::Head => Some(since + limits.head_timeout),
+            Phase::Busy => None,
+            Phase::Idle => Some(since + limits.keepalive_timeout),
+        }
+    }
+
+    /// A request head was parsed and handed to the service.
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.busy_bytes.store(0, Ordering::Relaxed);
+        if self.phase() != Phase::Busy {
+            self.enter(Phase::Busy);
+        }
+    }
+
+    /// A response finished (or was abandoned).
+    fn request_finished(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.enter(Phase::Idle);
+        }
+    }
+
+    /// Accounts for bytes read from the client; `Err` once a busy connection has been
+    /// sent more than [`BUSY_READ_CAP`].
+    fn read(&self, n: usize) -> io::Result<()> {
+        match self.phase() {
+            Phase::Idle if n > 0 => self.enter(Phase::Head),
+            Phase::Busy => {
+                let total = self.busy_bytes.fetch_add(n, Ordering::Relaxed) + n;
+                if total > BUSY_READ_CAP {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "client sent too much while its request was being answered",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The router as a hyper service that reports each request's start and end to the
+/// connection's [`ConnWatch`], so idle and head deadlines apply between requests.
+#[derive(Clone)]
+struct Tracked {
+    router: axum::Router,
+    watch: Arc<ConnWatch>,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
+    type Response = hyper::Response<axum::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        use tower::ServiceExt;
+        self.watch.request_started();
+        // Dropped with the response body, or with the future if no response is made.
+        let guard = RequestGuard(Arc::clone(&self.watch));
+        let router = self.router.clone();
+        Box::pin(async move {
+            let response = router.oneshot(request.map(axum::body::Body::new)).await?;
+            Ok(response.map(|body| {
+                axum::body::Body::new(GuardedBody {
+                    body,
+                    _guard: guard,
+                })
+            }))
+        })
+    }
+}
+
+struct RequestGuard(Arc<ConnWatch>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// A response body that ends its request's busy phase when it is dropped.
+struct GuardedBody {
+    body: axum::body::Body,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A socket that reports when writes block, so a stuck client can be detected without
-/// a timer per connection while all is well. Reads first return `prefix`, the bytes
-/// read before the connection was handed to hyper.
+/// a timer per connection while all is well, and reports reads to the connection's
+/// phase tracking. Reads first return `prefix`, the bytes read before the connection
+/// was handed to hyper.
 struct WatchedIo {
     prefix: Bytes,
     inner: TcpStream,
-    watch: Arc<WriteWatch>,
+    watch: Arc<ConnWatch>,
 }
 
 impl WatchedIo {
@@ -255,7 +462,12 @@ impl AsyncRead for WatchedIo {
             buf.put_slice(&self.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = poll {
+            self.watch.read(buf.filled().len() - before)?;
+        }
+        poll
     }
 }
 
@@ -329,6 +541,7 @@ mod tests {
             history: 1,
             history_bytes: 1,
             client_queue: 1,
+            client_errors: crate::config::ClientErrors::Full,
         });
         let cfg = crate::config::parse(
             std::path::Path::new("t.toml"),

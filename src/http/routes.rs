@@ -39,8 +39,81 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(stream)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            conformance,
+        ))
         .with_state(state)
 }
+
+/// What every request gets before and after its handler: HTTP/1.1 without `Host` is a
+/// 400; a request with a body is a 413 (nothing here reads one, so it is never read);
+/// `OPTIONS` is a CORS preflight; and every answer carries the CORS headers.
+async fn conformance(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let mut response = if request.version() == axum::http::Version::HTTP_11
+        && !headers.contains_key(header::HOST)
+    {
+        (StatusCode::BAD_REQUEST, "missing Host header\n").into_response()
+    } else if headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+    {
+        let mut r = (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "requests carry no body here\n",
+        )
+            .into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    } else if request.method() == Method::OPTIONS {
+        preflight(&state, request.uri().path())
+    } else {
+        let origin = headers.get(header::ORIGIN).cloned();
+        let mut response = next.run(request).await;
+        cors(
+            &state.server.load(),
+            origin.as_ref(),
+            response.headers_mut(),
+        );
+        return response;
+    };
+    let origin = request.headers().get(header::ORIGIN);
+    cors(&state.server.load(), origin, response.headers_mut());
+    response
+}
+
+/// The answer to a CORS preflight: the methods and headers a stream request may use.
+fn preflight(state: &AppState, path: &str) -> Response {
+    let known = path == "/" || state.routes.load().contains_key(path);
+    if !known {
+        return (StatusCode::NOT_FOUND, "no such stream\n").into_response();
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let h = response.headers_mut();
+    h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(ALLOWED_METHODS),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("last-event-id, authorization, cache-control, accept"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
+}
+
+const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS";
 
 async fn stream(
     State(state): State<Arc<AppState>>,
@@ -51,22 +124,25 @@ async fn stream(
     let Some(route) = state.routes.load().get(uri.path()).cloned() else {
         return (StatusCode::NOT_FOUND, "no such stream\n").into_response();
     };
-    if method != Method::GET {
+    if method != Method::GET && method != Method::HEAD {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
-            [(header::ALLOW, "GET")],
+            [(header::ALLOW, ALLOWED_METHODS)],
             "streams are read with GET\n",
         )
             .into_response();
     }
-    let resume = resume_from(&headers, &uri);
-    let server = state.server.load();
-    let events = route.hub.subscribe(resume).into_stream();
-    let body = match server.max_lifetime {
-        // Ending the response (not the socket) lets the browser reconnect with its
-        // Last-Event-ID and resume without a snapshot.
-        Some(life) => Body::from_stream(events.take_until(tokio::time::sleep(jittered(life)))),
-        None => Body::from_stream(events),
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        let resume = resume_from(&headers, &uri);
+        let events = route.hub.subscribe(resume).into_stream();
+        match state.server.load().max_lifetime {
+            // Ending the response (not the socket) lets the browser reconnect with its
+            // Last-Event-ID and resume without a snapshot.
+            Some(life) => Body::from_stream(events.take_until(tokio::time::sleep(jittered(life)))),
+            None => Body::from_stream(events),
+        }
     };
     let mut response = Response::new(body);
     let h = response.headers_mut();
@@ -76,7 +152,6 @@ async fn stream(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    cors(&server, &headers, h);
     response
 }
 
@@ -139,12 +214,14 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
-fn cors(server: &ServerConfig, request: &HeaderMap, response: &mut HeaderMap) {
-    let origin = request.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+fn cors(server: &ServerConfig, origin: Option<&HeaderValue>, response: &mut HeaderMap) {
+    let origin = origin.and_then(|o| o.to_str().ok());
     if let Some(value) = allowed_origin(server, origin).and_then(|a| HeaderValue::from_str(&a).ok())
     {
         response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
-        response.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    if varies_by_origin(server) {
+        response.append(header::VARY, HeaderValue::from_static("origin"));
     }
 }
 
@@ -156,6 +233,56 @@ pub(super) fn allowed_origin(server: &ServerConfig, origin: Option<&str>) -> Opt
     origin
         .filter(|o| server.cors_origins.iter().any(|c| c == o))
         .map(str::to_string)
+}
+
+/// Whether answers depend on the request's `Origin` (a list of allowed origins), so
+/// caches must key on it, whether or not this request's origin was allowed.
+pub(super) fn varies_by_origin(server: &ServerConfig) -> bool {
+    !server.cors_origins.is_empty() && !server.cors_origins.iter().any(|o| o == "*")
+}
+
+/// The offer a client prefers by its `Accept` header: the index into `offers` with the
+/// highest quality, the earliest on ties; `None` when it accepts none of them. A
+/// missing header accepts anything, so the first offer wins.
+pub(super) fn negotiate(accept: Option<&str>, offers: &[&str]) -> Option<usize> {
+    let Some(accept) = accept else {
+        return (!offers.is_empty()).then_some(0);
+    };
+    let quality = |offer: &str| -> f32 {
+        let (kind, _) = offer.split_once('/').unwrap_or((offer, ""));
+        // The most specific matching range decides (RFC 9110 §12.5.1).
+        let mut best: Option<(u8, f32)> = None;
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0)
+                .clamp(0.0, 1.0);
+            let specificity = if media == offer {
+                3
+            } else if media.strip_suffix("/*") == Some(kind) {
+                2
+            } else if media == "*/*" {
+                1
+            } else {
+                continue;
+            };
+            if best.is_none_or(|(s, _)| specificity > s) {
+                best = Some((specificity, q));
+            }
+        }
+        best.map_or(0.0, |(_, q)| q)
+    };
+    let mut chosen: Option<(usize, f32)> = None;
+    for (i, offer) in offers.iter().enumerate() {
+        let q = quality(offer);
+        if q > 0.0 && chosen.is_none_or(|(_, best)| q > best) {
+            chosen = Some((i, q));
+        }
+    }
+    chosen.map(|(i, _)| i)
 }
 
 /// A connection's life under `max_lifetime`: 80–100% of it, so reconnects spread out.
@@ -208,12 +335,19 @@ async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "last_reload_error": metrics.last_reload_error(),
         },
     });
-    let wants_html = headers
-        .get(header::ACCEPT)
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
-    if !wants_html {
-        return axum::Json(body).into_response();
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let vary = [(header::VARY, "accept")];
+    match negotiate(accept, &["application/json", "text/html"]) {
+        Some(0) => return (vary, axum::Json(body)).into_response(),
+        Some(_) => {}
+        None => {
+            return (
+                StatusCode::NOT_ACCEPTABLE,
+                vary,
+                "the listing is application/json or text/html\n",
+            )
+                .into_response()
+        }
     }
     let mut page = String::from(
         "<!doctype html><meta charset=utf-8><title>tailgate</title>\
@@ -242,7 +376,14 @@ async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             html_escape(&err)
         ));
     }
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::VARY, "accept"),
+        ],
+        page,
+    )
+        .into_response()
 }
 
 fn html_escape(s: &str) -> String {
@@ -275,6 +416,27 @@ mod tests {
         ] {
             assert_eq!(parse_id(bad), Resume::Invalid, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn accept_negotiation_follows_quality_and_specificity() {
+        let offers = ["application/json", "text/html"];
+        let pick = |a: Option<&str>| negotiate(a, &offers);
+        assert_eq!(pick(None), Some(0));
+        assert_eq!(pick(Some("*/*")), Some(0));
+        assert_eq!(pick(Some("text/html")), Some(1));
+        // A browser navigating.
+        assert_eq!(
+            pick(Some(
+                "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+            )),
+            Some(1)
+        );
+        assert_eq!(pick(Some("application/json, text/html;q=0")), Some(0));
+        assert_eq!(pick(Some("text/*;q=0.5, application/json;q=0.4")), Some(1));
+        assert_eq!(pick(Some("text/*, text/html;q=0")), None);
+        assert_eq!(pick(Some("image/png")), None);
+        assert_eq!(pick(Some("TEXT/HTML ; q=1")), Some(1));
     }
 
     #[test]

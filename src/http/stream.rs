@@ -21,12 +21,14 @@ use bytes::{Buf, Bytes};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::routes::{allowed_origin, jittered, resume};
+use super::routes::{allowed_origin, jittered, resume, varies_by_origin};
 use super::AppState;
 use crate::supervisor::Route;
 
 /// Request heads larger than this are left to hyper, which answers them properly.
 pub(super) const MAX_HEAD: usize = 8 * 1024;
+/// Bytes a stream client may send after its request before the connection is closed.
+const MAX_TRAILING: usize = 1024;
 
 /// What the fast path needs from a parsed request head.
 pub(super) struct StreamRequest {
@@ -62,6 +64,14 @@ pub(super) fn classify(head: &[u8], state: &AppState) -> Result<Option<StreamReq
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
+    // hyper's side answers what the fast path does not serve: a missing Host (400) and
+    // a request with a body (413).
+    if (req.version == Some(1) && header("host").is_none())
+        || header("transfer-encoding").is_some()
+        || header("content-length").is_some_and(|v| v != b"0")
+    {
+        return Err(());
+    }
     Ok(Some(StreamRequest {
         route,
         last_event_id: header("last-event-id").map(<[u8]>::to_vec),
@@ -82,8 +92,11 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
         if !origin.contains(['\r', '\n']) {
             head.push_str("access-control-allow-origin: ");
             head.push_str(&origin);
-            head.push_str("\r\nvary: origin\r\n");
+            head.push_str("\r\n");
         }
+    }
+    if varies_by_origin(&server) {
+        head.push_str("vary: origin\r\n");
     }
     head.push_str("\r\n");
     let mut subscription = request.route.hub.subscribe(resume);
@@ -97,20 +110,33 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
     // Reused for every wake-up, so a client allocates nothing per event.
     let mut frames = vec![Bytes::from(head)];
     let mut probe = [0u8; 16];
+    // Bytes received after the request head; a stream request has no body.
+    let mut trailing = 0usize;
     loop {
+        // `readable()` does not count against tokio's cooperative budget, so a client
+        // that keeps sending could otherwise hold this worker; this yields when the
+        // task has had its share.
+        tokio::task::coop::consume_budget().await;
         tokio::select! {
             more = subscription.next(&mut frames) => if !more {
                 break;
             },
             // The client sends nothing after its request; readable means it closed
-            // (or sent junk, which is discarded).
+            // or sent something, which is discarded up to a small cap.
             r = socket.readable() => {
                 if r.is_err() {
                     break;
                 }
                 match socket.try_read(&mut probe) {
                     Ok(0) => break,
-                    Ok(_) => continue,
+                    Ok(n) => {
+                        trailing += n;
+                        if trailing > MAX_TRAILING {
+                            tracing::debug!("Client kept sending after its stream request; closing.");
+                            return;
+                        }
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(_) => break,
                 }
