@@ -282,8 +282,10 @@ struct ConnWatch {
 
 /// Bytes a client may send while a request is being answered (a pipelined request or
 /// two); beyond it the connection is closed. Stream requests have no body, and bodies
-/// are refused with 413 before they are read.
-const BUSY_READ_CAP: usize = 16 * 1024;
+/// are refused with 413 before they are read. hyper reads at most once while it
+/// answers, so a client that sends little more is not read at all until the response
+/// ends: it costs nothing but its slot.
+const BUSY_READ_CAP: usize = 4 * 1024;
 
 impl ConnWatch {
     fn new(origin: Instant) -> Self {
@@ -562,6 +564,7 @@ mod tests {
                 last_event_id: None,
                 query: None,
                 origin: None,
+                trailing: 0,
             },
             &state,
         );

@@ -36,6 +36,8 @@ pub(super) struct StreamRequest {
     pub last_event_id: Option<Vec<u8>>,
     pub query: Option<String>,
     pub origin: Option<String>,
+    /// Bytes that came after the head.
+    pub trailing: usize,
 }
 
 /// Parses `head`; `Ok(None)` means more bytes are needed, `Err(())` that the request
@@ -43,12 +45,14 @@ pub(super) struct StreamRequest {
 pub(super) fn classify(head: &[u8], state: &AppState) -> Result<Option<StreamRequest>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    let trailing = match req.parse(head) {
         Ok(httparse::Status::Partial) => return Ok(None),
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        // A body or a pipelined request follows: not a plain EventSource GET.
-        Ok(httparse::Status::Complete(_)) | Err(_) => return Err(()),
-    }
+        // Bytes after the head: a stream request has no body, so they count against
+        // the stream's cap on what a client may send (pipelined requests behind an
+        // endless stream could never be answered anyway).
+        Ok(httparse::Status::Complete(n)) => head.len() - n,
+        Err(_) => return Err(()),
+    };
     if req.method != Some("GET") {
         return Err(());
     }
@@ -77,6 +81,7 @@ pub(super) fn classify(head: &[u8], state: &AppState) -> Result<Option<StreamReq
         last_event_id: header("last-event-id").map(<[u8]>::to_vec),
         query,
         origin: header("origin").and_then(|o| std::str::from_utf8(o).ok().map(str::to_string)),
+        trailing,
     }))
 }
 
@@ -99,6 +104,11 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
         head.push_str("vary: origin\r\n");
     }
     head.push_str("\r\n");
+    // Bytes received after the request head.
+    let mut trailing = request.trailing;
+    if trailing > MAX_TRAILING {
+        return;
+    }
     let mut subscription = request.route.hub.subscribe(resume);
     drop(request);
     // Boxed, and only when configured: a timer is large next to the rest of the task.
@@ -110,8 +120,6 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
     // Reused for every wake-up, so a client allocates nothing per event.
     let mut frames = vec![Bytes::from(head)];
     let mut probe = [0u8; 16];
-    // Bytes received after the request head; a stream request has no body.
-    let mut trailing = 0usize;
     loop {
         // `readable()` does not count against tokio's cooperative budget, so a client
         // that keeps sending could otherwise hold this worker; this yields when the

@@ -560,6 +560,8 @@ pub async fn converge(
 pub struct ChildGateway {
     pub child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Every log line read so far, in order.
+    pub seen: Vec<String>,
 }
 
 impl Drop for ChildGateway {
@@ -571,9 +573,15 @@ impl Drop for ChildGateway {
 
 impl ChildGateway {
     pub fn start(config: &Path) -> (ChildGateway, SocketAddr) {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts the binary with extra environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> (ChildGateway, SocketAddr) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tailgate"))
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -589,7 +597,11 @@ impl ChildGateway {
                 }
             }
         });
-        let mut gw = ChildGateway { child, lines };
+        let mut gw = ChildGateway {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
         let line = gw.wait_line("Gateway listening", Duration::from_secs(20));
         let addr = line
             .split_whitespace()
@@ -604,8 +616,12 @@ impl ChildGateway {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
                 Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
             }
         }
