@@ -436,3 +436,184 @@ async fn a_key_violation_is_reported_and_the_stream_goes_on() {
         "{metrics}"
     );
 }
+
+/// Sends raw request bytes on a fresh connection and reads the answer until the server
+/// closes or `until` appears.
+async fn raw(addr: std::net::SocketAddr, request: &str, until: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(until) {
+        match tokio::time::timeout(WAIT, socket.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no {until:?} in time: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8_lossy(&got).to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_conformance_head_host_bodies_accept_and_cors() {
+    let gw = TestGateway::embedded(
+        "cors_origins = [\"https://app.example\"]\n",
+        ITEMS_INIT,
+        ITEMS_STREAM,
+    )
+    .await;
+    let addr = gw.addr;
+
+    // HEAD on a stream: the stream's headers, no body, and the connection stays usable.
+    let head = raw(
+        addr,
+        "HEAD /items HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        "ok\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(!head.contains("event:"), "{head}");
+    assert_eq!(head.matches("http/1.1 200").count(), 2, "{head}");
+
+    // HTTP/1.1 without Host: 400, on the stream path and elsewhere; HTTP/1.0 needs none.
+    for path in ["/items", "/healthz"] {
+        let answer = raw(addr, &format!("GET {path} HTTP/1.1\r\n\r\n"), "\r\n\r\n").await;
+        assert!(answer.starts_with("http/1.1 400"), "{path}: {answer}");
+    }
+    let answer = raw(addr, "GET /healthz HTTP/1.0\r\n\r\n", "ok\n").await;
+    assert!(answer.starts_with("http/1.0 200"), "{answer}");
+
+    // A body is refused without being read, on a stream and elsewhere.
+    for path in ["/items", "/"] {
+        let answer = raw(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"),
+            "\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("http/1.1 413"), "{path}: {answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+
+    // GET / varies by Accept and honours q=0.
+    let listing = raw(
+        addr,
+        "GET / HTTP/1.1\r\nhost: x\r\naccept: application/json, text/html;q=0\r\nconnection: close\r\n\r\n",
+        "\"streams\"",
+    )
+    .await;
+    assert!(
+        listing.contains("content-type: application/json"),
+        "{listing}"
+    );
+    assert!(listing.contains("vary: accept"), "{listing}");
+    let page = raw(
+        addr,
+        "GET / HTTP/1.1\r\nhost: x\r\naccept: text/html,*/*;q=0.8\r\nconnection: close\r\n\r\n",
+        "</table>",
+    )
+    .await;
+    assert!(page.contains("content-type: text/html"), "{page}");
+    let refused = raw(
+        addr,
+        "GET / HTTP/1.1\r\nhost: x\r\naccept: image/png\r\nconnection: close\r\n\r\n",
+        "\r\n\r\n",
+    )
+    .await;
+    assert!(refused.starts_with("http/1.1 406"), "{refused}");
+
+    // Answers vary by Origin even when the origin is not allowed, on both paths.
+    for (origin, allowed) in [
+        ("https://app.example", true),
+        ("https://evil.example", false),
+    ] {
+        let mut fast = SseClient::connect(addr, "/items", &[("origin", origin)]).await;
+        assert_eq!(fast.status, 200);
+        let vary = fast.headers.get("vary").map(|v| v.to_str().unwrap_or(""));
+        assert_eq!(vary, Some("origin"), "{origin}");
+        let acao = fast.headers.get("access-control-allow-origin");
+        assert_eq!(acao.is_some(), allowed, "{origin}");
+        fast.next_data_event(WAIT).await;
+        let listing = raw(
+            addr,
+            &format!("GET / HTTP/1.1\r\nhost: x\r\norigin: {origin}\r\nconnection: close\r\n\r\n"),
+            "\"streams\"",
+        )
+        .await;
+        assert!(listing.contains("vary: origin"), "{listing}");
+        assert_eq!(
+            listing.contains("access-control-allow-origin: https://app.example"),
+            allowed
+        );
+    }
+
+    // A preflight for a fetch-based client sending Last-Event-ID cross-origin.
+    let preflight = raw(
+        addr,
+        "OPTIONS /items HTTP/1.1\r\nhost: x\r\norigin: https://app.example\r\n\
+         access-control-request-method: GET\r\naccess-control-request-headers: last-event-id\r\n\
+         connection: close\r\n\r\n",
+        "\r\n\r\n",
+    )
+    .await;
+    assert!(preflight.starts_with("http/1.1 204"), "{preflight}");
+    assert!(
+        preflight.contains("access-control-allow-origin: https://app.example"),
+        "{preflight}"
+    );
+    assert!(
+        preflight.contains("access-control-allow-headers: last-event-id"),
+        "{preflight}"
+    );
+    assert!(
+        preflight.contains("access-control-allow-methods: get, head, options"),
+        "{preflight}"
+    );
+    let other = raw(
+        addr,
+        "POST /items HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        "\r\n\r\n",
+    )
+    .await;
+    assert!(other.starts_with("http/1.1 405"), "{other}");
+    assert!(other.contains("allow: get, head, options"), "{other}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_client_errors_keep_the_detail_in_the_listing_only() {
+    let gw = TestGateway::embedded(
+        "client_errors = \"generic\"\n",
+        ITEMS_INIT,
+        "[[streams]]\npath = \"/gone\"\nview = \"no_such_view_secret\"\n",
+    )
+    .await;
+    let mut client = gw.sse("/gone").await;
+    let status = client.status_event("reconnecting", WAIT).await;
+    assert!(
+        !status.data.contains("no_such_view_secret"),
+        "{}",
+        status.data
+    );
+    assert!(
+        status.data.contains("the upstream is unavailable"),
+        "{}",
+        status.data
+    );
+    let listing = wait_for_listing_error(&gw).await;
+    assert!(listing.contains("no_such_view_secret"), "{listing}");
+}
+
+/// The listing once the first stream reports an upstream error.
+async fn wait_for_listing_error(gw: &TestGateway) -> String {
+    crate::support::wait_for("an error in the listing", WAIT, || async {
+        let (_, body) = gw.get("/").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v["streams"][0]["error"]
+            .as_str()
+            .filter(|e| *e != "connecting")
+            .map(|_| body.clone())
+    })
+    .await
+}
