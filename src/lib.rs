@@ -39,5 +39,6 @@ pub mod sse;
 pub mod supervisor;
 pub mod telemetry;
 pub mod upstream;
+pub mod wire;
 
 pub use gateway::{Gateway, GatewayError};

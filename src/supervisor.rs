@@ -17,8 +17,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, StreamConfig, StreamPath};
-use crate::hub::{EndReason, Hub, Reason, Settings};
+use crate::hub::{Hub, Settings};
 use crate::upstream::{Policy, StreamTask, Target};
+use crate::wire::{EndReason, Reason};
 
 /// A stream as the HTTP layer sees it.
 pub struct Route {

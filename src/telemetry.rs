@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::hub::Health;
 use crate::supervisor::Routes;
+use crate::wire::Health;
 
 /// Installs the `tracing` subscriber; `RUST_LOG` overrides the default level.
 pub fn init_logging() {

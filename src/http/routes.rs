@@ -19,11 +19,8 @@ use serde_json::json;
 
 use super::SharedRoutes;
 use crate::config::{ServerConfig, Source};
-use crate::hub::{Health, Resume};
 use crate::telemetry::Metrics;
-
-/// Longest `Last-Event-ID` accepted as a candidate id; longer ones are hostile.
-const MAX_ID_LEN: usize = 20;
+use crate::wire::{self, resume, Health, Resume};
 
 /// State shared by every handler.
 pub struct AppState {
@@ -145,13 +142,11 @@ async fn stream(
         }
     };
     let mut response = Response::new(body);
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    for (name, value) in wire::STREAM_HEADERS {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
     response
 }
 
@@ -161,57 +156,6 @@ fn resume_from(headers: &HeaderMap, uri: &Uri) -> Resume {
         headers.get("last-event-id").map(HeaderValue::as_bytes),
         uri.query(),
     )
-}
-
-/// The resume point from the raw `Last-Event-ID` value and the query string.
-pub(super) fn resume(header: Option<&[u8]>, query: Option<&str>) -> Resume {
-    let from_query = || {
-        query.and_then(|q| {
-            q.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == "last_event_id").then(|| percent_decode(v))
-            })
-        })
-    };
-    match header.map(<[u8]>::to_vec).or_else(from_query) {
-        None => Resume::Fresh,
-        Some(id) if id.is_empty() => Resume::Fresh,
-        Some(id) => parse_id(&id),
-    }
-}
-
-fn parse_id(id: &[u8]) -> Resume {
-    if id.len() > MAX_ID_LEN || !id.iter().all(u8::is_ascii_digit) {
-        return Resume::Invalid;
-    }
-    std::str::from_utf8(id)
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .map_or(Resume::Invalid, Resume::After)
-}
-
-fn percent_decode(s: &str) -> Vec<u8> {
-    let hex = |c: u8| (c as char).to_digit(16);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let decoded = match (b[i], b.get(i + 1), b.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
-            _ => None,
-        };
-        match decoded {
-            Some(v) => {
-                out.push(v);
-                i += 3;
-            }
-            None => {
-                out.push(if b[i] == b'+' { b' ' } else { b[i] });
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 fn cors(server: &ServerConfig, origin: Option<&HeaderValue>, response: &mut HeaderMap) {
@@ -401,22 +345,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_are_parsed_strictly() {
-        assert_eq!(parse_id(b"1700000000000"), Resume::After(1_700_000_000_000));
-        assert_eq!(parse_id(b"18446744073709551615"), Resume::After(u64::MAX));
-        for bad in [
-            &b"18446744073709551616"[..],
-            b"12a",
-            b"-1",
-            b"1\x00",
-            b" 1",
-            b"999999999999999999999999",
-        ] {
-            assert_eq!(parse_id(bad), Resume::Invalid, "{bad:?}");
-        }
-    }
 
     #[test]
     fn accept_negotiation_follows_quality_and_specificity() {

@@ -21,9 +21,10 @@ use bytes::{Buf, Bytes};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::routes::{allowed_origin, jittered, resume, varies_by_origin};
+use super::routes::{allowed_origin, jittered, varies_by_origin};
 use super::AppState;
 use crate::supervisor::Route;
+use crate::wire::{self, resume};
 
 /// Request heads larger than this are left to hyper, which answers them properly.
 pub(super) const MAX_HEAD: usize = 8 * 1024;
@@ -89,10 +90,13 @@ pub(super) fn classify(head: &[u8], state: &AppState) -> Result<Option<StreamReq
 pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &AppState) {
     let server = state.server.load_full();
     let resume = resume(request.last_event_id.as_deref(), request.query.as_deref());
-    let mut head = String::from(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-         x-accel-buffering: no\r\nconnection: close\r\n",
-    );
+    let mut head = String::from("HTTP/1.1 200 OK\r\nconnection: close\r\n");
+    for (name, value) in wire::STREAM_HEADERS {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
     if let Some(origin) = allowed_origin(&server, request.origin.as_deref()) {
         if !origin.contains(['\r', '\n']) {
             head.push_str("access-control-allow-origin: ");

@@ -34,7 +34,8 @@ pub use connect::{ConnectError, Target};
 use decode::{DecodeError, Decoded, Layout};
 
 use crate::config::{StreamConfig, UpstreamConfig};
-use crate::hub::{Change, Health, Hub, Reason, State};
+use crate::hub::{Change, Hub, State};
+use crate::wire::{Health, Reason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {

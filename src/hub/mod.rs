@@ -7,141 +7,32 @@
 //! behind than its queue allows gets a fresh `snapshot` with reason `lagged`. Memory is
 //! therefore bounded by the ring and the snapshot cache, whatever the clients do.
 //!
+//! - `state`: row changes and relation states.
+//! - `ring`: the lock-protected ring, snapshot cache and client catch-up.
+//! - `subscription`: a client's cursor.
+//!
 //! The hub spawns no tasks. Client streams end when the hub is closed (`end` event) or
-//! dropped, and the stream task that feeds the hub lives in [`crate::supervisor`].
+//! dropped, and the task that feeds the hub lives in [`crate::upstream`].
 
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use std::fmt::Write as _;
+mod ring;
+mod state;
+mod subscription;
+
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
 use tokio::sync::watch;
 
 use crate::config::{ClientErrors, StreamConfig};
 use crate::sse;
-
-/// One row change, with rows and keys already encoded as JSON objects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    Diff {
-        row: Box<str>,
-        diff: i64,
-    },
-    Upsert {
-        key: Box<str>,
-        row: Option<Box<str>>,
-    },
-}
-
-/// A full relation state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum State {
-    /// Row JSON → multiplicity.
-    Diff(HashMap<Box<str>, i64>),
-    /// Key JSON → row JSON.
-    Keyed(HashMap<Box<str>, Box<str>>),
-}
-
-impl State {
-    pub fn empty(keyed: bool) -> State {
-        if keyed {
-            State::Keyed(HashMap::new())
-        } else {
-            State::Diff(HashMap::new())
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            State::Diff(m) => m.len(),
-            State::Keyed(m) => m.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Applies one change; the caller guarantees the change matches the state's kind.
-    pub fn apply(&mut self, change: &Change) {
-        match (self, change) {
-            (State::Diff(m), Change::Diff { row, diff }) => match m.entry(row.clone()) {
-                MapEntry::Occupied(mut e) => {
-                    *e.get_mut() += diff;
-                    if *e.get() == 0 {
-                        e.remove();
-                    }
-                }
-                MapEntry::Vacant(e) => {
-                    if *diff != 0 {
-                        e.insert(*diff);
-                    }
-                }
-            },
-            (State::Keyed(m), Change::Upsert { key, row }) => match row {
-                Some(row) => {
-                    m.insert(key.clone(), row.clone());
-                }
-                None => {
-                    m.remove(key);
-                }
-            },
-            _ => {}
-        }
-    }
-}
-
-/// Why a client is told to replace its state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Initial,
-    ResumeGap,
-    Lagged,
-    UpstreamReset,
-    ConfigChanged,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Initial => "initial",
-            Reason::ResumeGap => "resume-gap",
-            Reason::Lagged => "lagged",
-            Reason::UpstreamReset => "upstream-reset",
-            Reason::ConfigChanged => "config-changed",
-        }
-    }
-}
-
-/// Why a stream ends on purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    Removed,
-    Shutdown,
-}
-
-/// Where a new client wants to start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// No `Last-Event-ID`: start with a snapshot.
-    Fresh,
-    /// A well-formed id: replay after it if the history still covers it.
-    After(u64),
-    /// An id that cannot be ours: snapshot with `resume-gap`.
-    Invalid,
-}
-
-/// Upstream health as clients see it in `status` events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Health {
-    Streaming,
-    Reconnecting { error: String },
-}
+use crate::wire::{self, ChangesJson, EndReason, Health, Reason};
+use ring::{Entry, Inner};
+use state::{consolidate, difference};
+pub use state::{Change, State};
+pub use subscription::Subscription;
 
 /// Per-stream settings that can change without touching the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,277 +59,9 @@ impl Settings {
     }
 }
 
-/// The error text clients see under [`ClientErrors::Generic`].
-const GENERIC_ERROR: &str = "the upstream is unavailable";
-
 /// Upper bound on the number of changes a resync sends as an ordinary update; larger
 /// differences are sent as a `snapshot` with reason `upstream-reset`.
 const MAX_RESYNC_CHANGES: usize = 100_000;
-
-#[derive(Debug)]
-enum Entry {
-    /// Changes with timestamps in `[min_ts, id]`; after it the state is at `id`.
-    Batch {
-        min_ts: u64,
-        id: u64,
-        bytes: Bytes,
-    },
-    Frame(Bytes),
-    /// A frame that changes what a client must know (the upstream's status, the
-    /// `retry` delay): a client that skips it is told the current values instead.
-    Control(Bytes),
-    Reset(Reason),
-}
-
-impl Entry {
-    fn size(&self) -> usize {
-        match self {
-            Entry::Batch { bytes, .. } | Entry::Frame(bytes) | Entry::Control(bytes) => bytes.len(),
-            Entry::Reset(_) => 0,
-        }
-    }
-}
-
-struct Inner {
-    settings: Settings,
-    /// `retry: <ms>`, encoded once per setting.
-    retry_frame: Bytes,
-    /// `None` until the first complete snapshot arrives.
-    state: Option<State>,
-    /// The timestamp the state is at.
-    state_ts: u64,
-    ring: VecDeque<Entry>,
-    /// Sequence number of `ring[0]`.
-    base_seq: u64,
-    ring_bytes: usize,
-    /// Oldest id a client may resume from, and the first entry that may serve it.
-    floor_ts: u64,
-    resume_seq: u64,
-    snapshots: Vec<(Reason, Bytes)>,
-    health: Health,
-    /// The `status` event of `health`, encoded once: for clients that skipped a change
-    /// of it, and for every client that connects while the upstream is degraded.
-    status: Bytes,
-    end: Option<Bytes>,
-}
-
-impl Inner {
-    fn head(&self) -> u64 {
-        self.base_seq + self.ring.len() as u64
-    }
-
-    fn push(&mut self, entry: Entry) {
-        self.ring_bytes += entry.size();
-        self.ring.push_back(entry);
-        self.trim();
-    }
-
-    fn trim(&mut self) {
-        while self.ring.len() > self.settings.history
-            || (self.ring_bytes > self.settings.history_bytes && self.ring.len() > 1)
-        {
-            let Some(old) = self.ring.pop_front() else {
-                break;
-            };
-            self.ring_bytes -= old.size();
-            self.base_seq += 1;
-            if let Entry::Batch { id, .. } = old {
-                self.floor_ts = self.floor_ts.max(id);
-            }
-        }
-        self.resume_seq = self.resume_seq.max(self.base_seq);
-    }
-
-    /// The snapshot of the current state for `reason`, encoded at most once per state.
-    fn snapshot(&mut self, reason: Reason) -> Option<Bytes> {
-        let state = self.state.as_ref()?;
-        if let Some((_, b)) = self.snapshots.iter().find(|(r, _)| *r == reason) {
-            return Some(b.clone());
-        }
-        let ts = self.state_ts;
-        let mut data = ChangesJson::new(ts, Some(reason), state.len());
-        match state {
-            State::Diff(m) => m.iter().for_each(|(row, n)| data.diff(row, *n)),
-            State::Keyed(m) => m.iter().for_each(|(key, row)| data.upsert(key, Some(row))),
-        }
-        let bytes = sse::event("snapshot", Some(ts), &data.finish());
-        self.snapshots.push((reason, bytes.clone()));
-        Some(bytes)
-    }
-
-    fn state_changed(&mut self) {
-        self.snapshots.clear();
-    }
-
-    /// Moves a client's cursor to the head, appending what it must write to `out`.
-    /// Returns true once the client has everything and the stream has ended.
-    /// `resumed` marks a client that asked to resume before the stream had any state:
-    /// the first snapshot is a `resume-gap` for it, not `initial`.
-    fn catch_up(
-        &mut self,
-        pos: &mut u64,
-        out: &mut Vec<Bytes>,
-        stats: &Stats,
-        resumed: bool,
-    ) -> bool {
-        let head = self.head();
-        if *pos < self.base_seq || head - *pos > self.settings.client_queue as u64 {
-            stats.lagged.fetch_add(1, Ordering::Relaxed);
-            let skipped_control = *pos < self.base_seq || self.has_control(*pos);
-            if let Some(s) = self.snapshot(Reason::Lagged) {
-                out.push(s);
-            }
-            if skipped_control {
-                self.push_control(out);
-            }
-            *pos = head;
-        }
-        let start = (*pos - self.base_seq) as usize;
-        let last_reset = self.ring.range(start..).rev().find_map(|e| match e {
-            Entry::Reset(r) => Some(*r),
-            _ => None,
-        });
-        match last_reset {
-            // A reset replaces the state, so one snapshot stands for every entry.
-            Some(reason) => {
-                let reason = match reason {
-                    Reason::Initial if resumed => Reason::ResumeGap,
-                    other => other,
-                };
-                if let Some(s) = self.snapshot(reason) {
-                    out.push(s);
-                }
-                if self.has_control(*pos) {
-                    self.push_control(out);
-                }
-            }
-            None => {
-                for entry in self.ring.range(start..) {
-                    if let Entry::Batch { bytes, .. }
-                    | Entry::Frame(bytes)
-                    | Entry::Control(bytes) = entry
-                    {
-                        out.push(bytes.clone());
-                    }
-                }
-            }
-        }
-        *pos = head;
-        match &self.end {
-            Some(end) => {
-                out.push(end.clone());
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Whether the ring from `pos` on holds a status or retry change.
-    fn has_control(&self, pos: u64) -> bool {
-        let start = pos.saturating_sub(self.base_seq) as usize;
-        self.ring
-            .range(start.min(self.ring.len())..)
-            .any(|e| matches!(e, Entry::Control(_)))
-    }
-
-    /// The current `retry` and status, for a client that skipped their changes.
-    fn push_control(&self, out: &mut Vec<Bytes>) {
-        out.push(self.retry_frame.clone());
-        out.push(self.status.clone());
-    }
-
-    /// The `status` a connecting client is sent first: only while the upstream is
-    /// degraded.
-    fn degraded(&self) -> Option<Bytes> {
-        matches!(self.health, Health::Reconnecting { .. }).then(|| self.status.clone())
-    }
-
-    /// Where a resuming client's cursor goes, or `None` if the history cannot serve it.
-    fn resume_position(&self, after: u64) -> Option<u64> {
-        self.state.as_ref()?;
-        if after < self.floor_ts || after > self.state_ts {
-            return None;
-        }
-        let mut seq = self.resume_seq;
-        for entry in self
-            .ring
-            .range(((self.resume_seq - self.base_seq) as usize)..)
-        {
-            match entry {
-                Entry::Batch { min_ts, id, .. } => {
-                    if *id <= after {
-                        seq += 1;
-                        continue;
-                    }
-                    // The client has everything up to `after`; this batch must hold
-                    // only later changes, or it would be applied twice.
-                    return (*min_ts > after).then_some(seq);
-                }
-                Entry::Reset(_) => return None,
-                Entry::Frame(_) | Entry::Control(_) => seq += 1,
-            }
-        }
-        Some(seq)
-    }
-}
-
-/// The data of `snapshot` and update events:
-/// `{"ts":"<ts>","reason":"<reason>","changes":[...]}`, `reason` only in snapshots.
-/// Rows and keys are already JSON, so they are copied in as they are.
-struct ChangesJson {
-    out: String,
-    empty: bool,
-}
-
-impl ChangesJson {
-    fn new(ts: u64, reason: Option<Reason>, changes: usize) -> Self {
-        let mut out = String::with_capacity(64 + changes * 48);
-        let _ = write!(out, "{{\"ts\":\"{ts}\",");
-        if let Some(reason) = reason {
-            out.push_str("\"reason\":\"");
-            out.push_str(reason.as_str());
-            out.push_str("\",");
-        }
-        out.push_str("\"changes\":[");
-        ChangesJson { out, empty: true }
-    }
-
-    /// The buffer, with a separator if a change came before.
-    fn next(&mut self) -> &mut String {
-        if !std::mem::take(&mut self.empty) {
-            self.out.push(',');
-        }
-        &mut self.out
-    }
-
-    fn diff(&mut self, row: &str, diff: i64) {
-        let out = self.next();
-        let _ = write!(out, "{{\"diff\":{diff},\"row\":");
-        out.push_str(row);
-        out.push('}');
-    }
-
-    fn upsert(&mut self, key: &str, row: Option<&str>) {
-        let out = self.next();
-        out.push_str("{\"key\":");
-        out.push_str(key);
-        out.push_str(",\"row\":");
-        out.push_str(row.unwrap_or("null"));
-        out.push('}');
-    }
-
-    fn push(&mut self, change: &Change) {
-        match change {
-            Change::Diff { row, diff } => self.diff(row, *diff),
-            Change::Upsert { key, row } => self.upsert(key, row.as_deref()),
-        }
-    }
-
-    fn finish(mut self) -> String {
-        self.out.push_str("]}");
-        self.out
-    }
-}
 
 /// Counters the metrics endpoint reads.
 #[derive(Debug, Default)]
@@ -464,7 +87,7 @@ impl Hub {
         let connecting = Health::Reconnecting {
             error: "connecting".into(),
         };
-        let status = status_frame(&connecting, settings.client_errors);
+        let status = wire::status_frame(&connecting, settings.client_errors);
         Arc::new(Hub {
             inner: Mutex::new(Inner {
                 retry_frame: sse::retry(settings.retry.as_millis()),
@@ -500,7 +123,7 @@ impl Hub {
     pub fn update_settings(&self, settings: Settings) {
         let mut inner = self.lock();
         if settings.client_errors != inner.settings.client_errors {
-            let frame = status_frame(&inner.health, settings.client_errors);
+            let frame = wire::status_frame(&inner.health, settings.client_errors);
             inner.status = frame.clone();
             inner.push(Entry::Control(frame));
             self.notify(&inner);
@@ -576,7 +199,7 @@ impl Hub {
         }
         let mut data = ChangesJson::new(id, None, net.len());
         for change in &net {
-            data.push(change);
+            change.encode(&mut data);
         }
         let bytes = sse::event(&inner.settings.event, Some(id), &data.finish());
         inner.push(Entry::Batch { min_ts, id, bytes });
@@ -620,7 +243,7 @@ impl Hub {
         if inner.health == health {
             return;
         }
-        let frame = status_frame(&health, inner.settings.client_errors);
+        let frame = wire::status_frame(&health, inner.settings.client_errors);
         inner.health = health;
         inner.status = frame.clone();
         inner.push(Entry::Control(frame));
@@ -631,15 +254,7 @@ impl Hub {
     /// event with the upstream still `streaming`.
     pub fn warn(&self, error: String) {
         let mut inner = self.lock();
-        let error = match inner.settings.client_errors {
-            ClientErrors::Full => error.as_str(),
-            ClientErrors::Generic => "the upstream sent data the gateway could not serve",
-        };
-        let frame = sse::event(
-            "status",
-            None,
-            &serde_json::json!({"upstream": "streaming", "error": error}).to_string(),
-        );
+        let frame = wire::warning_frame(&error, inner.settings.client_errors);
         inner.push(Entry::Frame(frame));
         self.notify(&inner);
     }
@@ -659,251 +274,19 @@ impl Hub {
         if inner.end.is_some() {
             return;
         }
-        let reason = match reason {
-            EndReason::Removed => "removed",
-            EndReason::Shutdown => "shutdown",
-        };
-        inner.end = Some(sse::event(
-            "end",
-            None,
-            &format!("{{\"reason\":\"{reason}\"}}"),
-        ));
+        inner.end = Some(reason.frame());
         self.notify(&inner);
     }
-
-    /// A client's subscription: `retry`, then a snapshot or the replay its `resume`
-    /// asks for, then every event until the hub closes.
-    pub fn subscribe(self: &Arc<Self>, resume: Resume) -> Subscription {
-        let hub = Arc::clone(self);
-        // Subscribed before the lock is taken, so anything pushed after the catch-up
-        // below wakes it; at worst a wake-up finds nothing new.
-        let rx = self.head.subscribe();
-        let mut first = Vec::with_capacity(4);
-        let mut pos;
-        let ended;
-        let resumed;
-        {
-            let mut inner = hub.lock();
-            resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
-            first.push(inner.retry_frame.clone());
-            first.extend(inner.degraded());
-            pos = inner.head();
-            let replay = match resume {
-                Resume::After(after) => inner.resume_position(after),
-                _ => None,
-            };
-            match replay {
-                Some(from) => pos = from,
-                None => {
-                    let reason = match resume {
-                        Resume::Fresh => Reason::Initial,
-                        _ => Reason::ResumeGap,
-                    };
-                    if let Some(s) = inner.snapshot(reason) {
-                        first.push(s);
-                    }
-                }
-            }
-            ended = inner.catch_up(&mut pos, &mut first, &hub.stats, resumed);
-        }
-        Subscription {
-            guard: ClientGuard::new(&hub),
-            hub,
-            rx,
-            pos,
-            ended,
-            resumed,
-            first,
-        }
-    }
-}
-
-/// One client's cursor into a hub's ring. Frames are shared `Bytes`: a client never
-/// copies an event, it only holds references to the hub's encoding.
-pub struct Subscription {
-    hub: Arc<Hub>,
-    rx: watch::Receiver<u64>,
-    pos: u64,
-    ended: bool,
-    /// Asked to resume before the stream had a state; cleared by its first snapshot.
-    resumed: bool,
-    /// Frames computed when the client subscribed, handed out first.
-    first: Vec<Bytes>,
-    guard: ClientGuard,
-}
-
-impl Subscription {
-    /// Waits until there is something to write and appends it to `out`. Returns false
-    /// once the stream has ended (after its `end` frame was handed out).
-    pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
-        if !self.first.is_empty() {
-            out.append(&mut self.first);
-            return true;
-        }
-        while !self.ended {
-            if self.rx.changed().await.is_err() {
-                self.ended = true;
-                break;
-            }
-            let mut inner = self.hub.lock();
-            self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
-            self.resumed &= inner.state.is_none();
-            drop(inner);
-            if !out.is_empty() {
-                return true;
-            }
-        }
-        false
-    }
-
-    /// The subscription as a body stream, one frame per item.
-    pub fn into_stream(mut self) -> impl Stream<Item = Result<Bytes, Infallible>> {
-        async_stream::stream! {
-            let mut frames = Vec::new();
-            while self.next(&mut frames).await {
-                for frame in frames.drain(..) {
-                    yield Ok(frame);
-                }
-            }
-            drop(self.guard);
-        }
-    }
-}
-
-fn status_frame(health: &Health, errors: ClientErrors) -> Bytes {
-    let data = match health {
-        Health::Streaming => "{\"upstream\":\"streaming\",\"error\":null}".to_string(),
-        Health::Reconnecting { error } => serde_json::json!({
-            "upstream": "reconnecting",
-            "error": match errors {
-                ClientErrors::Full => error.as_str(),
-                ClientErrors::Generic => GENERIC_ERROR,
-            },
-        })
-        .to_string(),
-    };
-    sse::event("status", None, &data)
-}
-
-/// Counts connected clients for metrics; decrements when the stream is dropped.
-struct ClientGuard(Arc<Hub>);
-
-impl ClientGuard {
-    fn new(hub: &Arc<Hub>) -> Self {
-        hub.stats.clients.fetch_add(1, Ordering::Relaxed);
-        ClientGuard(Arc::clone(hub))
-    }
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The net effect of `changes` on `state`, in first-seen order, without no-ops.
-fn consolidate(state: &State, changes: &[Change]) -> Vec<Change> {
-    match state {
-        State::Diff(_) => {
-            let mut order: Vec<&str> = Vec::new();
-            let mut sums: HashMap<&str, i64> = HashMap::new();
-            for c in changes {
-                if let Change::Diff { row, diff } = c {
-                    let e = sums.entry(row).or_insert_with(|| {
-                        order.push(row);
-                        0
-                    });
-                    *e += diff;
-                }
-            }
-            order
-                .into_iter()
-                .filter_map(|row| {
-                    let diff = sums.get(row).copied().unwrap_or(0);
-                    (diff != 0).then(|| Change::Diff {
-                        row: row.into(),
-                        diff,
-                    })
-                })
-                .collect()
-        }
-        State::Keyed(current) => {
-            let mut order: Vec<&str> = Vec::new();
-            let mut last: HashMap<&str, Option<&str>> = HashMap::new();
-            for c in changes {
-                if let Change::Upsert { key, row } = c {
-                    if last.insert(key, row.as_deref()).is_none() {
-                        order.push(key);
-                    }
-                }
-            }
-            order
-                .into_iter()
-                .filter_map(|key| {
-                    let new = last.get(key).copied().flatten();
-                    let old = current.get(key).map(|r| &**r);
-                    (new != old).then(|| Change::Upsert {
-                        key: key.into(),
-                        row: new.map(Into::into),
-                    })
-                })
-                .collect()
-        }
-    }
-}
-
-/// The changes that turn `old` into `new`, or `None` if they are of different kinds.
-fn difference(old: &State, new: &State) -> Option<Vec<Change>> {
-    let mut out = Vec::new();
-    match (old, new) {
-        (State::Diff(a), State::Diff(b)) => {
-            for (row, n) in a {
-                let m = b.get(row).copied().unwrap_or(0);
-                if m != *n {
-                    out.push(Change::Diff {
-                        row: row.clone(),
-                        diff: m - n,
-                    });
-                }
-            }
-            for (row, m) in b {
-                if !a.contains_key(row) {
-                    out.push(Change::Diff {
-                        row: row.clone(),
-                        diff: *m,
-                    });
-                }
-            }
-        }
-        (State::Keyed(a), State::Keyed(b)) => {
-            for (key, row) in a {
-                match b.get(key) {
-                    Some(r) if r == row => {}
-                    other => out.push(Change::Upsert {
-                        key: key.clone(),
-                        row: other.cloned(),
-                    }),
-                }
-            }
-            for (key, row) in b {
-                if !a.contains_key(key) {
-                    out.push(Change::Upsert {
-                        key: key.clone(),
-                        row: Some(row.clone()),
-                    });
-                }
-            }
-        }
-        _ => return None,
-    }
-    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sse::{Item, Parser};
+    use crate::wire::Resume;
+    use futures::Stream;
     use futures::StreamExt;
+    use std::convert::Infallible;
     use std::pin::Pin;
 
     fn settings(client_queue: usize, history: usize) -> Settings {
@@ -1125,7 +508,7 @@ mod tests {
         let seen = statuses(s.items().await);
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert!(!seen[0].contains("payroll"), "{seen:?}");
-        assert!(seen[0].contains(GENERIC_ERROR), "{seen:?}");
+        assert!(seen[0].contains(wire::GENERIC_ERROR), "{seen:?}");
         hub.warn("key violation: several rows for key {\"ssn\":1}".into());
         let seen = statuses(s.items().await);
         assert!(!seen[0].contains("ssn"), "{seen:?}");

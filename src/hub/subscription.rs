@@ -1,0 +1,129 @@
+//! A client's subscription: its cursor into the hub's ring, and the count of connected
+//! clients.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::watch;
+
+use super::Hub;
+use crate::wire::{Reason, Resume};
+
+impl Hub {
+    /// A client's subscription: `retry`, then a snapshot or the replay its `resume`
+    /// asks for, then every event until the hub closes.
+    pub fn subscribe(self: &Arc<Self>, resume: Resume) -> Subscription {
+        let hub = Arc::clone(self);
+        // Subscribed before the lock is taken, so anything pushed after the catch-up
+        // below wakes it; at worst a wake-up finds nothing new.
+        let rx = self.head.subscribe();
+        let mut first = Vec::with_capacity(4);
+        let mut pos;
+        let ended;
+        let resumed;
+        {
+            let mut inner = hub.lock();
+            resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
+            first.push(inner.retry_frame.clone());
+            first.extend(inner.degraded());
+            pos = inner.head();
+            let replay = match resume {
+                Resume::After(after) => inner.resume_position(after),
+                _ => None,
+            };
+            match replay {
+                Some(from) => pos = from,
+                None => {
+                    let reason = match resume {
+                        Resume::Fresh => Reason::Initial,
+                        _ => Reason::ResumeGap,
+                    };
+                    if let Some(s) = inner.snapshot(reason) {
+                        first.push(s);
+                    }
+                }
+            }
+            ended = inner.catch_up(&mut pos, &mut first, &hub.stats, resumed);
+        }
+        Subscription {
+            guard: ClientGuard::new(&hub),
+            hub,
+            rx,
+            pos,
+            ended,
+            resumed,
+            first,
+        }
+    }
+}
+
+/// One client's cursor into a hub's ring. Frames are shared `Bytes`: a client never
+/// copies an event, it only holds references to the hub's encoding.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    rx: watch::Receiver<u64>,
+    pos: u64,
+    ended: bool,
+    /// Asked to resume before the stream had a state; cleared by its first snapshot.
+    resumed: bool,
+    /// Frames computed when the client subscribed, handed out first.
+    first: Vec<Bytes>,
+    guard: ClientGuard,
+}
+
+impl Subscription {
+    /// Waits until there is something to write and appends it to `out`. Returns false
+    /// once the stream has ended (after its `end` frame was handed out).
+    pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
+        if !self.first.is_empty() {
+            out.append(&mut self.first);
+            return true;
+        }
+        while !self.ended {
+            if self.rx.changed().await.is_err() {
+                self.ended = true;
+                break;
+            }
+            let mut inner = self.hub.lock();
+            self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
+            self.resumed &= inner.state.is_none();
+            drop(inner);
+            if !out.is_empty() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The subscription as a body stream, one frame per item.
+    pub fn into_stream(mut self) -> impl Stream<Item = Result<Bytes, Infallible>> {
+        async_stream::stream! {
+            let mut frames = Vec::new();
+            while self.next(&mut frames).await {
+                for frame in frames.drain(..) {
+                    yield Ok(frame);
+                }
+            }
+            drop(self.guard);
+        }
+    }
+}
+
+/// Counts connected clients for metrics; decrements when the stream is dropped.
+pub(super) struct ClientGuard(Arc<Hub>);
+
+impl ClientGuard {
+    pub(super) fn new(hub: &Arc<Hub>) -> Self {
+        hub.stats.clients.fetch_add(1, Ordering::Relaxed);
+        ClientGuard(Arc::clone(hub))
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
