@@ -21,7 +21,8 @@ use crate::config::{Config, ScheduledWrite, StreamPath, UpstreamTarget};
 use crate::engine::{self, EngineConfig, RunningEngine};
 use crate::http::{self, AppState};
 use crate::reload::{self, Trigger};
-use crate::supervisor::{Routes, Supervisor};
+use crate::route::Routes;
+use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
 use crate::upstream::{ConnectError, Target};
 

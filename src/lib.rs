@@ -31,10 +31,12 @@
 
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod reload;
+pub mod route;
 pub mod sse;
 pub mod supervisor;
 pub mod telemetry;

@@ -10,7 +10,8 @@ use tracing::error;
 
 use tailgate::config::{self, ConfigError};
 use tailgate::engine::{self, EngineConfig};
-use tailgate::telemetry::{self, error_chain};
+use tailgate::error::error_chain;
+use tailgate::telemetry;
 use tailgate::Gateway;
 
 /// sysexits' EX_CONFIG-style code for a bad config file.

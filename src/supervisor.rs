@@ -18,17 +18,9 @@ use tracing::{info, warn};
 
 use crate::config::{Config, StreamConfig, StreamPath};
 use crate::hub::{Hub, Settings};
+use crate::route::{Route, Routes};
 use crate::upstream::{Policy, StreamTask, Target};
 use crate::wire::{EndReason, Reason};
-
-/// A stream as the HTTP layer sees it.
-pub struct Route {
-    pub config: Arc<StreamConfig>,
-    pub hub: Arc<Hub>,
-}
-
-/// Path → route; swapped whole on every change, so requests never see half a reload.
-pub type Routes = BTreeMap<String, Arc<Route>>;
 
 struct Running {
     route: Arc<Route>,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::supervisor::Routes;
+use crate::hub::Hub;
 use crate::wire::Health;
 
 /// Installs the `tracing` subscriber; `RUST_LOG` overrides the default level.
@@ -25,24 +25,8 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// An error with its causes, for logs and `status` events; a cause whose text
-/// the message already contains is not repeated.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// A per-stream metric: name, Prometheus type, and how to read it off a hub.
-type Family = (&'static str, &'static str, fn(&crate::hub::Hub) -> u64);
+type Family = (&'static str, &'static str, fn(&Hub) -> u64);
 
 /// Gateway-wide counters.
 #[derive(Debug)]
@@ -102,8 +86,9 @@ impl Metrics {
         self.reload_error.lock().ok().and_then(|e| e.clone())
     }
 
-    /// The Prometheus text exposition of everything.
-    pub fn render(&self, routes: &Routes) -> String {
+    /// The Prometheus text exposition of the gateway's counters and of `streams`
+    /// (configured path, hub).
+    pub fn render<'a>(&self, streams: &[(&'a str, &'a Hub)]) -> String {
         let mut out = String::new();
         let r = Ordering::Relaxed;
         single(
@@ -160,13 +145,13 @@ impl Metrics {
         ];
         for (name, kind, get) in families {
             let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (path, route) in routes {
-                let _ = writeln!(out, "{name}{{stream=\"{path}\"}} {}", get(&route.hub));
+            for (path, hub) in streams {
+                let _ = writeln!(out, "{name}{{stream=\"{path}\"}} {}", get(hub));
             }
         }
         let _ = writeln!(out, "# TYPE upstream_up gauge");
-        for (path, route) in routes {
-            let up = matches!(route.hub.health(), Health::Streaming);
+        for (path, hub) in streams {
+            let up = matches!(hub.health(), Health::Streaming);
             let _ = writeln!(out, "upstream_up{{stream=\"{path}\"}} {}", u8::from(up));
         }
         out

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -36,7 +35,6 @@ use tracing::{debug, warn};
 
 pub use routes::{app, AppState};
 
-use crate::supervisor::Routes;
 use crate::telemetry::Metrics;
 
 /// The listen backlog: a connect storm of thousands must not see refused connections.
@@ -507,12 +505,11 @@ impl AsyncWrite for WatchedIo {
     }
 }
 
-/// The route table type the HTTP layer reads; re-exported for the gateway's wiring.
-pub type SharedRoutes = Arc<ArcSwap<Routes>>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::Routes;
+    use arc_swap::ArcSwap;
 
     /// Every client holds one connection task, so its size is per-connection memory.
     #[tokio::test]
@@ -550,7 +547,7 @@ mod tests {
             "[[streams]]\npath = \"/a\"\nview = \"v\"\n",
         )
         .expect("config");
-        let route = Arc::new(crate::supervisor::Route {
+        let route = Arc::new(crate::route::Route {
             config: Arc::clone(&cfg.streams[0]),
             hub,
         });

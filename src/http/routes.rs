@@ -17,8 +17,9 @@ use futures::StreamExt;
 use rand::Rng;
 use serde_json::json;
 
-use super::SharedRoutes;
 use crate::config::{ServerConfig, Source};
+use crate::hub::Hub;
+use crate::route::SharedRoutes;
 use crate::telemetry::Metrics;
 use crate::wire::{self, resume, Health, Resume};
 
@@ -338,7 +339,12 @@ fn html_escape(s: &str) -> String {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(&state.routes.load());
+    let routes = state.routes.load();
+    let streams: Vec<(&str, &Hub)> = routes
+        .iter()
+        .map(|(path, route)| (path.as_str(), route.hub.as_ref()))
+        .collect();
+    let text = state.metrics.render(&streams);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

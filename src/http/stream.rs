@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 
 use super::routes::{allowed_origin, jittered, varies_by_origin};
 use super::AppState;
-use crate::supervisor::Route;
+use crate::route::Route;
 use crate::wire::{self, resume};
 
 /// Request heads larger than this are left to hyper, which answers them properly.

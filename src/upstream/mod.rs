@@ -166,7 +166,7 @@ impl StreamTask {
                 progress.frontier = None;
                 continue;
             }
-            let text = crate::telemetry::error_chain(&error);
+            let text = crate::error::error_chain(&error);
             warn!(stream = %path, error = %text, attempt, "Upstream lost; reconnecting.");
             self.hub
                 .stats
