@@ -21,7 +21,7 @@ use crate::config::{Config, ScheduledWrite, StreamPath, UpstreamTarget};
 use crate::engine::{self, EngineConfig, RunningEngine};
 use crate::http::{self, AppState};
 use crate::reload::{self, Trigger};
-use crate::route::Routes;
+use crate::route::{self, SharedRoutes};
 use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
 use crate::upstream::{ConnectError, Target};
@@ -90,14 +90,14 @@ impl Gateway {
         let listener = http::bind(config.server.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
 
-        let routes = Arc::new(ArcSwap::from_pointee(Routes::new()));
-        let supervisor = Supervisor::start(
-            &config,
-            Arc::clone(&target),
+        let supervisor =
+            Supervisor::start(&config, Arc::clone(&target), inner.clone(), tracker.clone());
+        let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(supervisor.routes()));
+        tracker.spawn(route::heartbeat(
             Arc::clone(&routes),
+            config.server.heartbeat,
             inner.clone(),
-            tracker.clone(),
-        );
+        ));
         if engine.is_some() {
             for write in &config.embedded.schedule {
                 tracker.spawn(scheduled(write.clone(), Arc::clone(&target), inner.clone()));

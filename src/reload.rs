@@ -300,6 +300,7 @@ pub fn apply(
         warn!(field = %field, "This change needs a restart; keeping the running value.");
     }
     let applied = supervisor.apply(&effective);
+    state.routes.store(Arc::new(supervisor.routes()));
     state.server.store(Arc::new(effective.server.clone()));
     *running = effective;
     state.metrics.reload_ok();

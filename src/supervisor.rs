@@ -1,20 +1,20 @@
-//! The set of running streams: one hub and one upstream task per configured path, the
-//! routing table the HTTP layer reads, and applying a new config as a per-stream diff.
+//! The set of running streams: one hub and one upstream task per configured path, and
+//! applying a new config as a per-stream diff. The route table it hands out is what
+//! the gateway publishes to the HTTP layer.
 //!
 //! Each stream's upstream task runs under a child of the supervisor's cancellation token
 //! and in its task tracker. Removing or re-subscribing a stream cancels its task; a hub
-//! outlives re-subscriptions so clients stay connected. One heartbeat task serves every
-//! hub. Everything stops when the root token is cancelled.
+//! outlives re-subscriptions so clients stay connected. Everything stops when the root
+//! token is cancelled.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::{Config, StreamConfig, StreamPath};
 use crate::hub::{Hub, Settings};
@@ -37,21 +37,28 @@ pub struct Applied {
     pub retuned: Vec<String>,
 }
 
+impl Applied {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.resubscribed.is_empty()
+            && self.retuned.is_empty()
+    }
+}
+
 pub struct Supervisor {
     target: Arc<Target>,
     policy: Policy,
     streams: BTreeMap<StreamPath, Running>,
-    routes: Arc<ArcSwap<Routes>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Supervisor {
-    /// Starts the streams of `config` and the shared heartbeat.
+    /// Starts the streams of `config`.
     pub fn start(
         config: &Config,
         target: Arc<Target>,
-        routes: Arc<ArcSwap<Routes>>,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) -> Supervisor {
@@ -59,33 +66,19 @@ impl Supervisor {
             target,
             policy: Policy::from(&config.upstream),
             streams: BTreeMap::new(),
-            routes,
             cancel,
             tracker,
         };
-        sup.spawn_heartbeat(config.server.heartbeat);
         sup.apply(config);
         sup
     }
 
-    fn spawn_heartbeat(&self, every: Duration) {
-        let routes = Arc::clone(&self.routes);
-        let cancel = self.cancel.clone();
-        self.tracker.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => {
-                        for route in routes.load().values() {
-                            route.hub.heartbeat();
-                        }
-                    }
-                }
-            }
-        });
+    /// The route table of the running streams.
+    pub fn routes(&self) -> Routes {
+        self.streams
+            .iter()
+            .map(|(p, r)| (p.to_string(), Arc::clone(&r.route)))
+            .collect()
     }
 
     /// Brings the running streams in line with `config`'s streams.
@@ -141,25 +134,6 @@ impl Supervisor {
             }
         }
 
-        let routes: Routes = self
-            .streams
-            .iter()
-            .map(|(p, r)| (p.to_string(), Arc::clone(&r.route)))
-            .collect();
-        self.routes.store(Arc::new(routes));
-        if !(applied.added.is_empty()
-            && applied.removed.is_empty()
-            && applied.resubscribed.is_empty()
-            && applied.retuned.is_empty())
-        {
-            info!(
-                added = ?applied.added,
-                removed = ?applied.removed,
-                resubscribed = ?applied.resubscribed,
-                retuned = ?applied.retuned,
-                "Streams updated."
-            );
-        }
         applied
     }
 

@@ -12,7 +12,7 @@
 //! - `subscription`: a client's cursor.
 //!
 //! The hub spawns no tasks. Client streams end when the hub is closed (`end` event) or
-//! dropped, and the task that feeds the hub lives in [`crate::upstream`].
+//! dropped, and the task that feeds the hub lives in the `upstream` module.
 
 mod ring;
 mod state;

@@ -201,7 +201,8 @@ where
         "{name}: too few baseline events: {baseline:?}"
     );
     let normal = baseline.events.iter().copied().max().unwrap_or(0);
-    attack.await;
+    // Every window lasts at least 2 s, so the probe's figures cover a real stretch.
+    futures::future::join(attack, tokio::time::sleep(Duration::from_secs(2))).await;
     let during = probe.take();
     eprintln!(
         "{name}: baseline worst {normal} ms over {} events; during: {} events, worst {:?} ms; healthz worst {:?} ms; engine worst {:?} ms",
@@ -315,13 +316,14 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
         let attackers = (0..4).map(|_| async move {
             let mut rounds = 0;
             while Instant::now() < until {
-                junk_after(addr, "GET /items HTTP/1.1\r\nhost: x\r\n\r\n", WAIT).await;
+                let took = junk_after(addr, "GET /items HTTP/1.1\r\nhost: x\r\n\r\n", WAIT).await;
+                assert!(took < Duration::from_secs(1), "junk accepted for {took:?}");
                 rounds += 1;
             }
             rounds
         });
         let rounds = futures::future::join_all(attackers).await;
-        assert!(rounds.iter().all(|r| *r >= 1), "{rounds:?}");
+        assert!(rounds.iter().all(|r| *r >= 2), "{rounds:?}");
     })
     .await;
 
@@ -369,7 +371,10 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
                             // Read the first answer, so the dripped head is a second one.
                             let mut buf = [0u8; 1024];
                             while !String::from_utf8_lossy(&answered).contains("ok\n") {
-                                let n = socket.read(&mut buf).await.expect("answer");
+                                let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+                                    .await
+                                    .expect("the first answer in time")
+                                    .expect("answer");
                                 assert!(n > 0, "closed before answering");
                                 answered.extend_from_slice(&buf[..n]);
                             }
@@ -396,8 +401,9 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
                         }
                         assert!(start.elapsed() < WAIT, "a dripped head was never cut off");
                     };
+                    // Cut by the deadline: not before it, and not long after.
                     assert!(
-                        closed <= HEAD_TIMEOUT + SLACK,
+                        closed <= HEAD_TIMEOUT + SLACK && closed + SLACK >= HEAD_TIMEOUT,
                         "a dripped head lasted {closed:?}"
                     );
                 }
@@ -412,7 +418,10 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
         let silent = || async {
             let mut s = TcpStream::connect(addr).await.expect("connect");
             let took = closed_within(&mut s, WAIT).await;
-            assert!(took <= HEAD_TIMEOUT + SLACK, "silent for {took:?}");
+            assert!(
+                took <= HEAD_TIMEOUT + SLACK && took + SLACK >= HEAD_TIMEOUT,
+                "silent for {took:?}"
+            );
         };
         let kept_alive = async {
             let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -466,39 +475,53 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
     // 7. A flood up to max_connections: new clients are refused while it lasts, and
     // the slots come back within the head deadline without anyone leaving.
     under_attack(&probe, "connection flood", true, async {
-        let start = Instant::now();
         let mut flood = Vec::new();
         for _ in 0..MAX_CONNECTIONS + 5 {
             let mut s = TcpStream::connect(addr).await.expect("connect");
             s.write_all(b"GET /items HTTP/1.1\r\nhost: x\r\nx-slow: ")
                 .await
                 .expect("partial head");
-            flood.push(s);
+            flood.push((Instant::now(), s));
         }
-        let mut refused = 0;
-        let mut held = Vec::new();
-        for mut s in flood {
-            let mut buf = [0u8; 256];
-            match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => {
-                    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
-                    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-                    refused += 1;
+        // Every flooder is either refused at once with 503 or held, and a held one is
+        // closed at the head deadline, counted from its own connect.
+        let outcomes =
+            futures::future::join_all(flood.into_iter().map(|(opened, mut s)| async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 256];
+                loop {
+                    match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+                        Err(_) => panic!("a flooder was never answered nor closed"),
+                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    }
                 }
-                _ => held.push(s),
-            }
+                let answer = String::from_utf8_lossy(&got).to_string();
+                (opened.elapsed(), answer)
+            }))
+            .await;
+        let refused = outcomes
+            .iter()
+            .filter(|(_, a)| a.starts_with("HTTP/1.1 503"))
+            .count();
+        let held: Vec<Duration> = outcomes
+            .iter()
+            .filter(|(_, a)| a.is_empty())
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(refused + held.len(), outcomes.len(), "{outcomes:?}");
+        assert!(refused >= 5, "{refused} refused, {} held", held.len());
+        assert!(held.len() >= MAX_CONNECTIONS - 5, "{} held", held.len());
+        for took in &held {
+            assert!(
+                *took <= HEAD_TIMEOUT + SLACK && *took + SLACK >= HEAD_TIMEOUT,
+                "a held flooder was closed after {took:?}"
+            );
         }
-        let mut flood = held;
-        assert!(refused >= 5, "{refused} refused, {} held", flood.len());
-        assert!(flood.len() >= MAX_CONNECTIONS - 5, "{} held", flood.len());
-        // The flooders never finish their heads; their slots come back.
-        for s in &mut flood {
-            closed_within(s, HEAD_TIMEOUT + SLACK + Duration::from_secs(1)).await;
-        }
+        // The slots are back.
         let mut fresh = SseClient::connect(addr, "/items", &[]).await;
         assert_eq!(fresh.status, 200, "a slot is free again");
         fresh.next_data_event(WAIT).await;
-        assert!(start.elapsed() < HEAD_TIMEOUT + Duration::from_secs(3));
     })
     .await;
 
