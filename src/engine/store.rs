@@ -340,9 +340,33 @@ fn read_row(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Row> {
         .collect()
 }
 
+/// Refuses a statement that would write. Reads (SELECT, subscriptions, COPY)
+/// run only what SQLite itself vouches for (`sqlite3_stmt_readonly`), as a
+/// second line behind the parser, which lets only queries through.
+fn read_only(stmt: &rusqlite::Statement<'_>) -> Result<(), SqlError> {
+    if stmt.readonly() {
+        Ok(())
+    } else {
+        Err(SqlError::new(
+            "25006",
+            "cannot execute a statement that writes where only a query is allowed",
+        ))
+    }
+}
+
+/// A read-only statement through the statement cache, see [`read_only`].
+fn prepare_read<'c>(
+    conn: &'c Connection,
+    sql: &str,
+) -> Result<rusqlite::CachedStatement<'c>, SqlError> {
+    let stmt = conn.prepare_cached(sql)?;
+    read_only(&stmt)?;
+    Ok(stmt)
+}
+
 /// Every row of a query (through the statement cache).
 fn rows_of(conn: &Connection, sql: &str, params: &[Datum]) -> Result<Vec<Row>, SqlError> {
-    let mut stmt = conn.prepare_cached(sql)?;
+    let mut stmt = prepare_read(conn, sql)?;
     let n = stmt.column_count();
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();
@@ -622,7 +646,7 @@ impl Store {
 
     /// Result columns of `text`, whose translation the caller already has.
     fn describe_translated(&self, text: &str, translated: &str) -> Result<Vec<Column>, SqlError> {
-        let stmt = self.conn.prepare_cached(translated)?;
+        let stmt = prepare_read(&self.conn, translated)?;
         let deps: Vec<&RelInfo> = sql::identifiers(text)
             .iter()
             .filter_map(|i| self.catalog.get(i))
@@ -658,7 +682,7 @@ impl Store {
     }
 
     fn eval_multiset(&self, translated: &str) -> Result<HashMap<Row, i64>, SqlError> {
-        multiset(&mut *self.conn.prepare_cached(translated)?)
+        multiset(&mut *prepare_read(&self.conn, translated)?)
     }
 
     fn query(&self, text: &str, params: &[Datum]) -> Result<QueryResult, SqlError> {
@@ -1586,7 +1610,11 @@ impl Store {
             ))?;
         }
         // Not the statement cache: these run against temporary shadow tables.
-        let eval = |s: &Store| multiset(&mut s.conn.prepare(&plan.translated)?);
+        let eval = |s: &Store| {
+            let mut stmt = s.conn.prepare(&plan.translated)?;
+            read_only(&stmt)?;
+            multiset(&mut stmt)
+        };
         let snapshot = eval(self)?;
         let mut prev = snapshot.clone();
         let mut batches = Vec::new();
@@ -1641,7 +1669,7 @@ impl Store {
 /// Runs a [`Source::Delta`] query over the loaded delta rows: the retracted rows'
 /// results count -1, the inserted rows' +1.
 fn eval_delta(conn: &Connection, sql: &str) -> Result<Vec<(Row, i64)>, SqlError> {
-    let mut stmt = conn.prepare_cached(sql)?;
+    let mut stmt = prepare_read(conn, sql)?;
     let n = stmt.column_count();
     let mut updates = Vec::new();
     for sign in [-1i64, 1] {
@@ -1661,7 +1689,7 @@ fn reevaluate(
     prev: &mut ResultSet,
 ) -> Result<Vec<(Row, i64)>, SqlError> {
     let scan = |prev: &mut ResultSet| -> Result<(), SqlError> {
-        let mut stmt = conn.prepare_cached(sql)?;
+        let mut stmt = prepare_read(conn, sql)?;
         let n = stmt.column_count();
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -2193,6 +2221,36 @@ mod tests {
         }
         assert!(is_full(&s, pairs[0].1), "g_by_k still per group");
         assert_eq!(s.subs.len(), subjects.len() * 2, "a subscription ended");
+    }
+
+    /// Reads run only what SQLite calls read-only, even past the parser: a
+    /// query or subscription that would write fails and writes nothing.
+    #[test]
+    fn reads_never_write() {
+        let mut s = store();
+        s.script("CREATE TABLE t (a int); INSERT INTO t VALUES (1), (2);")
+            .expect("schema");
+        let Ok(sql::Stmt::Subscribe(mut stmt)) = sql::parse("SUBSCRIBE (SELECT 1)", false) else {
+            panic!("subscribe");
+        };
+        for w in [
+            "DELETE FROM t",
+            "WITH x AS (SELECT 1) DELETE FROM t",
+            "INSERT INTO t SELECT a FROM t",
+            "UPDATE t SET a = 0",
+            "DROP TABLE t",
+            "CREATE TABLE z (a int)",
+        ] {
+            assert_eq!(s.query(w, &[]).expect_err(w).code, "25006", "{w}");
+            assert_eq!(s.eval_multiset(w).expect_err(w).code, "25006", "{w}");
+            stmt.relation = Relation::Query(w.to_owned());
+            let (tx, _rx) = tmpsc::unbounded_channel();
+            assert_eq!(s.subscribe(&stmt, 1, tx).expect_err(w).code, "25006", "{w}");
+        }
+        let rows = s.query("SELECT a FROM t ORDER BY a", &[]).expect("t");
+        assert_eq!(rows.rows, vec![vec![Datum::Int(1)], vec![Datum::Int(2)]]);
+        assert!(s.query("SELECT * FROM z", &[]).is_err());
+        assert!(s.take_dirty().is_empty());
     }
 
     /// Subscribes to `q` both ways (the incremental one must take the path

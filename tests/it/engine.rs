@@ -961,3 +961,94 @@ async fn sustained_writes_reach_subscriber() {
     rows(&c, "COMMIT").await;
     e.stop().await;
 }
+
+/// Only a query may stand inside SUBSCRIBE (...), COPY (...) and DECLARE ...
+/// FOR, as in Materialize: anything else is a syntax error, however often it
+/// is tried, and tables, rows and catalog stay as they were.
+#[tokio::test]
+async fn only_queries_inside_subscribe_copy_and_declare() {
+    let e = TestEngine::start().await;
+    let c = e.connect().await;
+    rows(
+        &c,
+        "CREATE TABLE t (a int); CREATE TABLE z (b int);
+         INSERT INTO t VALUES (1), (2); INSERT INTO z VALUES (3)",
+    )
+    .await;
+    for attempt in [
+        "SUBSCRIBE (DROP TABLE z)",
+        "SUBSCRIBE (DELETE FROM t)",
+        "SUBSCRIBE (INSERT INTO t VALUES (3))",
+        "SUBSCRIBE (WITH x AS (DELETE FROM t RETURNING a) SELECT * FROM x)",
+        "SUBSCRIBE (WITH x AS (SELECT 1) DELETE FROM t)",
+        "SUBSCRIBE ((SELECT a FROM t) UNION (DELETE FROM t))",
+        "COPY (DELETE FROM t) TO STDOUT",
+        "COPY (DROP TABLE z) TO STDOUT",
+        "COPY (SUBSCRIBE (DROP TABLE z)) TO STDOUT",
+        "COPY (WITH x AS (SELECT 1) UPDATE t SET a = 0) TO STDOUT",
+        "DECLARE c CURSOR FOR DELETE FROM t",
+        "BEGIN; DECLARE c CURSOR FOR WITH x AS (SELECT 1) DELETE FROM t",
+        "BEGIN; DECLARE c CURSOR FOR SUBSCRIBE (DROP TABLE z)",
+        "WITH x AS (SELECT 1) DELETE FROM t",
+        "CREATE VIEW v AS DROP TABLE z",
+    ] {
+        for _ in 0..2 {
+            let (code, msg) = error(&c, attempt).await;
+            assert_eq!(code, "42601", "{attempt}: {msg}");
+            rows(&c, "ROLLBACK").await;
+        }
+    }
+    assert_eq!(
+        error(&c, "SUBSCRIBE (DROP TABLE z)").await.1,
+        "Expected SELECT, VALUES, or a subquery in the query body, found DROP"
+    );
+    assert_eq!(
+        error(&c, "COPY (DELETE FROM t) TO STDOUT").await.1,
+        "unsupported query in COPY"
+    );
+    // The extended protocol refuses them at Parse.
+    for attempt in [
+        "SUBSCRIBE (DELETE FROM t)",
+        "COPY (DELETE FROM t) TO STDOUT",
+    ] {
+        let err = bounded(c.prepare(attempt)).await.expect_err(attempt);
+        assert_eq!(err.code().map(|c| c.code()), Some("42601"), "{attempt}");
+    }
+    // Tables, rows and catalog are as they were.
+    assert_eq!(
+        rows(&c, "SELECT a FROM t ORDER BY a").await,
+        vec![vec![s("1")], vec![s("2")]]
+    );
+    assert_eq!(rows(&c, "TABLE z").await, vec![vec![s("3")]]);
+    assert_eq!(
+        error(&c, "CREATE TABLE z (b int)").await,
+        ("42P07".into(), "catalog item 'z' already exists".into())
+    );
+    assert!(error(&c, "SELECT * FROM v").await.1.contains("'v'"));
+    // Every query form Materialize takes there still runs.
+    let r = rows(
+        &c,
+        "BEGIN; DECLARE c CURSOR FOR SUBSCRIBE ((SELECT a FROM t) UNION ALL (TABLE z));
+         FETCH 3 c; COMMIT",
+    )
+    .await;
+    let mut got: Vec<Option<String>> = r.iter().map(|r| r[2].clone()).collect();
+    got.sort();
+    assert_eq!(got, vec![s("1"), s("2"), s("3")]);
+    let r = rows(
+        &c,
+        "BEGIN; DECLARE c CURSOR FOR (VALUES (7)); FETCH ALL c; COMMIT",
+    )
+    .await;
+    assert_eq!(r, vec![vec![s("7")]]);
+    let copied = bounded(drain(
+        bounded(c.copy_out("COPY (TABLE t) TO STDOUT"))
+            .await
+            .unwrap(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(copied, 2);
+    assert_eq!(e.stats().subscriptions, 0);
+    e.stop().await;
+}
