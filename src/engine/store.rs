@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rusqlite::config::DbConfig;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::Connection;
@@ -364,6 +365,16 @@ fn prepare_read<'c>(
     Ok(stmt)
 }
 
+/// Opens the engine's SQLite connection. Materialize has no double-quoted
+/// string literals: `"x"` always names a column, so SQLite's fallback of
+/// reading an unknown `"x"` as the string `'x'` is off for DML and DDL.
+fn open_connection() -> rusqlite::Result<Connection> {
+    let conn = Connection::open_in_memory()?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DQS_DML, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DQS_DDL, false)?;
+    Ok(conn)
+}
+
 /// Every row of a query (through the statement cache).
 fn rows_of(conn: &Connection, sql: &str, params: &[Datum]) -> Result<Vec<Row>, SqlError> {
     let mut stmt = prepare_read(conn, sql)?;
@@ -440,7 +451,7 @@ const DELTA_PREFIX: &str = "_tg_delta_";
 
 impl Store {
     fn new(config: StoreConfig, counters: Arc<Counters>) -> Result<Store, rusqlite::Error> {
-        let conn = Connection::open_in_memory()?;
+        let conn = open_connection()?;
         conn.set_prepared_statement_cache_capacity(64);
         register_functions(&conn, config.legacy)?;
         conn.execute_batch(
@@ -2251,6 +2262,56 @@ mod tests {
         assert_eq!(rows.rows, vec![vec![Datum::Int(1)], vec![Datum::Int(2)]]);
         assert!(s.query("SELECT * FROM z", &[]).is_err());
         assert!(s.take_dirty().is_empty());
+    }
+
+    /// `"x"` is always a column, never the string 'x', and an unknown one is
+    /// reported with Materialize's text and code.
+    #[test]
+    fn unknown_columns() {
+        let mut s = store();
+        s.script("CREATE TABLE items (id int, name text); INSERT INTO items VALUES (1, 'one');")
+            .expect("schema");
+        for (q, column) in [
+            ("SELECT \"nosuchcol\" FROM items", "nosuchcol"),
+            ("SELECT nosuchcol FROM items", "nosuchcol"),
+            ("SELECT NoSuchCol FROM items", "nosuchcol"),
+            ("SELECT \"NoSuchCol\" FROM items", "NoSuchCol"),
+            ("SELECT items.nosuch FROM items", "items.nosuch"),
+            ("SELECT id FROM items WHERE name = \"one\"", "one"),
+            ("SELECT count(*) FROM items GROUP BY \"x\"", "x"),
+        ] {
+            let err = s.query(q, &[]).expect_err(q);
+            assert_eq!(
+                (err.code, err.message),
+                ("42703", format!("column \"{column}\" does not exist")),
+                "{q}"
+            );
+        }
+        let err = s
+            .create_view("v", "SELECT \"nosuchcol\" FROM items", false)
+            .expect_err("view");
+        assert_eq!(err.message, "column \"nosuchcol\" does not exist");
+        let err = s
+            .write(
+                &[("UPDATE items SET name = \"two\"".to_owned(), Vec::new())],
+                false,
+            )
+            .expect_err("update");
+        assert_eq!(err.message, "column \"two\" does not exist");
+        // Single-quoted strings are literals, double-quoted identifiers resolve.
+        let r = s
+            .query(
+                "SELECT 'nosuchcol', \"name\" FROM items WHERE name = 'one'",
+                &[],
+            )
+            .expect("literals");
+        assert_eq!(
+            r.rows,
+            vec![vec![
+                Datum::Text("nosuchcol".into()),
+                Datum::Text("one".into())
+            ]]
+        );
     }
 
     /// Subscribes to `q` both ways (the incremental one must take the path

@@ -1052,3 +1052,56 @@ async fn only_queries_inside_subscribe_copy_and_declare() {
     assert_eq!(e.stats().subscriptions, 0);
     e.stop().await;
 }
+
+/// A double-quoted name is always a column, as in Materialize: an unknown one
+/// is 42703 `column "x" does not exist`, never the string 'x'.
+#[tokio::test]
+async fn unknown_columns_as_materialize_reports_them() {
+    let e = TestEngine::start().await;
+    let c = e.connect().await;
+    rows(&c, crate::support::ITEMS_INIT).await;
+    for (q, column) in [
+        ("SELECT \"nosuchcol\" FROM items", "nosuchcol"),
+        ("SELECT NoSuchCol FROM items", "nosuchcol"),
+        ("SELECT items.nosuchcol FROM items", "items.nosuchcol"),
+        ("SUBSCRIBE (SELECT \"nosuchcol\" FROM items)", "nosuchcol"),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT id FROM items WHERE name = \"one\"",
+            "one",
+        ),
+        ("COPY (SELECT \"x\" FROM items) TO STDOUT", "x"),
+        ("UPDATE items SET name = \"two\"", "two"),
+        (
+            "CREATE VIEW v AS SELECT \"nosuchcol\" FROM items",
+            "nosuchcol",
+        ),
+    ] {
+        assert_eq!(
+            error(&c, q).await,
+            (
+                "42703".into(),
+                format!("column \"{column}\" does not exist")
+            ),
+            "{q}"
+        );
+        rows(&c, "ROLLBACK").await;
+    }
+    let err = bounded(c.prepare("SELECT \"nosuchcol\" FROM items"))
+        .await
+        .expect_err("describe");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("42703", "column \"nosuchcol\" does not exist")
+    );
+    // Single-quoted strings are literals; double-quoted names resolve.
+    assert_eq!(
+        rows(
+            &c,
+            "SELECT 'nosuchcol', \"name\" FROM items WHERE \"id\" = 1 AND name = 'one'"
+        )
+        .await,
+        vec![vec![s("nosuchcol"), s("one")]]
+    );
+    e.stop().await;
+}
