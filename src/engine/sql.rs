@@ -2,10 +2,13 @@
 //! (SUBSCRIBE, TAIL, DECLARE, FETCH, CLOSE, COPY, SET, SHOW, transactions) and
 //! translating the rest to SQLite.
 //!
-//! Everything not Materialize-specific is passed to SQLite after a light rewrite
-//! ([`translate`]): schema qualifiers dropped, `x::type` turned into casts, `/`
-//! turned into `mz_div` so division by zero is an error as in Materialize,
-//! `$n` parameters into `?n`. This module is pure; it spawns nothing.
+//! Wherever Materialize takes only a query (SUBSCRIBE, COPY, DECLARE, views,
+//! CTEs) the parser checks that it is one, so no statement that writes runs as
+//! a read. Everything not Materialize-specific is passed to SQLite after a
+//! light rewrite ([`translate`]): schema qualifiers dropped, `x::type` turned
+//! into casts, `/` turned into `mz_div` so division by zero is an error as in
+//! Materialize, `$n` parameters into `?n`. This module is pure; it spawns
+//! nothing.
 
 use std::time::Duration;
 

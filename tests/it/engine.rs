@@ -1105,3 +1105,90 @@ async fn unknown_columns_as_materialize_reports_them() {
     );
     e.stop().await;
 }
+
+/// AS OF in the future waits, as in Materialize: FETCH returns nothing (with
+/// PROGRESS, only the progress row at AS OF) until the clock reaches AS OF, by
+/// wall time here. Then the snapshot at AS OF comes, holding the writes made
+/// before it, and later writes follow at their own timestamps. Each write's
+/// timestamp is read from a second subscription.
+#[tokio::test]
+async fn as_of_in_the_future_waits_for_the_clock() {
+    let e = TestEngine::start().await;
+    let c = e.connect().await;
+    let w = e.connect().await;
+    let observer = e.connect().await;
+    rows(&c, "CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await;
+    rows(
+        &observer,
+        "BEGIN; DECLARE o CURSOR FOR SUBSCRIBE t WITH (SNAPSHOT = false)",
+    )
+    .await;
+    // Writes `v` and returns its timestamp.
+    let write = |v: i64| {
+        let (w, observer) = (&w, &observer);
+        async move {
+            rows(w, &format!("INSERT INTO t VALUES ({v})")).await;
+            let r = rows(observer, "FETCH 1 o").await;
+            assert_eq!(r[0][2], Some(v.to_string()));
+            row_ts(&r[0])
+        }
+    };
+    let mut value = 1;
+    for (at_least, progress) in [("", false), ("AT LEAST ", true)] {
+        let as_of = engine_now(&c).await + 800;
+        let options = if progress { "WITH (PROGRESS) " } else { "" };
+        rows(
+            &c,
+            &format!("BEGIN; DECLARE c CURSOR FOR SUBSCRIBE t {options}AS OF {at_least}{as_of}"),
+        )
+        .await;
+        let early = rows(&c, "FETCH ALL c WITH (timeout = '100ms')").await;
+        value += 1;
+        let before = write(value).await;
+        assert!(
+            before < as_of,
+            "the steps before AS OF took over 800 ms; the test cannot tell"
+        );
+        if progress {
+            assert_eq!(
+                early,
+                vec![vec![s(&as_of.to_string()), s("t"), None, None]],
+                "only the progress row at AS OF"
+            );
+        } else {
+            assert!(early.is_empty(), "{early:?}");
+        }
+        // Waits for the clock, then the snapshot at AS OF with every row so far.
+        let r = rows(&c, "FETCH ALL c").await;
+        assert!(engine_now(&c).await >= as_of);
+        let data: Vec<&Vec<Option<String>>> =
+            r.iter().filter(|r| !progress || r[1] == s("f")).collect();
+        let mut snapshot: Vec<(u64, i64)> = data
+            .iter()
+            .map(|r| {
+                (
+                    row_ts(r),
+                    r[r.len() - 1].as_deref().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        snapshot.sort();
+        let want: Vec<(u64, i64)> = (1..=value).map(|v| (as_of, v)).collect();
+        assert_eq!(snapshot, want);
+        // A write now comes as an update at its own, later timestamp.
+        value += 1;
+        let after = write(value).await;
+        assert!(after > as_of);
+        let update = if progress {
+            fetch_data(&c, 1).await
+        } else {
+            rows(&c, "FETCH ALL c").await
+        };
+        assert_eq!(update.len(), 1);
+        assert_eq!(row_ts(&update[0]), after);
+        assert_eq!(update[0][update[0].len() - 1], Some(value.to_string()));
+        rows(&c, "COMMIT").await;
+    }
+    rows(&observer, "COMMIT").await;
+    e.stop().await;
+}
