@@ -668,11 +668,7 @@ fn describe_token(t: Option<&Token>) -> String {
         return "EOF".to_owned();
     };
     match &t.tok {
-        Tok::Word(w)
-            if is_keyword(w) || STATEMENT_WORDS.iter().any(|k| k.eq_ignore_ascii_case(w)) =>
-        {
-            w.to_ascii_uppercase()
-        }
+        Tok::Word(w) if is_keyword(w) || is_statement_word(t) => w.to_ascii_uppercase(),
         Tok::Word(w) => format!("identifier \"{}\"", w.to_ascii_lowercase()),
         Tok::Quoted(q) => format!("identifier \"{q}\""),
         Tok::Str(s) => format!("string literal \"{s}\""),
