@@ -72,7 +72,18 @@ pub const DIV_BY_ZERO_MARKER: &str = "tailgate: division by zero";
 
 impl From<rusqlite::Error> for SqlError {
     fn from(e: rusqlite::Error) -> SqlError {
-        let text = e.to_string();
+        // SQLite's own message, without rusqlite's " in <sql> at offset <n>", and
+        // the SQL from the offending token on, where SQLite points at one.
+        let (text, at) = match &e {
+            rusqlite::Error::SqlInputError {
+                msg, sql, offset, ..
+            } => (
+                msg.clone(),
+                usize::try_from(*offset).ok().and_then(|o| sql.get(o..)),
+            ),
+            rusqlite::Error::SqliteFailure(_, Some(msg)) => (msg.clone(), None),
+            other => (other.to_string(), None),
+        };
         if text.contains(DIV_BY_ZERO_MARKER) {
             return SqlError::division_by_zero();
         }
@@ -84,8 +95,8 @@ impl From<rusqlite::Error> for SqlError {
         if let Some(name) = lower.strip_prefix("no such view: ") {
             return SqlError::unknown_relation(name);
         }
-        if let Some(name) = lower.strip_prefix("no such column: ") {
-            return SqlError::new("42703", format!("column \"{name}\" does not exist"));
+        if let Some(name) = text.strip_prefix("no such column: ") {
+            return unknown_column(name, at.is_some_and(|sql| sql.starts_with('"')));
         }
         if let Some(name) = lower.strip_prefix("no such function: ") {
             return SqlError::new("42883", format!("function {name}() does not exist"));
@@ -110,4 +121,21 @@ impl From<rusqlite::Error> for SqlError {
         }
         SqlError::internal(text)
     }
+}
+
+/// Materialize's unknown-column error from the name in SQLite's "no such
+/// column" message. Materialize folds unquoted identifiers to lower case and
+/// SQLite reports them as written, so only a quoted name keeps its case: one
+/// SQLite shows quoted (with a hint, since double-quoted strings are off), or
+/// one whose token in the SQL (`quoted_in_sql`) is quoted.
+fn unknown_column(reported: &str, quoted_in_sql: bool) -> SqlError {
+    let reported = reported
+        .strip_suffix(" - should this be a string literal in single-quotes?")
+        .unwrap_or(reported);
+    let name = match reported.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None if quoted_in_sql => reported.to_owned(),
+        None => reported.to_ascii_lowercase(),
+    };
+    SqlError::new("42703", format!("column \"{name}\" does not exist"))
 }

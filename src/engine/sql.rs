@@ -2,10 +2,13 @@
 //! (SUBSCRIBE, TAIL, DECLARE, FETCH, CLOSE, COPY, SET, SHOW, transactions) and
 //! translating the rest to SQLite.
 //!
-//! Everything not Materialize-specific is passed to SQLite after a light rewrite
-//! ([`translate`]): schema qualifiers dropped, `x::type` turned into casts, `/`
-//! turned into `mz_div` so division by zero is an error as in Materialize,
-//! `$n` parameters into `?n`. This module is pure; it spawns nothing.
+//! Wherever Materialize takes only a query (SUBSCRIBE, COPY, DECLARE, views,
+//! CTEs) the parser checks that it is one, so no statement that writes runs as
+//! a read. Everything not Materialize-specific is passed to SQLite after a
+//! light rewrite ([`translate`]): schema qualifiers dropped, `x::type` turned
+//! into casts, `/` turned into `mz_div` so division by zero is an error as in
+//! Materialize, `$n` parameters into `?n`. This module is pure; it spawns
+//! nothing.
 
 use std::time::Duration;
 
@@ -454,20 +457,22 @@ impl<'a> P<'a> {
         Ok(name)
     }
 
-    /// The text inside the parenthesis group at the current `(`, which must hold
-    /// at least one token; moves past the group. `what` names it in the error.
-    fn group_text(&mut self, what: &str) -> Result<&'a str, SqlError> {
+    /// The query in the parenthesis group at the current `(`, checked and
+    /// rewritten by [`query_text`]; moves past the group.
+    fn group_query(&mut self) -> Result<String, SqlError> {
         let open = self.i;
         let end =
             group_end(self.toks, open).ok_or_else(|| SqlError::syntax("unbalanced parentheses"))?;
         self.i = end;
-        match (
-            self.toks.get(open + 1),
-            self.toks.get(end.saturating_sub(2)),
-        ) {
-            (Some(a), Some(b)) if end - open >= 3 => Ok(&self.sql[a.start..b.end]),
-            _ => Err(SqlError::syntax(format!("expected {what}"))),
-        }
+        query_text(self.sql, self.toks, open + 1, end - 1)
+    }
+
+    /// The query from the current token to the end of the statement, checked
+    /// and rewritten by [`query_text`].
+    fn rest_query(&mut self) -> Result<String, SqlError> {
+        let start = self.i;
+        self.i = self.toks.len();
+        query_text(self.sql, self.toks, start, self.toks.len())
     }
 
     fn at_end(&self) -> bool {
@@ -505,7 +510,7 @@ pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
     let Tok::Word(w) = &first.tok else {
         if first.tok == Tok::LParen {
             return Ok(Stmt::Select {
-                sql: sql.to_owned(),
+                sql: p.rest_query()?,
             });
         }
         return Err(p.unexpected("expected statement"));
@@ -547,10 +552,14 @@ pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
                 let s = parse_subscribe(&mut p, legacy)?;
                 p.expect_end()?;
                 CursorQuery::Subscribe(s)
-            } else if p.peek_word("select") || p.peek_word("with") || p.peek_word("values") {
-                CursorQuery::Select(p.rest_text().to_owned())
+            } else if p.peek().is_some_and(starts_query) {
+                CursorQuery::Select(p.rest_query()?)
             } else {
-                return Err(p.unexpected("expected SELECT, VALUES or SUBSCRIBE"));
+                let subscribe = if legacy { "TAIL" } else { "SUBSCRIBE" };
+                return Err(SqlError::syntax(format!(
+                    "Expected SELECT, VALUES, {subscribe}, or a subquery, found {}",
+                    describe_token(p.peek())
+                )));
             };
             Ok(Stmt::Declare { name, query })
         }
@@ -579,17 +588,9 @@ pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
             sql: sql.to_owned(),
             tag: "DELETE",
         }),
-        "select" | "with" | "values" => Ok(Stmt::Select {
-            sql: sql.to_owned(),
+        "select" | "with" | "values" | "table" => Ok(Stmt::Select {
+            sql: p.rest_query()?,
         }),
-        "table" => {
-            p.i += 1;
-            let name = p.object_name()?;
-            p.expect_end()?;
-            Ok(Stmt::Select {
-                sql: format!("SELECT * FROM \"{name}\""),
-            })
-        }
         "discard" => Ok(Stmt::Discard),
         "alter" | "grant" | "revoke" | "explain" | "prepare" | "execute" | "deallocate"
         | "comment" | "validate" | "reassign" | "listen" | "notify" | "truncate" => Err(
@@ -598,6 +599,224 @@ pub fn parse(sql: &str, legacy: bool) -> Result<Stmt, SqlError> {
         other => Err(SqlError::syntax(format!(
             "Expected a keyword at the beginning of a statement, found identifier \"{other}\""
         ))),
+    }
+}
+
+/// Where Materialize's parser wants a query body and finds something else.
+const QUERY_BODY: &str = "SELECT, VALUES, or a subquery in the query body";
+
+/// Whether a query can start at `t`: SELECT, WITH, VALUES, TABLE or `(`.
+fn starts_query(t: &Token) -> bool {
+    t.tok == Tok::LParen
+        || ["select", "with", "values", "table"]
+            .iter()
+            .any(|w| t.is_word(w))
+}
+
+/// Words that begin statements other than queries, including SQLite's own.
+const STATEMENT_WORDS: &[&str] = &[
+    "abort",
+    "alter",
+    "analyze",
+    "attach",
+    "begin",
+    "close",
+    "comment",
+    "commit",
+    "copy",
+    "create",
+    "deallocate",
+    "declare",
+    "delete",
+    "detach",
+    "discard",
+    "drop",
+    "end",
+    "execute",
+    "explain",
+    "fetch",
+    "grant",
+    "insert",
+    "pragma",
+    "prepare",
+    "reindex",
+    "release",
+    "replace",
+    "reset",
+    "revoke",
+    "rollback",
+    "savepoint",
+    "set",
+    "show",
+    "start",
+    "subscribe",
+    "tail",
+    "truncate",
+    "update",
+    "upsert",
+    "vacuum",
+];
+
+fn is_statement_word(t: &Token) -> bool {
+    STATEMENT_WORDS.iter().any(|w| t.is_word(w))
+}
+
+/// A token as Materialize's parser names it after "found" (`EOF` for none):
+/// keywords upper-cased, identifiers quoted.
+fn describe_token(t: Option<&Token>) -> String {
+    let Some(t) = t else {
+        return "EOF".to_owned();
+    };
+    match &t.tok {
+        Tok::Word(w) if is_keyword(w) || is_statement_word(t) => w.to_ascii_uppercase(),
+        Tok::Word(w) => format!("identifier \"{}\"", w.to_ascii_lowercase()),
+        Tok::Quoted(q) => format!("identifier \"{q}\""),
+        Tok::Str(s) => format!("string literal \"{s}\""),
+        Tok::Num(n) => format!("number \"{n}\""),
+        Tok::Param(n) => format!("parameter \"${n}\""),
+        Tok::Op(o) => format!("operator \"{o}\""),
+        Tok::LParen => "left parenthesis".to_owned(),
+        Tok::RParen => "right parenthesis".to_owned(),
+        Tok::Comma => "comma".to_owned(),
+        Tok::Semi => "semicolon".to_owned(),
+        Tok::Dot => "dot".to_owned(),
+    }
+}
+
+/// Checks that tokens `lo..hi` of `sql` form a query, as Materialize's parser
+/// requires inside `SUBSCRIBE (...)`, `COPY (...)`, after `DECLARE ... FOR`, in
+/// a view and in each CTE: `[WITH cte, ...] body [UNION|INTERSECT|EXCEPT body]...`
+/// where a body is SELECT, VALUES, `TABLE name` or a parenthesised query.
+/// Anything else, a DELETE in a CTE or after WITH included, is a 42601 syntax
+/// error, so no statement that writes is ever run as a read.
+///
+/// Returns the query in a form SQLite accepts: it takes no parenthesised query
+/// where a SELECT goes, nor `TABLE name`, so `((q))` becomes `q`, a
+/// parenthesised operand `(q)` becomes `SELECT * FROM (q)` and `TABLE name`
+/// becomes `SELECT * FROM name`. Expressions are not looked into; SQLite allows
+/// only queries in subqueries.
+fn query_text(sql: &str, toks: &[Token], mut lo: usize, mut hi: usize) -> Result<String, SqlError> {
+    while lo < hi && toks[lo].tok == Tok::LParen && group_end(toks, lo) == Some(hi) {
+        lo += 1;
+        hi -= 1;
+    }
+    let unbalanced = || SqlError::syntax("unbalanced parentheses");
+    // Past the range is the group's `)`, or the end of the statement.
+    let expected = |what: &str, i: usize| {
+        SqlError::syntax(format!(
+            "Expected {what}, found {}",
+            describe_token(toks.get(i))
+        ))
+    };
+    let at = |i: usize| toks.get(i).filter(|_| i < hi);
+    let text = |a: usize, b: usize| &sql[toks[a].start..toks[b].end];
+    let mut out = String::new();
+    let mut i = lo;
+    if at(i).is_some_and(|t| t.is_word("with")) {
+        i += 1;
+        if at(i).is_some_and(|t| t.is_word("recursive")) {
+            i += 1;
+        }
+        out.push_str(text(lo, i - 1));
+        loop {
+            let name = i;
+            if at(i).and_then(Token::ident).is_none() {
+                return Err(expected("identifier", i));
+            }
+            i += 1;
+            if at(i).is_some_and(|t| t.tok == Tok::LParen) {
+                i = group_end(toks, i)
+                    .filter(|&e| e <= hi)
+                    .ok_or_else(unbalanced)?;
+            }
+            if !at(i).is_some_and(|t| t.is_word("as")) {
+                return Err(expected("AS", i));
+            }
+            i += 1;
+            if at(i).is_some_and(|t| t.is_word("not")) {
+                i += 1;
+                if !at(i).is_some_and(|t| t.is_word("materialized")) {
+                    return Err(expected("MATERIALIZED", i));
+                }
+                i += 1;
+            } else if at(i).is_some_and(|t| t.is_word("materialized")) {
+                i += 1;
+            }
+            if !at(i).is_some_and(|t| t.tok == Tok::LParen) {
+                return Err(expected("left parenthesis", i));
+            }
+            let close = group_end(toks, i)
+                .filter(|&e| e <= hi)
+                .ok_or_else(unbalanced)?;
+            out.push(' ');
+            out.push_str(text(name, i));
+            out.push_str(&query_text(sql, toks, i + 1, close - 1)?);
+            out.push(')');
+            i = close;
+            if !at(i).is_some_and(|t| t.tok == Tok::Comma) {
+                break;
+            }
+            out.push(',');
+            i += 1;
+        }
+        out.push(' ');
+    }
+    loop {
+        // One operand: up to the next set operator outside parentheses.
+        let start = i;
+        let mut depth = 0i32;
+        while let Some(t) = at(i) {
+            match t.tok {
+                Tok::LParen => depth += 1,
+                Tok::RParen => depth -= 1,
+                _ if depth == 0
+                    && ["union", "intersect", "except"]
+                        .iter()
+                        .any(|w| t.is_word(w)) =>
+                {
+                    break
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        let end = i;
+        let Some(first) = at(start).filter(|_| start < end) else {
+            return Err(expected(QUERY_BODY, start));
+        };
+        if first.is_word("select") || first.is_word("values") {
+            out.push_str(text(start, end - 1));
+        } else if first.is_word("table") {
+            if at(start + 1).and_then(Token::ident).is_none() || start + 1 >= end {
+                return Err(expected("identifier", start + 1));
+            }
+            out.push_str("SELECT * FROM ");
+            out.push_str(text(start + 1, end - 1));
+        } else if first.tok == Tok::LParen {
+            let close = group_end(toks, start)
+                .filter(|&e| e <= end)
+                .ok_or_else(unbalanced)?;
+            out.push_str("SELECT * FROM (");
+            out.push_str(&query_text(sql, toks, start + 1, close - 1)?);
+            out.push(')');
+            if close < end {
+                out.push(' ');
+                out.push_str(text(close, end - 1));
+            }
+        } else {
+            return Err(expected(QUERY_BODY, start));
+        }
+        if end >= hi {
+            return Ok(out);
+        }
+        // The set operator and its ALL or DISTINCT.
+        i = end + 1;
+        if at(i).is_some_and(|t| t.is_word("all") || t.is_word("distinct")) {
+            i += 1;
+        }
+        out.push(' ');
+        out.push_str(text(end, i - 1));
+        out.push(' ');
     }
 }
 
@@ -675,7 +894,7 @@ fn parse_subscribe(p: &mut P<'_>, legacy: bool) -> Result<SubscribeStmt, SqlErro
         p.eat_word("to");
     }
     let relation = if p.peek().is_some_and(|t| t.tok == Tok::LParen) {
-        Relation::Query(p.group_text("a query in parentheses")?.to_owned())
+        Relation::Query(p.group_query()?)
     } else {
         Relation::Name(p.object_name()?)
     };
@@ -944,9 +1163,15 @@ fn parse_copy(p: &mut P<'_>, legacy: bool) -> Result<Stmt, SqlError> {
         let s = parse_subscribe(p, legacy)?;
         p.expect(&Tok::RParen, ")")?;
         Stmt::CopySubscribe(s)
+    } else if p
+        .peek()
+        .is_some_and(|t| !starts_query(t) && is_statement_word(t))
+    {
+        // Materialize parses a whole statement here and refuses all but these two.
+        return Err(SqlError::syntax("unsupported query in COPY"));
     } else {
         p.i -= 1;
-        Stmt::CopySelect(p.group_text("a query")?.to_owned())
+        Stmt::CopySelect(p.group_query()?)
     };
     p.expect_word("to")?;
     p.expect_word("stdout")?;
@@ -1009,7 +1234,7 @@ fn parse_create(p: &mut P<'_>) -> Result<Stmt, SqlError> {
         p.expect_word("as")?;
         return Ok(Stmt::CreateView {
             name,
-            body: p.rest_text().to_owned(),
+            body: p.rest_query()?,
             materialized,
             replace,
         });
@@ -2196,6 +2421,149 @@ mod tests {
                 name: Some("c".into())
             }
         );
+    }
+
+    /// Only a query goes inside SUBSCRIBE/TAIL (...), COPY (...) and DECLARE,
+    /// in a view and in a CTE, as in Materialize's parser.
+    #[test]
+    fn only_queries_where_queries_go() {
+        let body = |found: &str| format!("Expected {QUERY_BODY}, found {found}");
+        for (sql, legacy, want) in [
+            ("SUBSCRIBE (DROP TABLE z)", false, body("DROP")),
+            ("SUBSCRIBE (DELETE FROM items)", false, body("DELETE")),
+            (
+                "SUBSCRIBE TO (INSERT INTO t VALUES (1)) WITH (PROGRESS)",
+                false,
+                body("INSERT"),
+            ),
+            ("SUBSCRIBE ()", false, body("right parenthesis")),
+            (
+                "SUBSCRIBE (SELECT 1 UNION ALL)",
+                false,
+                body("right parenthesis"),
+            ),
+            ("SUBSCRIBE ((UPDATE t SET a = 1))", false, body("UPDATE")),
+            (
+                "SUBSCRIBE (nonsense)",
+                false,
+                body("identifier \"nonsense\""),
+            ),
+            (
+                "SUBSCRIBE (WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x)",
+                false,
+                body("DELETE"),
+            ),
+            (
+                "SUBSCRIBE (WITH x AS (SELECT 1) DELETE FROM t)",
+                false,
+                body("DELETE"),
+            ),
+            (
+                "SUBSCRIBE (SELECT 1 UNION (DELETE FROM t))",
+                false,
+                body("DELETE"),
+            ),
+            ("TAIL (DELETE FROM t)", true, body("DELETE")),
+            (
+                "COPY (DELETE FROM t) TO STDOUT",
+                false,
+                "unsupported query in COPY".into(),
+            ),
+            (
+                "COPY (DROP TABLE t) TO STDOUT",
+                false,
+                "unsupported query in COPY".into(),
+            ),
+            (
+                "COPY (WITH x AS (SELECT 1) DELETE FROM t) TO STDOUT",
+                false,
+                body("DELETE"),
+            ),
+            (
+                "COPY (SUBSCRIBE (DELETE FROM t)) TO STDOUT",
+                false,
+                body("DELETE"),
+            ),
+            (
+                "DECLARE c CURSOR FOR DELETE FROM t",
+                false,
+                "Expected SELECT, VALUES, SUBSCRIBE, or a subquery, found DELETE".into(),
+            ),
+            (
+                "DECLARE c CURSOR FOR DROP TABLE t",
+                true,
+                "Expected SELECT, VALUES, TAIL, or a subquery, found DROP".into(),
+            ),
+            (
+                "DECLARE c CURSOR FOR WITH x AS (SELECT 1) UPDATE t SET a = 1",
+                false,
+                body("UPDATE"),
+            ),
+            (
+                "DECLARE c CURSOR FOR SUBSCRIBE (DELETE FROM t)",
+                false,
+                body("DELETE"),
+            ),
+            ("WITH x AS (SELECT 1) DELETE FROM t", false, body("DELETE")),
+            (
+                "WITH x AS SELECT 1",
+                false,
+                "Expected left parenthesis, found SELECT".into(),
+            ),
+            ("SELECT 1 UNION DELETE FROM t", false, body("DELETE")),
+            ("CREATE VIEW v AS DELETE FROM t", false, body("DELETE")),
+            ("TABLE", false, "Expected identifier, found EOF".into()),
+        ] {
+            let err = parse(sql, legacy).expect_err(sql);
+            assert_eq!((err.code, err.message), ("42601", want), "{sql}");
+        }
+    }
+
+    /// The query forms Materialize accepts come out in a form SQLite runs.
+    #[test]
+    fn queries_in_sqlite_form() {
+        let relation = |sql: &str| match parse(sql, false) {
+            Ok(Stmt::Subscribe(s)) => s.relation,
+            other => panic!("{sql}: {other:?}"),
+        };
+        let query = |q: &str| Relation::Query(q.to_owned());
+        assert_eq!(relation("SUBSCRIBE (TABLE t)"), query("SELECT * FROM t"));
+        assert_eq!(
+            relation("SUBSCRIBE ((SELECT a FROM t))"),
+            query("SELECT a FROM t")
+        );
+        assert_eq!(
+            relation("SUBSCRIBE ((SELECT 1) UNION ALL (VALUES (2)) ORDER BY 1)"),
+            query("SELECT * FROM (SELECT 1) UNION ALL SELECT * FROM (VALUES (2)) ORDER BY 1")
+        );
+        assert_eq!(
+            relation(
+                "SUBSCRIBE (WITH RECURSIVE x (a) AS ((SELECT 1)), y AS MATERIALIZED (TABLE x) SELECT a FROM y)"
+            ),
+            query("WITH RECURSIVE x (a) AS (SELECT 1), y AS MATERIALIZED (SELECT * FROM x) SELECT a FROM y")
+        );
+        assert_eq!(
+            parse("COPY (VALUES (1)) TO STDOUT", false).unwrap(),
+            Stmt::CopySelect("VALUES (1)".into())
+        );
+        assert_eq!(
+            parse("DECLARE c CURSOR FOR TABLE public.t", false).unwrap(),
+            Stmt::Declare {
+                name: "c".into(),
+                query: CursorQuery::Select("SELECT * FROM public.t".into())
+            }
+        );
+        for (sql, want) in [
+            ("(SELECT 1)", "SELECT 1"),
+            ("TABLE t", "SELECT * FROM t"),
+            ("SELECT 'x' UNION SELECT 'y'", "SELECT 'x' UNION SELECT 'y'"),
+        ] {
+            assert_eq!(
+                parse(sql, false).unwrap(),
+                Stmt::Select { sql: want.into() },
+                "{sql}"
+            );
+        }
     }
 
     #[test]

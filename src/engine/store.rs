@@ -6,8 +6,10 @@
 //! has triggers that copy changed rows into a log table; after each committed
 //! write the store reads those logs, stamps the changes with a new timestamp,
 //! appends them to the history (trimmed to the retention window) and pushes the
-//! consolidated diff of every affected subscription to its session. The thread
-//! also emits progress rows every tick. It stops when it receives
+//! consolidated diff of every affected subscription to its session. A
+//! subscription AS OF a time the clock has not reached waits in `pending` and
+//! starts once a write or the wall clock gets there (the thread wakes for it).
+//! The thread also emits progress rows every tick. It stops when it receives
 //! [`Command::Shutdown`] or when every handle is dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -16,6 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rusqlite::config::DbConfig;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::Connection;
@@ -340,9 +343,43 @@ fn read_row(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Row> {
         .collect()
 }
 
+/// Refuses a statement that would write. Reads (SELECT, subscriptions, COPY)
+/// run only what SQLite itself vouches for (`sqlite3_stmt_readonly`), as a
+/// second line behind the parser, which lets only queries through.
+fn read_only(stmt: &rusqlite::Statement<'_>) -> Result<(), SqlError> {
+    if stmt.readonly() {
+        Ok(())
+    } else {
+        Err(SqlError::new(
+            "25006",
+            "cannot execute a statement that writes where only a query is allowed",
+        ))
+    }
+}
+
+/// A read-only statement through the statement cache, see [`read_only`].
+fn prepare_read<'c>(
+    conn: &'c Connection,
+    sql: &str,
+) -> Result<rusqlite::CachedStatement<'c>, SqlError> {
+    let stmt = conn.prepare_cached(sql)?;
+    read_only(&stmt)?;
+    Ok(stmt)
+}
+
+/// Opens the engine's SQLite connection. Materialize has no double-quoted
+/// string literals: `"x"` always names a column, so SQLite's fallback of
+/// reading an unknown `"x"` as the string `'x'` is off for DML and DDL.
+fn open_connection() -> rusqlite::Result<Connection> {
+    let conn = Connection::open_in_memory()?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DQS_DML, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DQS_DDL, false)?;
+    Ok(conn)
+}
+
 /// Every row of a query (through the statement cache).
 fn rows_of(conn: &Connection, sql: &str, params: &[Datum]) -> Result<Vec<Row>, SqlError> {
-    let mut stmt = conn.prepare_cached(sql)?;
+    let mut stmt = prepare_read(conn, sql)?;
     let n = stmt.column_count();
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();
@@ -366,6 +403,18 @@ struct Sub {
     out: Output,
     sink: tmpsc::UnboundedSender<SubEvent>,
     last_progress: u64,
+}
+
+/// A subscription whose AS OF is ahead of the clock. As in Materialize it
+/// waits: nothing but its PROGRESS row at AS OF goes out until the clock
+/// reaches AS OF (by a write stamped at or after it, or by wall time), and then
+/// it starts as if subscribed at that moment, so writes up to AS OF are in its
+/// snapshot and later ones follow at their own timestamps.
+struct Pending {
+    plan: Plan,
+    as_of: u64,
+    snapshot: bool,
+    sink: tmpsc::UnboundedSender<SubEvent>,
 }
 
 /// The logical clock: strictly increasing write timestamps in epoch ms.
@@ -400,6 +449,8 @@ struct Store {
     start_ts: u64,
     history: HashMap<String, VecDeque<(u64, Row, i64)>>,
     subs: BTreeMap<u64, Sub>,
+    /// Subscriptions whose AS OF the clock has not reached yet.
+    pending: BTreeMap<u64, Pending>,
     next_sub: u64,
     /// Tables whose log received rows, filled by SQLite's update hook.
     dirty: Arc<Mutex<BTreeSet<String>>>,
@@ -416,7 +467,7 @@ const DELTA_PREFIX: &str = "_tg_delta_";
 
 impl Store {
     fn new(config: StoreConfig, counters: Arc<Counters>) -> Result<Store, rusqlite::Error> {
-        let conn = Connection::open_in_memory()?;
+        let conn = open_connection()?;
         conn.set_prepared_statement_cache_capacity(64);
         register_functions(&conn, config.legacy)?;
         conn.execute_batch(
@@ -455,6 +506,7 @@ impl Store {
             start_ts: start,
             history: HashMap::new(),
             subs: BTreeMap::new(),
+            pending: BTreeMap::new(),
             next_sub: 1,
             dirty,
             counters,
@@ -465,20 +517,31 @@ impl Store {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let wait = next_tick
+                .saturating_duration_since(Instant::now())
+                .min(self.until_due());
             match rx.recv_timeout(wait) {
                 Ok(Command::Shutdown) => break,
                 Ok(cmd) => self.handle(cmd),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            self.start_due();
             if Instant::now() >= next_tick {
                 self.tick();
                 next_tick = Instant::now() + self.tick;
             }
         }
-        for (_, sub) in std::mem::take(&mut self.subs) {
-            let _ = sub.sink.send(SubEvent::Error(SqlError::new(
+        let sinks = std::mem::take(&mut self.subs)
+            .into_values()
+            .map(|s| s.sink)
+            .chain(
+                std::mem::take(&mut self.pending)
+                    .into_values()
+                    .map(|p| p.sink),
+            );
+        for sink in sinks {
+            let _ = sink.send(SubEvent::Error(SqlError::new(
                 "57P01",
                 "terminating connection due to administrator command",
             )));
@@ -622,7 +685,7 @@ impl Store {
 
     /// Result columns of `text`, whose translation the caller already has.
     fn describe_translated(&self, text: &str, translated: &str) -> Result<Vec<Column>, SqlError> {
-        let stmt = self.conn.prepare_cached(translated)?;
+        let stmt = prepare_read(&self.conn, translated)?;
         let deps: Vec<&RelInfo> = sql::identifiers(text)
             .iter()
             .filter_map(|i| self.catalog.get(i))
@@ -658,7 +721,7 @@ impl Store {
     }
 
     fn eval_multiset(&self, translated: &str) -> Result<HashMap<Row, i64>, SqlError> {
-        multiset(&mut *self.conn.prepare_cached(translated)?)
+        multiset(&mut *prepare_read(&self.conn, translated)?)
     }
 
     fn query(&self, text: &str, params: &[Datum]) -> Result<QueryResult, SqlError> {
@@ -704,6 +767,8 @@ impl Store {
             }
         }
         self.publish(ts, &changes);
+        // A write stamped at or after a pending AS OF brings the clock there.
+        self.start_due();
         Ok(counts)
     }
 
@@ -1062,6 +1127,12 @@ impl Store {
                 finished.push(*id);
             }
         }
+        finished.extend(
+            self.pending
+                .iter()
+                .filter(|(_, p)| p.sink.is_closed())
+                .map(|(id, _)| *id),
+        );
         for id in finished {
             self.remove_sub(id);
         }
@@ -1261,38 +1332,99 @@ impl Store {
                     .execute_batch(&format!("DROP VIEW {}", quote_ident(name)))?;
             }
         }
-        let affected: Vec<u64> = self
+        let affected: Vec<(u64, tmpsc::UnboundedSender<SubEvent>)> = self
             .subs
             .iter()
             .filter(|(_, s)| s.deps.contains(name))
-            .map(|(id, _)| *id)
+            .map(|(id, s)| (*id, s.sink.clone()))
+            .chain(
+                self.pending
+                    .iter()
+                    .filter(|(_, p)| p.plan.deps.contains(name))
+                    .map(|(id, p)| (*id, p.sink.clone())),
+            )
             .collect();
-        for id in affected {
-            if let Some(sub) = self.subs.get(&id) {
-                let _ = sub.sink.send(SubEvent::Error(SqlError::new(
-                    "42704",
-                    format!("relation 'materialize.public.{name}' was dropped"),
-                )));
-            }
+        for (id, sink) in affected {
+            let _ = sink.send(SubEvent::Error(SqlError::new(
+                "42704",
+                format!("relation 'materialize.public.{name}' was dropped"),
+            )));
             self.remove_sub(id);
         }
         Ok(())
     }
 
     fn remove_sub(&mut self, id: u64) {
-        if self.subs.remove(&id).is_some() {
-            let _ = self.conn.execute(
-                "DELETE FROM temp.mz_subscriptions WHERE id = ?1",
-                [format!("s{id}")],
-            );
-            self.update_sub_count();
+        let live = self.subs.remove(&id).is_some();
+        if self.pending.remove(&id).is_some() || live {
+            self.unlist_sub(id);
         }
+    }
+
+    /// Lists a subscription in `mz_subscriptions` and the counters.
+    fn list_sub(&self, id: u64, session: u64, text: &str) {
+        let _ = self.conn.execute(
+            "INSERT INTO temp.mz_subscriptions VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![
+                format!("s{id}"),
+                session as i64,
+                text,
+                format_timestamptz_ms(now_ms())
+            ],
+        );
+        self.update_sub_count();
+    }
+
+    fn unlist_sub(&self, id: u64) {
+        let _ = self.conn.execute(
+            "DELETE FROM temp.mz_subscriptions WHERE id = ?1",
+            [format!("s{id}")],
+        );
+        self.update_sub_count();
     }
 
     fn update_sub_count(&self) {
         self.counters
             .subscriptions
-            .store(self.subs.len(), Ordering::Relaxed);
+            .store(self.subs.len() + self.pending.len(), Ordering::Relaxed);
+    }
+
+    /// How long until the earliest pending AS OF, by wall time.
+    fn until_due(&self) -> Duration {
+        let now = now_u64();
+        self.pending
+            .values()
+            .map(|p| Duration::from_millis(p.as_of.saturating_sub(now)))
+            .min()
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// Starts every pending subscription whose AS OF the clock has reached.
+    fn start_due(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let now = self.clock.read_ts();
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.as_of <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            let sink = p.sink.clone();
+            match self.start(id, p.plan, p.as_of, p.snapshot, false, p.sink) {
+                Ok(true) => {}
+                Ok(false) => self.unlist_sub(id),
+                Err(e) => {
+                    let _ = sink.send(SubEvent::Error(e));
+                    self.unlist_sub(id);
+                }
+            }
+        }
     }
 
     /// Resolves a SUBSCRIBE's relation and output layout without running it.
@@ -1387,11 +1519,6 @@ impl Store {
             }
             Some(a) => a.ts,
         };
-        if as_of > read_ts.saturating_add(86_400_000) {
-            return Err(SqlError::unsupported(
-                "AS OF more than a day in the future is",
-            ));
-        }
         if let Some(up_to) = stmt.up_to {
             if as_of > up_to {
                 return Err(bounds_error(as_of, up_to));
@@ -1401,8 +1528,47 @@ impl Store {
                 return Ok(SubStart { id: 0, columns });
             }
         }
+        let id = self.next_sub;
+        self.next_sub += 1;
+        if as_of > read_ts {
+            // Materialize announces the AS OF at once (`ActiveSubscribe::initialize`);
+            // the data waits for the clock.
+            if plan.out.progress && !plan.out.legacy {
+                let _ = sink.send(SubEvent::Rows(vec![plan.out.progress_row(as_of)]));
+            }
+            self.pending.insert(
+                id,
+                Pending {
+                    plan,
+                    as_of,
+                    snapshot: stmt.snapshot,
+                    sink,
+                },
+            );
+            self.list_sub(id, session, &stmt.text);
+            return Ok(SubStart { id, columns });
+        }
+        if !self.start(id, plan, as_of, stmt.snapshot, true, sink)? {
+            return Ok(SubStart { id: 0, columns });
+        }
+        self.list_sub(id, session, &stmt.text);
+        Ok(SubStart { id, columns })
+    }
 
-        // Snapshot at AS OF and every later change up to now, then go live.
+    /// Starts a subscription at `as_of`, which the clock has reached: sends the
+    /// state at AS OF (with `snapshot`) and every later change up to now, then
+    /// registers it under `id` to go live. `initial_progress` says whether the
+    /// PROGRESS row at AS OF is still to be sent. `Ok(false)` when it completed
+    /// or failed on the spot and was not registered.
+    fn start(
+        &mut self,
+        id: u64,
+        plan: Plan,
+        as_of: u64,
+        snapshot: bool,
+        initial_progress: bool,
+        sink: tmpsc::UnboundedSender<SubEvent>,
+    ) -> Result<bool, SqlError> {
         let replay = if as_of >= self.clock.last_write {
             let state = match &plan.source_table {
                 Some(t) => self.eval_multiset(&format!("SELECT * FROM {}", quote_ident(t))),
@@ -1412,25 +1578,26 @@ impl Store {
         } else {
             self.replay(&plan, as_of)
         };
-        let (snapshot, batches, current) = match replay {
+        let (state, batches, current) = match replay {
             Ok(r) => r,
             Err(e) if e.code == "XX000" && e.message.starts_with("Evaluation error") => {
                 let _ = sink.send(SubEvent::Error(e));
-                return Ok(SubStart { id: 0, columns });
+                return Ok(false);
             }
             Err(e) => return Err(e),
         };
         let out = plan.out;
         let mut rows = Vec::new();
-        if out.progress && !out.legacy {
+        if initial_progress && out.progress && !out.legacy {
             rows.push(out.progress_row(as_of));
         }
-        if stmt.snapshot {
-            rows.extend(out.rows(as_of, snapshot.into_iter().collect()));
+        if snapshot {
+            rows.extend(out.rows(as_of, state.into_iter().collect()));
         }
-        let mut last_progress = as_of + 1;
-        if out.progress && out.before_up_to(as_of + 1) {
-            rows.push(out.progress_row(as_of + 1));
+        // Saturating: an AS OF of u64::MAX waits forever, but may be named.
+        let mut last_progress = as_of.saturating_add(1);
+        if out.progress && out.before_up_to(last_progress) {
+            rows.push(out.progress_row(last_progress));
         }
         for (ts, diffs) in batches {
             rows.extend(out.rows(ts, diffs));
@@ -1442,14 +1609,13 @@ impl Store {
         if !rows.is_empty() {
             let _ = sink.send(SubEvent::Rows(rows));
         }
-        let frontier = as_of.max(self.clock.last_write) + 1;
+        // Nothing may be written at or before a frontier announced.
+        let frontier = as_of.max(self.clock.last_write).saturating_add(1);
         self.clock.floor = self.clock.floor.max(frontier);
         if !out.before_up_to(frontier) {
             let _ = sink.send(SubEvent::Done);
-            return Ok(SubStart { id: 0, columns });
+            return Ok(false);
         }
-        let id = self.next_sub;
-        self.next_sub += 1;
         let delta = match plan.source_table {
             None if self.incremental => self.delta_plan(&plan.translated),
             _ => None,
@@ -1480,17 +1646,7 @@ impl Store {
                 last_progress,
             },
         );
-        let _ = self.conn.execute(
-            "INSERT INTO temp.mz_subscriptions VALUES (?1, ?2, ?3, ?4)",
-            rusqlite::params![
-                format!("s{id}"),
-                session as i64,
-                stmt.text,
-                format_timestamptz_ms(now_ms())
-            ],
-        );
-        self.update_sub_count();
-        Ok(SubStart { id, columns })
+        Ok(true)
     }
 
     /// Reconstructs the subscription's result at `as_of` and every change after it
@@ -1586,7 +1742,11 @@ impl Store {
             ))?;
         }
         // Not the statement cache: these run against temporary shadow tables.
-        let eval = |s: &Store| multiset(&mut s.conn.prepare(&plan.translated)?);
+        let eval = |s: &Store| {
+            let mut stmt = s.conn.prepare(&plan.translated)?;
+            read_only(&stmt)?;
+            multiset(&mut stmt)
+        };
         let snapshot = eval(self)?;
         let mut prev = snapshot.clone();
         let mut batches = Vec::new();
@@ -1641,7 +1801,7 @@ impl Store {
 /// Runs a [`Source::Delta`] query over the loaded delta rows: the retracted rows'
 /// results count -1, the inserted rows' +1.
 fn eval_delta(conn: &Connection, sql: &str) -> Result<Vec<(Row, i64)>, SqlError> {
-    let mut stmt = conn.prepare_cached(sql)?;
+    let mut stmt = prepare_read(conn, sql)?;
     let n = stmt.column_count();
     let mut updates = Vec::new();
     for sign in [-1i64, 1] {
@@ -1661,7 +1821,7 @@ fn reevaluate(
     prev: &mut ResultSet,
 ) -> Result<Vec<(Row, i64)>, SqlError> {
     let scan = |prev: &mut ResultSet| -> Result<(), SqlError> {
-        let mut stmt = conn.prepare_cached(sql)?;
+        let mut stmt = prepare_read(conn, sql)?;
         let n = stmt.column_count();
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -2193,6 +2353,201 @@ mod tests {
         }
         assert!(is_full(&s, pairs[0].1), "g_by_k still per group");
         assert_eq!(s.subs.len(), subjects.len() * 2, "a subscription ended");
+    }
+
+    /// The data rows (and progress rows) a subscription has sent so far.
+    fn rows(rx: &mut tmpsc::UnboundedReceiver<SubEvent>) -> Vec<Row> {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                SubEvent::Rows(rows) => out.extend(rows),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
+    /// A subscription AS OF a time the clock has not reached waits: it sends
+    /// only its PROGRESS row at AS OF until a write stamped at or after AS OF
+    /// brings the clock there. Writes up to AS OF are in its snapshot, stamped
+    /// AS OF; later ones follow as updates at their own timestamps.
+    #[test]
+    fn future_as_of_waits_for_the_clock() {
+        let ts = |t: u64| Datum::Text(t.to_string());
+        let progress = |t: u64| vec![ts(t), Datum::Int(1), Datum::Null, Datum::Null];
+        let data =
+            |t: u64, d: i64, a: i64| vec![ts(t), Datum::Int(0), Datum::Int(d), Datum::Int(a)];
+        let count = |t: u64, d: i64, n: i64| vec![ts(t), Datum::Int(d), Datum::Int(n)];
+        // The write that brings the clock there lands at AS OF or past it.
+        for late in [0, 5] {
+            let mut s = store();
+            s.script(
+                "CREATE TABLE t (a int); CREATE VIEW v AS SELECT count(*) AS n FROM t;
+                 INSERT INTO t VALUES (1);",
+            )
+            .expect("schema");
+            let as_of = s.clock.read_ts() + 60_000;
+            let (tid, mut t_rx) =
+                subscribe(&mut s, &format!("t WITH (PROGRESS) AS OF {as_of}"), true);
+            let (vid, mut v_rx) = subscribe(&mut s, &format!("v AS OF AT LEAST {as_of}"), true);
+            assert!(s.pending.contains_key(&tid) && s.pending.contains_key(&vid));
+            assert_eq!(s.counters.subscriptions.load(Ordering::Relaxed), 2);
+            assert_eq!(rows(&mut t_rx), vec![progress(as_of)]);
+            assert!(rows(&mut v_rx).is_empty());
+            write(&mut s, &["INSERT INTO t VALUES (2)".to_owned()]);
+            assert!(s.clock.last_write < as_of);
+            assert!(rows(&mut t_rx).is_empty() && rows(&mut v_rx).is_empty());
+            s.clock.floor = as_of + late;
+            write(&mut s, &["INSERT INTO t VALUES (3)".to_owned()]);
+            let w3 = s.clock.last_write;
+            assert_eq!(w3, as_of + late);
+            assert!(s.pending.is_empty(), "started");
+            assert!(s.subs.contains_key(&tid) && s.subs.contains_key(&vid));
+            let (want_t, want_v) = if late == 0 {
+                (
+                    vec![
+                        data(as_of, 1, 1),
+                        data(as_of, 1, 2),
+                        data(as_of, 1, 3),
+                        progress(as_of + 1),
+                    ],
+                    vec![count(as_of, 1, 3)],
+                )
+            } else {
+                (
+                    vec![
+                        data(as_of, 1, 1),
+                        data(as_of, 1, 2),
+                        progress(as_of + 1),
+                        data(w3, 1, 3),
+                        progress(w3 + 1),
+                    ],
+                    vec![count(as_of, 1, 2), count(w3, -1, 2), count(w3, 1, 3)],
+                )
+            };
+            assert_eq!(rows(&mut t_rx), want_t, "late {late}");
+            assert_eq!(rows(&mut v_rx), want_v, "late {late}");
+            // Live from then on, never at or before AS OF.
+            write(&mut s, &["DELETE FROM t WHERE a = 1".to_owned()]);
+            let w4 = s.clock.last_write;
+            assert!(w4 > w3);
+            assert_eq!(rows(&mut t_rx), vec![data(w4, -1, 1), progress(w4 + 1)]);
+            assert_eq!(rows(&mut v_rx), vec![count(w4, 1, 2), count(w4, -1, 3)]);
+        }
+    }
+
+    /// A waiting subscription is listed, can end, and ends when what it reads
+    /// is dropped; an AS OF however far ahead just waits.
+    #[test]
+    fn future_as_of_lifecycle() {
+        let mut s = store();
+        s.script("CREATE TABLE t (a int); CREATE VIEW v AS SELECT a FROM t;")
+            .expect("schema");
+        let listed = |s: &Store| {
+            s.query("SELECT id FROM mz_subscriptions", &[])
+                .expect("list")
+                .rows
+                .len()
+        };
+        let as_of = s.clock.read_ts() + 60_000;
+        let (gone, _) = subscribe(&mut s, &format!("t AS OF {as_of}"), true);
+        let (_, mut v_rx) = subscribe(&mut s, &format!("v AS OF {as_of}"), true);
+        let (_, _far) = subscribe(&mut s, "t AS OF 18446744073709551615", true);
+        assert_eq!((s.pending.len(), listed(&s)), (3, 3));
+        s.remove_sub(gone);
+        assert_eq!((s.pending.len(), listed(&s)), (2, 2));
+        s.drop(DropKind::View, &["v".to_owned()], false, false)
+            .expect("drop");
+        match v_rx.try_recv() {
+            Ok(SubEvent::Error(e)) => assert_eq!(
+                (e.code, e.message.as_str()),
+                ("42704", "relation 'materialize.public.v' was dropped")
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((s.pending.len(), listed(&s)), (1, 1));
+        assert_eq!(s.counters.subscriptions.load(Ordering::Relaxed), 1);
+        assert!(s.until_due() > Duration::from_secs(50));
+    }
+
+    /// Reads run only what SQLite calls read-only, even past the parser: a
+    /// query or subscription that would write fails and writes nothing.
+    #[test]
+    fn reads_never_write() {
+        let mut s = store();
+        s.script("CREATE TABLE t (a int); INSERT INTO t VALUES (1), (2);")
+            .expect("schema");
+        let Ok(sql::Stmt::Subscribe(mut stmt)) = sql::parse("SUBSCRIBE (SELECT 1)", false) else {
+            panic!("subscribe");
+        };
+        for w in [
+            "DELETE FROM t",
+            "WITH x AS (SELECT 1) DELETE FROM t",
+            "INSERT INTO t SELECT a FROM t",
+            "UPDATE t SET a = 0",
+            "DROP TABLE t",
+            "CREATE TABLE z (a int)",
+        ] {
+            assert_eq!(s.query(w, &[]).expect_err(w).code, "25006", "{w}");
+            assert_eq!(s.eval_multiset(w).expect_err(w).code, "25006", "{w}");
+            stmt.relation = Relation::Query(w.to_owned());
+            let (tx, _rx) = tmpsc::unbounded_channel();
+            assert_eq!(s.subscribe(&stmt, 1, tx).expect_err(w).code, "25006", "{w}");
+        }
+        let rows = s.query("SELECT a FROM t ORDER BY a", &[]).expect("t");
+        assert_eq!(rows.rows, vec![vec![Datum::Int(1)], vec![Datum::Int(2)]]);
+        assert!(s.query("SELECT * FROM z", &[]).is_err());
+        assert!(s.take_dirty().is_empty());
+    }
+
+    /// `"x"` is always a column, never the string 'x', and an unknown one is
+    /// reported with Materialize's text and code.
+    #[test]
+    fn unknown_columns() {
+        let mut s = store();
+        s.script("CREATE TABLE items (id int, name text); INSERT INTO items VALUES (1, 'one');")
+            .expect("schema");
+        for (q, column) in [
+            ("SELECT \"nosuchcol\" FROM items", "nosuchcol"),
+            ("SELECT nosuchcol FROM items", "nosuchcol"),
+            ("SELECT NoSuchCol FROM items", "nosuchcol"),
+            ("SELECT \"NoSuchCol\" FROM items", "NoSuchCol"),
+            ("SELECT items.nosuch FROM items", "items.nosuch"),
+            ("SELECT id FROM items WHERE name = \"one\"", "one"),
+            ("SELECT count(*) FROM items GROUP BY \"x\"", "x"),
+        ] {
+            let err = s.query(q, &[]).expect_err(q);
+            assert_eq!(
+                (err.code, err.message),
+                ("42703", format!("column \"{column}\" does not exist")),
+                "{q}"
+            );
+        }
+        let err = s
+            .create_view("v", "SELECT \"nosuchcol\" FROM items", false)
+            .expect_err("view");
+        assert_eq!(err.message, "column \"nosuchcol\" does not exist");
+        let err = s
+            .write(
+                &[("UPDATE items SET name = \"two\"".to_owned(), Vec::new())],
+                false,
+            )
+            .expect_err("update");
+        assert_eq!(err.message, "column \"two\" does not exist");
+        // Single-quoted strings are literals, double-quoted identifiers resolve.
+        let r = s
+            .query(
+                "SELECT 'nosuchcol', \"name\" FROM items WHERE name = 'one'",
+                &[],
+            )
+            .expect("literals");
+        assert_eq!(
+            r.rows,
+            vec![vec![
+                Datum::Text("nosuchcol".into()),
+                Datum::Text("one".into())
+            ]]
+        );
     }
 
     /// Subscribes to `q` both ways (the incremental one must take the path

@@ -961,3 +961,234 @@ async fn sustained_writes_reach_subscriber() {
     rows(&c, "COMMIT").await;
     e.stop().await;
 }
+
+/// Only a query may stand inside SUBSCRIBE (...), COPY (...) and DECLARE ...
+/// FOR, as in Materialize: anything else is a syntax error, however often it
+/// is tried, and tables, rows and catalog stay as they were.
+#[tokio::test]
+async fn only_queries_inside_subscribe_copy_and_declare() {
+    let e = TestEngine::start().await;
+    let c = e.connect().await;
+    rows(
+        &c,
+        "CREATE TABLE t (a int); CREATE TABLE z (b int);
+         INSERT INTO t VALUES (1), (2); INSERT INTO z VALUES (3)",
+    )
+    .await;
+    for attempt in [
+        "SUBSCRIBE (DROP TABLE z)",
+        "SUBSCRIBE (DELETE FROM t)",
+        "SUBSCRIBE (INSERT INTO t VALUES (3))",
+        "SUBSCRIBE (WITH x AS (DELETE FROM t RETURNING a) SELECT * FROM x)",
+        "SUBSCRIBE (WITH x AS (SELECT 1) DELETE FROM t)",
+        "SUBSCRIBE ((SELECT a FROM t) UNION (DELETE FROM t))",
+        "COPY (DELETE FROM t) TO STDOUT",
+        "COPY (DROP TABLE z) TO STDOUT",
+        "COPY (SUBSCRIBE (DROP TABLE z)) TO STDOUT",
+        "COPY (WITH x AS (SELECT 1) UPDATE t SET a = 0) TO STDOUT",
+        "DECLARE c CURSOR FOR DELETE FROM t",
+        "BEGIN; DECLARE c CURSOR FOR WITH x AS (SELECT 1) DELETE FROM t",
+        "BEGIN; DECLARE c CURSOR FOR SUBSCRIBE (DROP TABLE z)",
+        "WITH x AS (SELECT 1) DELETE FROM t",
+        "CREATE VIEW v AS DROP TABLE z",
+    ] {
+        for _ in 0..2 {
+            let (code, msg) = error(&c, attempt).await;
+            assert_eq!(code, "42601", "{attempt}: {msg}");
+            rows(&c, "ROLLBACK").await;
+        }
+    }
+    assert_eq!(
+        error(&c, "SUBSCRIBE (DROP TABLE z)").await.1,
+        "Expected SELECT, VALUES, or a subquery in the query body, found DROP"
+    );
+    assert_eq!(
+        error(&c, "COPY (DELETE FROM t) TO STDOUT").await.1,
+        "unsupported query in COPY"
+    );
+    // The extended protocol refuses them at Parse.
+    for attempt in [
+        "SUBSCRIBE (DELETE FROM t)",
+        "COPY (DELETE FROM t) TO STDOUT",
+    ] {
+        let err = bounded(c.prepare(attempt)).await.expect_err(attempt);
+        assert_eq!(err.code().map(|c| c.code()), Some("42601"), "{attempt}");
+    }
+    // Tables, rows and catalog are as they were.
+    assert_eq!(
+        rows(&c, "SELECT a FROM t ORDER BY a").await,
+        vec![vec![s("1")], vec![s("2")]]
+    );
+    assert_eq!(rows(&c, "TABLE z").await, vec![vec![s("3")]]);
+    assert_eq!(
+        error(&c, "CREATE TABLE z (b int)").await,
+        ("42P07".into(), "catalog item 'z' already exists".into())
+    );
+    assert!(error(&c, "SELECT * FROM v").await.1.contains("'v'"));
+    // Every query form Materialize takes there still runs.
+    let r = rows(
+        &c,
+        "BEGIN; DECLARE c CURSOR FOR SUBSCRIBE ((SELECT a FROM t) UNION ALL (TABLE z));
+         FETCH 3 c; COMMIT",
+    )
+    .await;
+    let mut got: Vec<Option<String>> = r.iter().map(|r| r[2].clone()).collect();
+    got.sort();
+    assert_eq!(got, vec![s("1"), s("2"), s("3")]);
+    let r = rows(
+        &c,
+        "BEGIN; DECLARE c CURSOR FOR (VALUES (7)); FETCH ALL c; COMMIT",
+    )
+    .await;
+    assert_eq!(r, vec![vec![s("7")]]);
+    let copied = bounded(drain(
+        bounded(c.copy_out("COPY (TABLE t) TO STDOUT"))
+            .await
+            .unwrap(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(copied, 2);
+    assert_eq!(e.stats().subscriptions, 0);
+    e.stop().await;
+}
+
+/// A double-quoted name is always a column, as in Materialize: an unknown one
+/// is 42703 `column "x" does not exist`, never the string 'x'.
+#[tokio::test]
+async fn unknown_columns_as_materialize_reports_them() {
+    let e = TestEngine::start().await;
+    let c = e.connect().await;
+    rows(&c, crate::support::ITEMS_INIT).await;
+    for (q, column) in [
+        ("SELECT \"nosuchcol\" FROM items", "nosuchcol"),
+        ("SELECT NoSuchCol FROM items", "nosuchcol"),
+        ("SELECT items.nosuchcol FROM items", "items.nosuchcol"),
+        ("SUBSCRIBE (SELECT \"nosuchcol\" FROM items)", "nosuchcol"),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT id FROM items WHERE name = \"one\"",
+            "one",
+        ),
+        ("COPY (SELECT \"x\" FROM items) TO STDOUT", "x"),
+        ("UPDATE items SET name = \"two\"", "two"),
+        (
+            "CREATE VIEW v AS SELECT \"nosuchcol\" FROM items",
+            "nosuchcol",
+        ),
+    ] {
+        assert_eq!(
+            error(&c, q).await,
+            (
+                "42703".into(),
+                format!("column \"{column}\" does not exist")
+            ),
+            "{q}"
+        );
+        rows(&c, "ROLLBACK").await;
+    }
+    let err = bounded(c.prepare("SELECT \"nosuchcol\" FROM items"))
+        .await
+        .expect_err("describe");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("42703", "column \"nosuchcol\" does not exist")
+    );
+    // Single-quoted strings are literals; double-quoted names resolve.
+    assert_eq!(
+        rows(
+            &c,
+            "SELECT 'nosuchcol', \"name\" FROM items WHERE \"id\" = 1 AND name = 'one'"
+        )
+        .await,
+        vec![vec![s("nosuchcol"), s("one")]]
+    );
+    e.stop().await;
+}
+
+/// AS OF in the future waits, as in Materialize: FETCH returns nothing (with
+/// PROGRESS, only the progress row at AS OF) until the clock reaches AS OF, by
+/// wall time here. Then the snapshot at AS OF comes, holding the writes made
+/// before it, and later writes follow at their own timestamps. Each write's
+/// timestamp is read from a second subscription.
+#[tokio::test]
+async fn as_of_in_the_future_waits_for_the_clock() {
+    let e = TestEngine::start().await;
+    let c = e.connect().await;
+    let w = e.connect().await;
+    let observer = e.connect().await;
+    rows(&c, "CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await;
+    rows(
+        &observer,
+        "BEGIN; DECLARE o CURSOR FOR SUBSCRIBE t WITH (SNAPSHOT = false)",
+    )
+    .await;
+    // Writes `v` and returns its timestamp.
+    let write = |v: i64| {
+        let (w, observer) = (&w, &observer);
+        async move {
+            rows(w, &format!("INSERT INTO t VALUES ({v})")).await;
+            let r = rows(observer, "FETCH 1 o").await;
+            assert_eq!(r[0][2], Some(v.to_string()));
+            row_ts(&r[0])
+        }
+    };
+    let mut value = 1;
+    for (at_least, progress) in [("", false), ("AT LEAST ", true)] {
+        let as_of = engine_now(&c).await + 800;
+        let options = if progress { "WITH (PROGRESS) " } else { "" };
+        rows(
+            &c,
+            &format!("BEGIN; DECLARE c CURSOR FOR SUBSCRIBE t {options}AS OF {at_least}{as_of}"),
+        )
+        .await;
+        let early = rows(&c, "FETCH ALL c WITH (timeout = '100ms')").await;
+        value += 1;
+        let before = write(value).await;
+        assert!(
+            before < as_of,
+            "the steps before AS OF took over 800 ms; the test cannot tell"
+        );
+        if progress {
+            assert_eq!(
+                early,
+                vec![vec![s(&as_of.to_string()), s("t"), None, None]],
+                "only the progress row at AS OF"
+            );
+        } else {
+            assert!(early.is_empty(), "{early:?}");
+        }
+        // Waits for the clock, then the snapshot at AS OF with every row so far.
+        let r = rows(&c, "FETCH ALL c").await;
+        assert!(engine_now(&c).await >= as_of);
+        let data: Vec<&Vec<Option<String>>> =
+            r.iter().filter(|r| !progress || r[1] == s("f")).collect();
+        let mut snapshot: Vec<(u64, i64)> = data
+            .iter()
+            .map(|r| {
+                (
+                    row_ts(r),
+                    r[r.len() - 1].as_deref().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        snapshot.sort();
+        let want: Vec<(u64, i64)> = (1..=value).map(|v| (as_of, v)).collect();
+        assert_eq!(snapshot, want);
+        // A write now comes as an update at its own, later timestamp.
+        value += 1;
+        let after = write(value).await;
+        assert!(after > as_of);
+        let update = if progress {
+            fetch_data(&c, 1).await
+        } else {
+            rows(&c, "FETCH ALL c").await
+        };
+        assert_eq!(update.len(), 1);
+        assert_eq!(row_ts(&update[0]), after);
+        assert_eq!(update[0][update[0].len() - 1], Some(value.to_string()));
+        rows(&c, "COMMIT").await;
+    }
+    rows(&observer, "COMMIT").await;
+    e.stop().await;
+}
