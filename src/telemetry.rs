@@ -39,6 +39,8 @@ pub struct Metrics {
     pub reload_error: Mutex<Option<String>>,
     pub connections: AtomicUsize,
     pub connections_refused: AtomicU64,
+    /// Over-limit connections being answered right now.
+    pub refusing: AtomicUsize,
     pub stall_disconnects: AtomicU64,
 }
 
@@ -52,6 +54,7 @@ impl Default for Metrics {
             reload_error: Mutex::new(None),
             connections: AtomicUsize::new(0),
             connections_refused: AtomicU64::new(0),
+            refusing: AtomicUsize::new(0),
             stall_disconnects: AtomicU64::new(0),
         }
     }

@@ -77,11 +77,13 @@ pub async fn serve(
         };
         let metrics = Arc::clone(&state.metrics);
         let open = metrics.connections.load(Ordering::Relaxed);
-        if open >= state.server.load().max_connections {
+        let server = state.server.load();
+        if open >= server.max_connections {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(refuse(socket));
+            tokio::spawn(refuse(socket, server.head_timeout, metrics));
             continue;
         }
+        drop(server);
         let _ = socket.set_nodelay(true);
         metrics.connections.fetch_add(1, Ordering::Relaxed);
         let router = router.clone();
@@ -103,11 +105,35 @@ pub async fn serve(
     }
 }
 
-async fn refuse(mut socket: TcpStream) {
-    let _ = socket
-        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 5\r\n\r\n")
-        .await;
-    let _ = socket.shutdown().await;
+/// Refusals in progress beyond which an over-limit connection is closed at once: a
+/// refusal reads the request head first, and a flood must not turn that into
+/// unbounded work.
+const MAX_REFUSING: usize = 1024;
+
+/// Answers a connection over the limit once its request head is in (an HTTP client
+/// reads no answer it has not asked for), within `head_timeout`, then closes it.
+async fn refuse(mut socket: TcpStream, head_timeout: Duration, metrics: Arc<Metrics>) {
+    if metrics.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        metrics.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let mut head = BytesMut::with_capacity(1024);
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < stream::MAX_HEAD {
+            match socket.read_buf(&mut head).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+        true
+    };
+    if let Ok(true) = tokio::time::timeout(head_timeout, read_head).await {
+        let _ = socket
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 5\r\n\r\n")
+            .await;
+        let _ = socket.shutdown().await;
+    }
+    metrics.refusing.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Reads the first request head; a stream GET takes the fast path, anything else goes

@@ -483,39 +483,32 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
                 .expect("partial head");
             flood.push((Instant::now(), s));
         }
-        // Every flooder is either refused at once with 503 or held, and a held one is
-        // closed at the head deadline, counted from its own connect.
+        // While the flood holds every slot, a complete request is refused with 503.
+        let (status, _) = tokio::time::timeout(WAIT, support::get(addr, "/healthz", &[]))
+            .await
+            .expect("a refusal in time");
+        assert_eq!(status, 503, "refused while the flood holds every slot");
+        // Every flooder, held or over the limit, is closed at the head deadline,
+        // counted from its own connect, without an answer it did not ask for.
         let outcomes =
             futures::future::join_all(flood.into_iter().map(|(opened, mut s)| async move {
                 let mut got = Vec::new();
                 let mut buf = [0u8; 256];
                 loop {
                     match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
-                        Err(_) => panic!("a flooder was never answered nor closed"),
+                        Err(_) => panic!("a flooder was never closed"),
                         Ok(Ok(0)) | Ok(Err(_)) => break,
                         Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = String::from_utf8_lossy(&got).to_string();
-                (opened.elapsed(), answer)
+                (opened.elapsed(), String::from_utf8_lossy(&got).to_string())
             }))
             .await;
-        let refused = outcomes
-            .iter()
-            .filter(|(_, a)| a.starts_with("HTTP/1.1 503"))
-            .count();
-        let held: Vec<Duration> = outcomes
-            .iter()
-            .filter(|(_, a)| a.is_empty())
-            .map(|(t, _)| *t)
-            .collect();
-        assert_eq!(refused + held.len(), outcomes.len(), "{outcomes:?}");
-        assert!(refused >= 5, "{refused} refused, {} held", held.len());
-        assert!(held.len() >= MAX_CONNECTIONS - 5, "{} held", held.len());
-        for took in &held {
+        for (took, answer) in &outcomes {
+            assert!(answer.is_empty(), "{answer}");
             assert!(
                 *took <= HEAD_TIMEOUT + SLACK && *took + SLACK >= HEAD_TIMEOUT,
-                "a held flooder was closed after {took:?}"
+                "a flooder was closed after {took:?}"
             );
         }
         // The slots are back.
