@@ -17,14 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ScheduledWrite, StreamPath, UpstreamTarget};
-use crate::engine::{self, EngineConfig, RunningEngine};
+use crate::config::{Config, UpstreamTarget};
 use crate::http::{self, AppState};
 use crate::reload::{self, Trigger};
 use crate::route::{self, SharedRoutes};
 use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
 use crate::upstream::{ConnectError, Target};
+use tailgate_engine::{self as engine, EngineConfig, RunningEngine, Scheduled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -71,6 +71,15 @@ impl Gateway {
                     legacy: config.embedded.legacy,
                     retain: config.embedded.retain,
                     tick: config.embedded.tick,
+                    schedule: config
+                        .embedded
+                        .schedule
+                        .iter()
+                        .map(|w| Scheduled {
+                            every: w.every,
+                            sql: w.sql.clone(),
+                        })
+                        .collect(),
                 };
                 let running = engine::start(engine_config, inner.child_token()).await?;
                 info!(addr = %running.local_addr(), "Embedded development engine started.");
@@ -98,11 +107,6 @@ impl Gateway {
             config.server.heartbeat,
             inner.clone(),
         ));
-        if engine.is_some() {
-            for write in &config.embedded.schedule {
-                tracker.spawn(scheduled(write.clone(), Arc::clone(&target), inner.clone()));
-            }
-        }
         let state = Arc::new(AppState {
             routes,
             metrics: Arc::new(Metrics::default()),
@@ -194,39 +198,5 @@ impl Gateway {
         inner.cancel();
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-    }
-}
-
-/// Runs one scheduled statement against the embedded engine on its timer.
-async fn scheduled(write: ScheduledWrite, target: Arc<Target>, cancel: CancellationToken) {
-    let name = StreamPath::schedule();
-    let mut tick = tokio::time::interval(write.every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let (client, _conn) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = target.connect(&name, Duration::from_secs(5)) => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!(error = %e, "Scheduled write cannot connect; retrying.");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            },
-        };
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = client.batch_execute(&write.sql).await {
-                warn!(error = %e, sql = %write.sql, "Scheduled write failed.");
-                if client.is_closed() {
-                    break;
-                }
-            }
-        }
     }
 }

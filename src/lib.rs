@@ -24,13 +24,11 @@
 //! - [`hub`]: per-stream state, resume history, and fan-out of once-encoded events.
 //! - [`http`]: the listener, connection tasks, and handlers.
 //! - [`sse`]: event-stream encoding and a spec-conforming parser.
-//! - [`engine`]: the Materialize-compatible development engine.
 //! - [`telemetry`]: logging and metrics.
 //! - [`gateway`]: wiring all of the above together.
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod engine;
 pub mod error;
 pub mod gateway;
 pub mod http;

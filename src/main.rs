@@ -9,10 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use tailgate::config::{self, ConfigError};
-use tailgate::engine::{self, EngineConfig};
 use tailgate::error::error_chain;
 use tailgate::telemetry;
 use tailgate::Gateway;
+use tailgate_engine::{self as engine, EngineConfig};
 
 /// sysexits' EX_CONFIG-style code for a bad config file.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -115,6 +115,7 @@ fn main() -> ExitCode {
                 legacy,
                 retain,
                 tick,
+                schedule: Vec::new(),
             };
             match engine::start(config, shutdown.clone()).await {
                 Ok(running) => {

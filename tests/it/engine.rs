@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use tailgate::engine::{self, EngineConfig, RunningEngine};
+use tailgate_engine::{self as engine, EngineConfig, RunningEngine};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 

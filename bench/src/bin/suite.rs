@@ -31,10 +31,11 @@ struct Args {
     /// fails only when nothing is delivered.
     #[arg(long)]
     smoke: bool,
-    /// The bench directory (binaries in target/release, the tutorial, results).
+    /// The bench directory (the tutorial, results).
     #[arg(long, default_value = "bench")]
     bench_dir: PathBuf,
-    /// Where loadgen, k0 and naive-axum are (default: <bench-dir>/target/release).
+    /// Where loadgen, k0 and naive-axum are (default: the workspace's target/release,
+    /// beside <bench-dir>).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// The gateway binary.
@@ -332,7 +333,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         bin: args
             .bin_dir
             .clone()
-            .unwrap_or_else(|| args.bench_dir.join("target/release")),
+            .unwrap_or_else(|| args.bench_dir.join("../target/release")),
         tmp: tmp.clone(),
         next_port: 17_000 + (std::process::id() % 20) as u16 * 100,
         // Rotate the 127.x source networks between runs (TIME_WAIT from earlier runs).

@@ -493,13 +493,14 @@ impl TestEngine {
         let path = dir.path().join("init.sql");
         std::fs::write(&path, init).expect("init");
         let shutdown = CancellationToken::new();
-        let running = tailgate::engine::start(
-            tailgate::engine::EngineConfig {
+        let running = tailgate_engine::start(
+            tailgate_engine::EngineConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 init: Some(path),
                 legacy: false,
                 retain,
                 tick,
+                schedule: Vec::new(),
             },
             shutdown.clone(),
         )

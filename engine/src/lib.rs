@@ -21,6 +21,9 @@
 //! their cursors drop) and then stops the store thread. [`RunningEngine::stopped`]
 //! resolves once all of that has finished.
 //!
+//! Scheduled statements ([`EngineConfig::schedule`]) run in one task each and stop with
+//! the shutdown token.
+//!
 //! # SQL extensions
 //! `mz_epoch_ms()` returns the wall clock in epoch milliseconds (int8), so scheduled
 //! writes can carry the time; `now()` returns it as Postgres `timestamptz` text.
@@ -61,6 +64,15 @@ pub struct EngineConfig {
     pub retain: Duration,
     /// Interval of progress rows when nothing is written.
     pub tick: Duration,
+    /// Statements run on timers, so a demo is alive.
+    pub schedule: Vec<Scheduled>,
+}
+
+/// A statement the engine runs every `every`, as if a client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub every: Duration,
+    pub sql: String,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +83,7 @@ impl Default for EngineConfig {
             legacy: false,
             retain: Duration::from_secs(600),
             tick: Duration::from_secs(1),
+            schedule: Vec::new(),
         }
     }
 }
@@ -182,13 +195,17 @@ pub async fn start(
             });
         }
     }
+    // Tracked with the sessions, so the store outlives them all.
+    let sessions = TaskTracker::new();
+    for write in config.schedule {
+        sessions.spawn(scheduled(write, store.clone(), shutdown.clone()));
+    }
     let shared = Arc::new(session::Shared::new(
         store.clone(),
         config.legacy,
         counters.clone(),
         shutdown.clone(),
     ));
-    let sessions = TaskTracker::new();
     let listener_task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -216,4 +233,24 @@ pub async fn start(
         listener: listener_task,
         store_done,
     })
+}
+
+/// Runs one scheduled statement on its timer until `shutdown`; a failure is logged and
+/// the next tick tries again.
+async fn scheduled(write: Scheduled, store: store::StoreHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(write.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sql = write.sql.clone();
+        if let Err(e) = store
+            .call(|reply| store::Command::Script { sql, reply })
+            .await
+        {
+            tracing::warn!(error = %e.message, sql = %write.sql, "Scheduled write failed.");
+        }
+    }
 }

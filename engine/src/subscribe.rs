@@ -321,7 +321,7 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::sql::{parse, Stmt};
+    use crate::sql::{parse, Stmt};
 
     fn output(sql: &str) -> Output {
         let Ok(Stmt::Subscribe(s)) = parse(sql, false) else {
