@@ -3,20 +3,10 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  Log, client, end, nthChange, nthRequest, open, refuse, snapshot, startServer, status, stopped, update,
-} from "./helpers.js";
+  Log, client, end, nthChange, nthRequest, open, refuse, snapshot, withServer, status, stopped, update,
+} from "../test-support/mock-gateway.js";
 
 const T = { timeout: 10000 };
-
-// Runs `body(server)` against a mock gateway, closing it afterwards.
-async function withServer(script, body) {
-  const server = await startServer(script);
-  try {
-    await body(server);
-  } finally {
-    await server.close();
-  }
-}
 
 const A = { sensor_id: 1, avg: "24.20" };
 const B = { sensor_id: 2, avg: "19.00" };

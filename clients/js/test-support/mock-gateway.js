@@ -70,6 +70,16 @@ export async function startServer(script) {
   };
 }
 
+/** Runs `body(server)` against a mock gateway, closing both afterwards. */
+export async function withServer(script, body) {
+  const server = await startServer(script);
+  try {
+    await body(server);
+  } finally {
+    await server.close();
+  }
+}
+
 /** Starts a 200 event stream and writes `frames` to it. */
 export function open(res, ...frames) {
   res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
