@@ -321,5 +321,5 @@ const CSS = `
 .tg-index .tg-meta{margin:.25rem 0}
 .tg-form{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center}
 .tg-form input{font:inherit;padding:.15rem .4rem;width:10rem}
-.tg-form input:invalid{border-color:#d33}
+.tg-form input:user-invalid{border-color:#d33}
 `;

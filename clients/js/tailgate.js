@@ -220,7 +220,7 @@ class Subscription {
   #pending = []; // data events of a mux group whose id has not arrived yet
   #retryMs = null; // the gateway's `retry:` value
   #failures = 0; // connection attempts since the last healthy one, for backoff
-  #unauthorized = false; // the previous answer was 401 too
+  #tokenRefused = false; // a 401 or token expiry since the last healthy connection
 
   constructor(paths, options) {
     this.#mux = Array.isArray(paths);
@@ -337,7 +337,6 @@ class Subscription {
   }
 
   #opened() {
-    this.#unauthorized = false;
     this.#report({ state: "streaming", upstream: "streaming" });
   }
 
@@ -373,7 +372,7 @@ class Subscription {
       const parser = new EventStreamParser({
         onEvent: (e) => { next ??= this.#onEvent(e.type, e.data, e.id); },
         onRetry: (ms) => { this.#retryMs = ms; },
-        onComment: () => { this.#failures = 0; }, // a keepalive: the connection was healthy
+        onComment: () => this.#healthy(), // a keepalive
       });
       const reader = res.body.getReader();
       const decoder = new TextDecoder("utf-8", { ignoreBOM: true }); // the parser drops the BOM
@@ -410,10 +409,7 @@ class Subscription {
     const error = detail.error ?? `HTTP ${httpStatus}`;
     if (httpStatus === 401) {
       if (!this.#o.token) return { stop: "unauthorized", detail };
-      // A token refused right after a fresh one was fetched: back off, never hot-loop.
-      const wait = this.#unauthorized ? "backoff" : "none";
-      this.#unauthorized = true;
-      return { wait, refreshToken: true, error, httpStatus };
+      return { ...this.#newToken(), error, httpStatus };
     }
     if (httpStatus === 404) return { stop: "not-found", detail };
     if (httpStatus === 403) return { stop: "forbidden", detail };
@@ -465,6 +461,7 @@ class Subscription {
 
   // Handles one event; returns what to do next when the connection must end.
   #onEvent(type, text, id) {
+    if (this.#closed) return; // close() was called from a callback
     const msg = JSON.parse(text);
     if (type === "status") {
       const status = { state: "streaming", upstream: msg.upstream ?? null, error: msg.error ?? null };
@@ -494,12 +491,27 @@ class Subscription {
       else rows.apply(e.changes);
     }
     this.#lastEventId = id;
-    this.#failures = 0;
+    this.#healthy();
     if (!this.#o.onChange) return;
     if (!this.#mux) return call(this.#o.onChange, this.rows(), { ...events[0], id });
     const rows = new Map([...this.#state.keys()].map((p) => [p, this.rows(p)]));
     const streams = [...new Set(events.map((e) => e.stream))];
     call(this.#o.onChange, rows, { id, ts: events.at(-1).ts, streams, events });
+  }
+
+  // After a 401 or a token expiry: reconnect at once with a fresh token, unless
+  // the last fresh token fared no better (a clock skew, a stale token cache):
+  // then back off, so a refused token never turns into a hot loop.
+  #newToken() {
+    const wait = this.#tokenRefused ? "backoff" : "none";
+    this.#tokenRefused = true;
+    return { wait, refreshToken: true };
+  }
+
+  // A connection that delivered an event or a keepalive worked: start counting afresh.
+  #healthy() {
+    this.#failures = 0;
+    this.#tokenRefused = false;
   }
 
   #onEnd({ reason, stream }) {
@@ -512,7 +524,7 @@ class Subscription {
       return;
     }
     if (reason === "removed" || reason === "forbidden") return { stop: reason, detail: {} };
-    if (reason === "token-expired") return { wait: "none", refreshToken: true, error: "the token expired" };
+    if (reason === "token-expired") return { ...this.#newToken(), error: "the token expired" };
     // shutdown, overloaded, or a reason this client does not know
     return { wait: "backoff", error: `the gateway ended the stream (${reason})` };
   }

@@ -413,3 +413,34 @@ test("keepalive comments keep a quiet connection alive", T, async () => {
     },
   );
 });
+
+test("a token that expires again at once backs off", T, () => {
+  const expired = (_, res) => res.end(open(res, "retry: 100\n\n", end("token-expired")));
+  return withServer([expired, expired, expired, (_, res) => open(res, snapshot("1", []))], async (server) => {
+    const calls = [];
+    const { s, log } = client("/s", server, { token: tokens(calls) });
+    await nthChange(log, 0);
+    const retries = log.of("status").filter((st) => st.state === "reconnecting").map((st) => st.retryInMs);
+    assert.equal(retries[0], 0, "the first expiry reconnects at once");
+    assert.ok(retries[1] >= 50 && retries[2] >= 100, `${retries}`);
+    assert.deepEqual(calls, [1, 2, 3, 4]);
+    s.close();
+  });
+});
+
+test("close() from inside onChange stops at once, mid-chunk", T, () =>
+  withServer(
+    [(_, res) => open(res, snapshot("1", []) + update("2", [{ diff: 1, row: A }]) + update("3", [{ diff: 1, row: B }]))],
+    async (server) => {
+      const { s, log } = client("/s", server, {
+        onChange: (rows, info) => {
+          log.push({ change: { rows, info } });
+          if (info.id === "2") s.close();
+        },
+      });
+      await stopped(log);
+      await server.log.until((e) => e.some((x) => x.closed === 0), "the server to see the request end");
+      assert.deepEqual(log.of("change").map((c) => c.info.id), ["1", "2"]);
+      assert.deepEqual(s.rows(), [A]);
+    },
+  ));
