@@ -178,6 +178,3 @@ export class EventStreamParser {
   lastEventId: string;
   push(chunk: string): void;
 }
-
-/** JSON with object keys sorted at every level: the identity of a row or key. */
-export function canonicalJSON(value: unknown): string;

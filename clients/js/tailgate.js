@@ -111,11 +111,9 @@ export class EventStreamParser {
   }
 }
 
-/**
- * JSON with object keys sorted at every level: the identity of a row (diff
- * streams) or of a key (keyed streams), whatever order the columns came in.
- */
-export function canonicalJSON(value) {
+// JSON with object keys sorted at every level: the identity of a row (diff
+// streams) or of a key (keyed streams), whatever order the columns came in.
+function canonicalJSON(value) {
   if (Array.isArray(value)) return `[${value.map(canonicalJSON).join(",")}]`;
   if (value !== null && typeof value === "object") {
     const fields = Object.keys(value)
@@ -185,11 +183,11 @@ function errorText(e) {
 }
 
 // Retry-After is either seconds or an HTTP date.
-function retryAfterMs(header, now = Date.now()) {
+function retryAfterMs(header) {
   if (!header) return 0;
   if (/^\d+$/.test(header.trim())) return Number(header) * 1000;
   const at = Date.parse(header);
-  return Number.isFinite(at) ? Math.max(0, at - now) : 0;
+  return Number.isFinite(at) ? Math.max(0, at - Date.now()) : 0;
 }
 
 // A thrown callback must not break the stream: report it the way an event
@@ -395,10 +393,7 @@ class Subscription {
   async #refused(res) {
     const httpStatus = res.status;
     const detail = { httpStatus };
-    if (httpStatus === 200) {
-      res.body?.cancel().catch(() => {});
-      return { stop: "bad-response", detail };
-    }
+    if (httpStatus === 200) return { stop: "bad-response", detail }; // not an event stream
     // Error bodies are short JSON such as {"error":..,"parameter":..}.
     try {
       const body = JSON.parse(await res.text());
