@@ -189,8 +189,9 @@ fn separates_statements(sql: &str) -> bool {
                     i += 1;
                 }
             }
+            // PostgreSQL ends a `--` comment at a carriage return as well as a newline.
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
+                while i < b.len() && !matches!(b[i], b'\n' | b'\r') {
                     i += 1;
                 }
             }
@@ -1083,6 +1084,7 @@ mod tests {
             "SELECT $1$; DROP TABLE t",
             "SELECT E'\\''; DROP TABLE t; SELECT ''",
             "SELECT 'x'; SELECT é$$",
+            "SELECT 1 --c\r; DROP TABLE t",
         ] {
             assert!(separates_statements(sql), "{sql}");
         }
