@@ -23,6 +23,116 @@ const RESERVED_EVENTS: [&str; 3] = ["snapshot", "status", "end"];
 /// Paths the gateway serves itself.
 const RESERVED_PATHS: [&str; 3] = ["/", "/metrics", "/healthz"];
 
+/// Words that cannot be an unquoted table, view, column or cluster name: PostgreSQL's
+/// reserved keywords, those it reserves but allows as function or type names (`join`,
+/// `left`, ...), and the ones Materialize always reserves (`options`, `qualify`). Lower
+/// case and sorted, for binary search.
+const RESERVED_WORDS: [&str; 103] = [
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "options",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "qualify",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -1128,6 +1238,23 @@ fn validate_stream(
                         v.get_ref()
                     ),
                 );
+            } else {
+                // Every part: the development engine drops the schema, so `public.order`
+                // reaches it as `order`.
+                let mut inner = 0;
+                for part in v.get_ref().split('.') {
+                    if is_reserved_word(part) {
+                        p.inside(
+                            v,
+                            inner,
+                            format!(
+                                "view {:?}: `{part}` is a reserved SQL word and cannot be an unquoted name",
+                                v.get_ref()
+                            ),
+                        );
+                    }
+                    inner += part.len() + 1;
+                }
             }
             Some(Source::View(v.get_ref().clone()))
         }
@@ -1169,6 +1296,14 @@ fn validate_stream(
                     col.span().start,
                     format!("key column {:?} is not a plain column name", col.get_ref()),
                 );
+            } else if is_reserved_word(col.get_ref()) {
+                p.at(
+                    col.span().start,
+                    format!(
+                        "key column {:?} is a reserved SQL word and cannot be an unquoted name",
+                        col.get_ref()
+                    ),
+                );
             }
             if names.contains(col.get_ref()) {
                 p.at(
@@ -1185,6 +1320,14 @@ fn validate_stream(
             p.at(
                 c.span().start,
                 format!("cluster {:?} is not a plain identifier", c.get_ref()),
+            );
+        } else if is_reserved_word(c.get_ref()) {
+            p.at(
+                c.span().start,
+                format!(
+                    "cluster {:?} is a reserved SQL word and cannot be an unquoted name",
+                    c.get_ref()
+                ),
             );
         }
         c.get_ref().clone()
@@ -1216,6 +1359,13 @@ fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+}
+
+/// Whether `name`, unquoted, is a reserved SQL word (case-insensitive).
+fn is_reserved_word(name: &str) -> bool {
+    RESERVED_WORDS
+        .binary_search(&name.to_ascii_lowercase().as_str())
+        .is_ok()
 }
 
 fn is_relation_name(s: &str) -> bool {
@@ -1596,6 +1746,35 @@ mod tests {
                 "{line}: {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn reserved_words_are_refused_as_names() {
+        assert!(
+            RESERVED_WORDS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, unique"
+        );
+        for (entry, line, column, word) in [
+            ("view = \"select\"", 3, 9, "select"),
+            ("view = \"public.Order\"", 3, 16, "Order"),
+            ("view = \"v\"\nkey = [\"id\", \"USER\"]", 4, 14, "USER"),
+            ("view = \"v\"\ncluster = \"default\"", 4, 11, "default"),
+            ("view = \"v\"\nkey = [\"join\"]", 4, 8, "join"),
+        ] {
+            let p = check(&format!("[[streams]]\npath = \"/a\"\n{entry}\n")).expect_err(entry);
+            assert_eq!(p.len(), 1, "{entry}: {p:?}");
+            assert_eq!((p[0].line, p[0].column), (line, column), "{entry}: {p:?}");
+            assert!(
+                p[0].message.contains("reserved SQL word") && p[0].message.contains(word),
+                "{entry}: {p:?}"
+            );
+        }
+        // Words that merely contain or resemble one, and unreserved keywords, pass.
+        check(
+            "[[streams]]\npath = \"/a\"\nview = \"orders.selection\"\n\
+             key = [\"user_id\", \"delete\", \"key\"]\ncluster = \"serving\"\n",
+        )
+        .expect("valid");
     }
 
     #[test]
