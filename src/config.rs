@@ -657,6 +657,10 @@ impl StreamConfig {
     }
 }
 
+/// How many problems an error lists, in file order; the rest are only counted, so a
+/// file with a problem on each of its 100,000 entries still gives a readable report.
+pub const MAX_LISTED: usize = 100;
+
 /// One problem found in the file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -674,24 +678,36 @@ pub enum ConfigError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    #[error("{}", render_problems(.path, .problems))]
+    #[error("{}", render_problems(.path, .problems, *.total))]
     Invalid {
         path: PathBuf,
+        /// The first [`MAX_LISTED`] problems in file order.
         problems: Vec<Problem>,
+        /// How many problems the file has in all.
+        total: usize,
     },
 }
 
 impl ConfigError {
+    /// The problems listed: all of them, or the first [`MAX_LISTED`].
     pub fn problems(&self) -> &[Problem] {
         match self {
             ConfigError::Read { .. } => &[],
             ConfigError::Invalid { problems, .. } => problems,
         }
     }
+
+    /// How many problems the file has, listed or not.
+    pub fn total(&self) -> usize {
+        match self {
+            ConfigError::Read { .. } => 0,
+            ConfigError::Invalid { total, .. } => *total,
+        }
+    }
 }
 
-fn render_problems(path: &Path, problems: &[Problem]) -> String {
-    let mut out = format!("{} problem(s) in {}", problems.len(), path.display());
+fn render_problems(path: &Path, problems: &[Problem], total: usize) -> String {
+    let mut out = format!("{} problem(s) in {}", thousands(total), path.display());
     for p in problems {
         out.push_str(&format!(
             "\n  {}:{}:{}: {}",
@@ -700,6 +716,24 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
             p.column,
             p.message
         ));
+    }
+    match total.saturating_sub(problems.len()) {
+        0 => {}
+        1 => out.push_str("\n  ... and 1 more problem"),
+        more => out.push_str(&format!("\n  ... and {} more problems", thousands(more))),
+    }
+    out
+}
+
+/// `39900` as `39,900`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(d);
     }
     out
 }
@@ -731,42 +765,72 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ..c
     });
     match config {
-        Some(c) if problems.list.is_empty() => Ok(c),
-        _ => {
-            // In file order, whichever pass found them.
-            let mut problems = problems.list;
-            problems.sort_by_key(|p| (p.line, p.column));
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
-            })
-        }
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(problems.into_error(path)),
     }
 }
 
-/// Collects problems and turns byte offsets into line and column.
+/// Collects problems by byte offset. Lines and columns are worked out only at the end,
+/// for the problems listed, in one pass over the text: finding each from the start of
+/// the file made validation quadratic in the number of problems.
 struct Problems<'t> {
     text: &'t str,
-    list: Vec<Problem>,
+    found: Vec<(usize, String)>,
 }
 
 impl<'t> Problems<'t> {
     fn new(text: &'t str) -> Self {
         Problems {
             text,
-            list: Vec::new(),
+            found: Vec::new(),
         }
     }
 
+    fn len(&self) -> usize {
+        self.found.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
     fn at(&mut self, offset: usize, message: impl Into<String>) {
-        let before = &self.text[..floor_char_boundary(self.text, offset)];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        self.list.push(Problem {
-            line,
-            column,
-            message: message.into(),
-        });
+        let offset = floor_char_boundary(self.text, offset);
+        self.found.push((offset, message.into()));
+    }
+
+    /// The first [`MAX_LISTED`] problems in file order, whichever pass found them (the
+    /// sort is stable, so problems at one place keep the order they were found in).
+    fn into_error(self, path: &Path) -> ConfigError {
+        let total = self.found.len();
+        let mut found = self.found;
+        found.sort_by_key(|(offset, _)| *offset);
+        found.truncate(MAX_LISTED);
+        let (mut line, mut column, mut at) = (1, 1, 0);
+        let problems = found
+            .into_iter()
+            .map(|(offset, message)| {
+                let passed = &self.text[at..offset];
+                match passed.rfind('\n') {
+                    Some(last) => {
+                        line += passed.bytes().filter(|&b| b == b'\n').count();
+                        column = passed[last + 1..].chars().count() + 1;
+                    }
+                    None => column += passed.chars().count(),
+                }
+                at = offset;
+                Problem {
+                    line,
+                    column,
+                    message,
+                }
+            })
+            .collect();
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+            total,
+        }
     }
 
     /// A problem at byte `inner` of the string value `value`.
@@ -1204,7 +1268,7 @@ fn validate_stream(
     d: &StreamDefaults,
     seen: &mut HashSet<String>,
 ) -> Option<StreamConfig> {
-    let before = p.list.len();
+    let before = p.len();
     let path_at = s.path.span().start;
     let path = s.path.get_ref().clone();
     if !path.starts_with('/') {
@@ -1289,7 +1353,7 @@ fn validate_stream(
         if k.get_ref().is_empty() {
             p.at(k.span().start, "`key` must name at least one column");
         }
-        let mut names = Vec::new();
+        let mut listed = HashSet::new();
         for col in k.get_ref() {
             if !is_identifier(col.get_ref()) {
                 p.at(
@@ -1305,15 +1369,14 @@ fn validate_stream(
                     ),
                 );
             }
-            if names.contains(col.get_ref()) {
+            if !listed.insert(col.get_ref()) {
                 p.at(
                     col.span().start,
                     format!("key column {:?} is listed twice", col.get_ref()),
                 );
             }
-            names.push(col.get_ref().clone());
         }
-        names
+        k.get_ref().iter().map(|c| c.get_ref().clone()).collect()
     });
     let cluster = s.cluster.as_ref().map(|c| {
         if !is_identifier(c.get_ref()) {
@@ -1352,7 +1415,7 @@ fn validate_stream(
         history_bytes,
         client_queue,
     };
-    (p.list.len() == before).then_some(stream)
+    (p.len() == before).then_some(stream)
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -1674,6 +1737,81 @@ mod tests {
             (3, 9)
         );
         assert_eq!(position("\"\\tDELETE FROM t\""), (3, 9));
+    }
+
+    /// Line and column of byte `offset`, counted from the start of `text`.
+    fn naive_position(text: &str, offset: usize) -> (usize, usize) {
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    }
+
+    #[test]
+    fn positions_are_right_for_many_problems_on_many_lines_and_on_one() {
+        // Non-ASCII before each problem: columns count characters, not bytes.
+        let n = 60;
+        let mut tables = String::new();
+        let mut inline = String::from("streams = [");
+        for i in 0..n {
+            tables.push_str(&format!(
+                "[[streams]] # é\npath = \"/s{i}\"\nview = \"v\"\ndelay = \"soon\"\n"
+            ));
+            inline.push_str(&format!(
+                "{{ path = \"/s{i}\", query = \"SELECT 'é'\", delay = \"soon\" }}, "
+            ));
+        }
+        inline.push_str("]\n");
+        for text in [tables, inline] {
+            let p = check(&text).expect_err("invalid");
+            assert_eq!(p.len(), n);
+            let expected: Vec<(usize, usize)> = text
+                .match_indices("\"soon\"")
+                .map(|(offset, _)| naive_position(&text, offset))
+                .collect();
+            let got: Vec<(usize, usize)> = p.iter().map(|p| (p.line, p.column)).collect();
+            assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
+    fn past_a_hundred_problems_the_first_are_listed_and_the_rest_counted() {
+        let n = 4_000;
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[streams]]\npath = \"/s{i}\"\nview = \"v\"\ndelay = \"soon\"\n"
+            ));
+        }
+        // Found in another order than the file's: the section first, then the streams.
+        text.push_str("[server]\nheartbeat = \"often\"\n");
+        let e = parse(Path::new("big.toml"), &text).expect_err("invalid");
+        assert_eq!(e.total(), n + 1);
+        let lines: Vec<usize> = e.problems().iter().map(|p| p.line).collect();
+        assert_eq!(
+            lines,
+            (0..MAX_LISTED).map(|i| 4 * i + 4).collect::<Vec<_>>()
+        );
+        let report = e.to_string();
+        assert!(
+            report.starts_with("4,001 problem(s) in big.toml\n  big.toml:4:9: bad duration"),
+            "{}",
+            &report[..200]
+        );
+        assert!(
+            report.ends_with("\n  ... and 3,901 more problems"),
+            "{}",
+            &report[report.len() - 200..]
+        );
+        assert_eq!(report.lines().count(), 1 + MAX_LISTED + 1);
+
+        let e = parse(Path::new("a.toml"), "[server]\nheartbeat = \"often\"\n").expect_err("bad");
+        assert_eq!((e.total(), e.problems().len()), (1, 1));
+        assert!(!e.to_string().contains("more problem"));
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 
     #[test]
