@@ -4,8 +4,9 @@
 //! and each `[[streams]]` entry is deserialized on its own (with `deny_unknown_fields`),
 //! and then [`RawConfig::validate`] turns the raw values into typed ones. Every problem
 //! found along the way is collected, so one run reports them all, each with the file,
-//! line and column. Validation does no I/O; reading secrets happens later, when the
-//! upstream connects.
+//! line and column (past [`MAX_LISTED`], the first are listed and the rest counted).
+//! Validation does no I/O, and its time is linear in the size of the file and the
+//! number of problems; reading secrets happens later, when the upstream connects.
 
 use std::collections::HashSet;
 use std::fmt;
