@@ -1006,6 +1006,10 @@ impl RawConfig {
                     .map_err(|e| problems.toml(&e))
                     .ok();
             };
+            // Most tables read whole; only the others are taken apart key by key.
+            if let Ok(read) = T::deserialize(ValueDeserializer::from(value.clone())) {
+                return Some(read);
+            }
             let mut good = table.clone();
             let mut mistyped = false;
             for (key, item) in table.iter() {
