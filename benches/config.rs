@@ -6,96 +6,158 @@
 //! problem at the largest N is more than [`MAX_RATIO`] times that at the smallest.
 //! One more file puts the largest N entries on a single line, as inline tables, where
 //! finding a column means counting along one very long line.
+//!
+//! Every run parses in a fresh process, as `tailgate check` does: in one long-lived
+//! process a small parse sometimes reuses heap pages a large one left mapped and
+//! sometimes faults them in anew, which alone moves its time by a factor of two.
 
 use std::path::Path;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 const SIZES: [usize; 4] = [1_000, 10_000, 40_000, 100_000];
+/// Runs per file; the median counts.
+const RUNS: usize = 7;
 /// Linear validation keeps the per-problem time flat; allow noise and cache effects.
 const MAX_RATIO: f64 = 3.0;
 
-/// `n` entries as `[[streams]]` tables, one key a line.
-fn tables(n: usize) -> String {
-    let mut text = String::with_capacity(n * 64);
-    for i in 0..n {
-        text.push_str(&format!(
-            "[[streams]]\npath = \"/s{i}\"\nview = \"v\"\ndelay = \"soon\"\n"
-        ));
-    }
-    text
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `[[streams]]` tables, one key a line.
+    Tables,
+    /// Inline tables, all on one line.
+    Inline,
 }
 
-/// `n` entries as inline tables, all on one line.
-fn inline(n: usize) -> String {
-    let mut text = String::with_capacity(n * 48 + 16);
-    text.push_str("streams = [");
-    for i in 0..n {
-        if i > 0 {
-            text.push_str(", ");
-        }
-        text.push_str(&format!(
-            "{{ path = \"/s{i}\", view = \"v\", delay = \"soon\" }}"
-        ));
-    }
-    text.push_str("]\n");
-    text
-}
-
-/// Median time of `config::parse` over a few runs; checks that it found `n` problems.
-fn time_parse(text: &str, n: usize) -> Duration {
-    let runs = if n >= 40_000 { 3 } else { 5 };
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
-        let result = tailgate::config::parse(Path::new("bench.toml"), text);
-        times.push(start.elapsed());
-        match result {
-            Err(tailgate::config::ConfigError::Invalid { total, .. }) if total == n => {}
-            Err(e) => panic!("expected {n} problems, got: {e}"),
-            Ok(_) => panic!("expected {n} problems, the file passed"),
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Tables => "tables",
+            Layout::Inline => "inline, 1 line",
         }
     }
-    times.sort();
-    times[runs / 2]
+
+    fn text(self, n: usize) -> String {
+        let mut text = String::with_capacity(n * 64);
+        match self {
+            Layout::Tables => {
+                for i in 0..n {
+                    text.push_str(&format!(
+                        "[[streams]]\npath = \"/s{i}\"\nview = \"v\"\ndelay = \"soon\"\n"
+                    ));
+                }
+            }
+            Layout::Inline => {
+                text.push_str("streams = [");
+                for i in 0..n {
+                    if i > 0 {
+                        text.push_str(", ");
+                    }
+                    text.push_str(&format!(
+                        "{{ path = \"/s{i}\", view = \"v\", delay = \"soon\" }}"
+                    ));
+                }
+                text.push_str("]\n");
+            }
+        }
+        text
+    }
 }
 
-fn row(layout: &str, n: usize, bytes: usize, took: Duration) -> f64 {
-    let per = took.as_secs_f64() * 1e6 / n as f64;
-    println!(
-        "| {layout:<14} | {n:>7} | {:>8.2} | {:>9.1} | {per:>13.2} |",
-        bytes as f64 / 1e6,
-        took.as_secs_f64() * 1e3,
-    );
-    per
+/// The child's side: one timed parse, printed in nanoseconds.
+fn run_once(layout: Layout, n: usize) -> ExitCode {
+    let text = layout.text(n);
+    let start = Instant::now();
+    let result = tailgate::config::parse(Path::new("bench.toml"), &text);
+    let took = start.elapsed();
+    match result {
+        Err(tailgate::config::ConfigError::Invalid { total, .. }) if total == n => {
+            println!("{}", took.as_nanos());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("expected {n} problems, got: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(_) => {
+            eprintln!("expected {n} problems, the file passed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One timed parse in a fresh process.
+fn time_once(layout: Layout, n: usize) -> Result<Duration, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
+    let out = Command::new(exe)
+        .args(["--child", layout.name(), &n.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run the bench binary: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.trim().parse::<u64>() {
+        Ok(nanos) if out.status.success() => Ok(Duration::from_nanos(nanos)),
+        _ => Err(format!(
+            "{} at N={n}: {}{}",
+            layout.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
 }
 
 fn main() -> ExitCode {
-    println!("| layout         |       N |       MB |  total ms | µs per problem |");
-    println!("|---|---|---|---|---|");
-    let mut per_problem = Vec::new();
-    for n in SIZES {
-        let text = tables(n);
-        per_problem.push(row("tables", n, text.len(), time_parse(&text, n)));
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let layout = match args.get(i + 1).map(String::as_str) {
+            Some("tables") => Layout::Tables,
+            _ => Layout::Inline,
+        };
+        let n = args.get(i + 2).and_then(|n| n.parse().ok()).unwrap_or(0);
+        return run_once(layout, n);
     }
+
     let largest = SIZES[SIZES.len() - 1];
-    let text = inline(largest);
-    let one_line = row(
-        "inline, 1 line",
-        largest,
-        text.len(),
-        time_parse(&text, largest),
-    );
+    let mut cases: Vec<(Layout, usize)> = SIZES.iter().map(|&n| (Layout::Tables, n)).collect();
+    cases.push((Layout::Inline, largest));
+    // The runs take turns, so a change in the machine's load falls on every case alike.
+    let mut times = vec![Vec::with_capacity(RUNS); cases.len()];
+    for _ in 0..RUNS {
+        for (&(layout, n), times) in cases.iter().zip(&mut times) {
+            match time_once(layout, n) {
+                Ok(t) => times.push(t),
+                Err(e) => {
+                    eprintln!("FAIL: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+
+    println!("| layout         |       N |  median ms | µs per problem |");
+    println!("|---|---|---|---|");
+    let mut per_problem = Vec::new();
+    for (&(layout, n), mut t) in cases.iter().zip(times) {
+        t.sort();
+        let median = t[RUNS / 2];
+        let per = median.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "| {:<14} | {n:>7} | {:>10.1} | {per:>14.2} |",
+            layout.name(),
+            median.as_secs_f64() * 1e3
+        );
+        per_problem.push(per);
+    }
 
     let smallest = per_problem[0];
     let ratios = [
-        ("tables", per_problem[per_problem.len() - 1] / smallest),
-        ("inline, 1 line", one_line / smallest),
+        (Layout::Tables, per_problem[SIZES.len() - 1] / smallest),
+        (Layout::Inline, per_problem[SIZES.len()] / smallest),
     ];
     let mut linear = true;
     for (layout, ratio) in ratios {
         println!(
-            "per-problem time, {layout} at N={largest} / tables at N={}: {ratio:.2} (limit {MAX_RATIO})",
+            "per-problem time, {} at N={largest} / tables at N={}: {ratio:.2} (limit {MAX_RATIO})",
+            layout.name(),
             SIZES[0]
         );
         linear &= ratio <= MAX_RATIO;
