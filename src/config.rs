@@ -4,12 +4,14 @@
 //! and each `[[streams]]` entry is deserialized on its own (with `deny_unknown_fields`),
 //! and then [`RawConfig::validate`] turns the raw values into typed ones. Every problem
 //! found along the way is collected, so one run reports them all, each with the file,
-//! line and column. Validation does no I/O; reading secrets happens later, when the
-//! upstream connects.
+//! line and column (past [`MAX_LISTED`], the first are listed and the rest counted).
+//! Validation does no I/O, and its time is linear in the size of the file and the
+//! number of problems; reading secrets happens later, when the upstream connects.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,116 @@ use toml::Spanned;
 const RESERVED_EVENTS: [&str; 3] = ["snapshot", "status", "end"];
 /// Paths the gateway serves itself.
 const RESERVED_PATHS: [&str; 3] = ["/", "/metrics", "/healthz"];
+
+/// Words that cannot be an unquoted table, view, column or cluster name: PostgreSQL's
+/// reserved keywords, those it reserves but allows as function or type names (`join`,
+/// `left`, ...), and the ones Materialize always reserves (`options`, `qualify`). Lower
+/// case and sorted, for binary search.
+const RESERVED_WORDS: [&str; 103] = [
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "options",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "qualify",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
 
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,64 +275,358 @@ impl Source {
     }
 }
 
-/// Whether `sql` holds a `;` outside string literals, quoted identifiers and comments,
-/// i.e. more than one statement.
-fn separates_statements(sql: &str) -> bool {
-    let b = sql.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
-    // Whether `b[i]` continues an identifier (or a number) rather than starting a token.
-    let inside_word = |i: usize| i > 0 && ident(b[i - 1]);
-    let mut i = 0;
+/// What a [`SqlTokens`] token is. Strings, quoted identifiers and comments are read whole,
+/// so nothing inside them ever looks like a keyword, a parenthesis or a `;`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SqlKind {
+    /// An unquoted word: a keyword or an identifier.
+    Word,
+    /// A string literal (plain, `E''` or dollar-quoted) or a quoted identifier.
+    Quoted,
+    Open,
+    Close,
+    Comma,
+    Semicolon,
+    /// Text that PostgreSQL and Materialize (or the development engine) read differently,
+    /// so no check can vouch for what the server will see. Says how.
+    Unclear(&'static str),
+    /// A number, a parameter or an operator.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SqlToken {
+    kind: SqlKind,
+    /// Byte offsets in the scanned text.
+    start: usize,
+    end: usize,
+}
+
+/// The significant tokens of SQL text, following PostgreSQL's lexical rules: comments
+/// and whitespace are skipped, block comments nest, `--` comments end at a newline or
+/// a carriage return, `E''` strings escape with a backslash, and `$tag$` quotes.
+struct SqlTokens<'s> {
+    sql: &'s str,
+    at: usize,
+}
+
+fn sql_tokens(sql: &str) -> SqlTokens<'_> {
+    SqlTokens { sql, at: 0 }
+}
+
+/// The index just past the closing `quote` of a quoted text whose body starts at `i`;
+/// a doubled quote is an escaped one. The end of `b` if the quote is never closed.
+fn past_quoted(b: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) -> usize {
     while i < b.len() {
         match b[i] {
-            b';' => return true,
-            quote @ (b'\'' | b'"') => {
-                // `E'...'` strings escape with a backslash; elsewhere a doubled quote is
-                // an escaped quote, which scanning on covers.
-                let escapes = quote == b'\''
-                    && i > 0
-                    && matches!(b[i - 1], b'e' | b'E')
-                    && !inside_word(i - 1);
-                i += 1;
-                while i < b.len() && b[i] != quote {
-                    if escapes && b[i] == b'\\' {
-                        i += 1;
+            b'\\' if backslash_escapes => i += 2,
+            c if c == quote && b.get(i + 1) == Some(&quote) => i += 2,
+            c if c == quote => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+impl Iterator for SqlTokens<'_> {
+    type Item = SqlToken;
+
+    fn next(&mut self) -> Option<SqlToken> {
+        let b = self.sql.as_bytes();
+        let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+        loop {
+            let start = self.at;
+            let c = *b.get(start)?;
+            let next = b.get(start + 1).copied();
+            let (kind, end) = match c {
+                _ if c.is_ascii_whitespace() => {
+                    self.at += 1;
+                    continue;
+                }
+                b'-' if next == Some(b'-') => {
+                    let end = b[start..]
+                        .iter()
+                        .position(|c| matches!(c, b'\n' | b'\r'))
+                        .map_or(b.len(), |n| start + n);
+                    self.at = end;
+                    // Materialize and the development engine end the comment only at `\n`.
+                    if b.get(end) == Some(&b'\r') && b.get(end + 1) != Some(&b'\n') {
+                        let why = "a `--` comment ended by a lone carriage return (\\r) hides the rest of the line from Materialize but not from PostgreSQL; end the line with \\n";
+                        (SqlKind::Unclear(why), end + 1)
+                    } else {
+                        continue;
                     }
-                    i += 1;
                 }
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
-                    i += 1;
-                }
-                i += 1;
-            }
-            // A dollar quote: `$tag$ ... $tag$`, with an empty tag or one that starts
-            // like an identifier; not `$1` (a parameter) nor a `$` inside a name.
-            b'$' if !inside_word(i) && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
-                let tag_len = b[i + 1..]
-                    .iter()
-                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
-                    .unwrap_or(b.len() - i - 1);
-                if b.get(i + 1 + tag_len) == Some(&b'$') {
-                    let tag = &sql[i..i + tag_len + 2];
-                    match sql[i + tag.len()..].find(tag) {
-                        Some(end) => i += tag.len() + end + tag.len() - 1,
-                        None => return false,
+                b'/' if next == Some(b'*') => {
+                    let mut depth = 0usize;
+                    let mut i = start;
+                    while i < b.len() {
+                        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                            depth += 1;
+                            i += 2;
+                        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                            depth -= 1;
+                            i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        } else {
+                            i += 1;
+                        }
                     }
+                    self.at = i.min(b.len());
+                    continue;
+                }
+                b'\'' | b'"' => (SqlKind::Quoted, past_quoted(b, start + 1, c, false)),
+                b'e' | b'E' if next == Some(b'\'') => {
+                    (SqlKind::Quoted, past_quoted(b, start + 2, b'\'', true))
+                }
+                _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                    let len = b[start..].iter().position(|&c| !word(c));
+                    (SqlKind::Word, len.map_or(b.len(), |n| start + n))
+                }
+                b'0'..=b'9' => {
+                    let len = b[start..]
+                        .iter()
+                        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'.'));
+                    (SqlKind::Other, len.map_or(b.len(), |n| start + n))
+                }
+                // A parameter such as `$1`.
+                b'$' if next.is_some_and(|c| c.is_ascii_digit()) => {
+                    let len = b[start + 1..].iter().position(|c| !c.is_ascii_digit());
+                    (SqlKind::Other, len.map_or(b.len(), |n| start + 1 + n))
+                }
+                // A dollar quote, `$tag$ ... $tag$`, whose tag is empty or starts like an
+                // identifier.
+                b'$' => {
+                    let tag_len = b[start + 1..]
+                        .iter()
+                        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))
+                        .unwrap_or(b.len() - start - 1);
+                    if b.get(start + 1 + tag_len) == Some(&b'$') {
+                        let tag = &self.sql[start..start + tag_len + 2];
+                        let body = start + tag.len();
+                        let end = self.sql[body..]
+                            .find(tag)
+                            .map_or(b.len(), |n| body + n + tag.len());
+                        (SqlKind::Quoted, end)
+                    } else {
+                        // PostgreSQL refuses it; Materialize opens a dollar quote with any tag.
+                        let why = "a `$` that is neither a parameter nor a dollar quote is an error in PostgreSQL but opens a quote in Materialize";
+                        (SqlKind::Unclear(why), start + 1)
+                    }
+                }
+                b'(' => (SqlKind::Open, start + 1),
+                b')' => (SqlKind::Close, start + 1),
+                b',' => (SqlKind::Comma, start + 1),
+                b';' => (SqlKind::Semicolon, start + 1),
+                _ => (SqlKind::Other, start + 1),
+            };
+            let end = end.min(b.len());
+            self.at = end;
+            return Some(SqlToken { kind, start, end });
+        }
+    }
+}
+
+/// Why `sql` is not one read-only query, with the byte offset in `sql` to point at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NotAQuery {
+    at: usize,
+    message: String,
+}
+
+/// Checks that `sql` is a single query that only reads: `SELECT`, `VALUES`, `TABLE`,
+/// `SHOW`, or `WITH` whose common table expressions and body are themselves such
+/// queries, perhaps in parentheses. Writes hide in two places in PostgreSQL: as the
+/// statement itself or a `WITH` body (`WITH d AS (DELETE ...) SELECT ...`), and as
+/// `SELECT ... INTO`, which creates a table. Only the words that start a query are
+/// checked, so a column named `delete` or `update_count` passes.
+fn read_only_query(sql: &str) -> Result<(), NotAQuery> {
+    let tokens: Vec<SqlToken> = sql_tokens(sql).collect();
+    let refuse = |at: usize, message: String| Err(NotAQuery { at, message });
+    // Where each parenthesis closes, so a group is skipped in one step whatever its depth.
+    let mut closing = vec![tokens.len(); tokens.len()];
+    let mut open = Vec::new();
+    // `INTO` is reserved, so unquoted it is always the keyword.
+    let mut into = None;
+    for (i, t) in tokens.iter().enumerate() {
+        match t.kind {
+            SqlKind::Semicolon => {
+                return refuse(
+                    t.start,
+                    "`query` must be a single statement (no `;`)".into(),
+                );
+            }
+            SqlKind::Unclear(why) => return refuse(t.start, format!("`query`: {why}")),
+            SqlKind::Word if into.is_none() && sql[t.start..t.end].eq_ignore_ascii_case("into") => {
+                into = Some(t.start);
+            }
+            SqlKind::Open => open.push(i),
+            SqlKind::Close => {
+                if let Some(o) = open.pop() {
+                    closing[o] = i;
                 }
             }
             _ => {}
         }
-        i += 1;
     }
-    false
+    let shape = QueryShape {
+        sql,
+        tokens: &tokens,
+        closing,
+    };
+    // Token indexes where a query must start: the statement, and every subquery that
+    // opens with `WITH` (its expressions could write too). Checking a `WITH` adds the
+    // starts of its expressions and its body. Each start is checked once, and a group
+    // is skipped in one step, so this stays linear however deep the nesting.
+    let mut starts: Vec<usize> = (0..tokens.len())
+        .filter(|&i| {
+            tokens[i].kind == SqlKind::Open
+                && tokens.get(i + 1).is_some_and(|t| shape.is_word(t, "with"))
+        })
+        .collect();
+    let mut checked = vec![false; tokens.len() + 1];
+    shape.query_at(0, true, &mut starts)?;
+    checked[0] = true;
+    while let Some(at) = starts.pop() {
+        if !std::mem::replace(&mut checked[at], true) {
+            shape.query_at(at, false, &mut starts)?;
+        }
+    }
+    match into {
+        Some(at) => refuse(
+            at,
+            "`query` must not use `SELECT ... INTO`, which writes a table".into(),
+        ),
+        None => Ok(()),
+    }
+}
+
+/// A query's tokens, for checking what starts each (sub)query.
+struct QueryShape<'a> {
+    sql: &'a str,
+    tokens: &'a [SqlToken],
+    /// For the index of each `(`, the index of its `)` (the token count if unclosed).
+    closing: Vec<usize>,
+}
+
+impl QueryShape<'_> {
+    fn is_word(&self, t: &SqlToken, keyword: &str) -> bool {
+        t.kind == SqlKind::Word && self.sql[t.start..t.end].eq_ignore_ascii_case(keyword)
+    }
+
+    fn word_at(&self, i: usize, keyword: &str) -> bool {
+        self.tokens.get(i).is_some_and(|t| self.is_word(t, keyword))
+    }
+
+    fn kind_at(&self, i: usize, kind: SqlKind) -> bool {
+        self.tokens.get(i).is_some_and(|t| t.kind == kind)
+    }
+
+    /// Where to point at token `i`, or at the end when the tokens have run out.
+    fn offset(&self, i: usize) -> usize {
+        self.tokens.get(i).map_or(self.sql.len(), |t| t.start)
+    }
+
+    /// The index after the group that opens at `i`.
+    fn after_group(&self, i: usize) -> usize {
+        (self.closing[i] + 1).min(self.tokens.len())
+    }
+
+    /// Checks the query expression starting at token `i`, in any number of parentheses.
+    /// `SHOW` is a statement of its own, so it passes only as the `whole` query. A
+    /// `WITH` adds the starts of its expressions and of its body to `starts`.
+    fn query_at(
+        &self,
+        mut i: usize,
+        whole: bool,
+        starts: &mut Vec<usize>,
+    ) -> Result<(), NotAQuery> {
+        while self.kind_at(i, SqlKind::Open) {
+            i += 1;
+        }
+        let Some(first) = self.tokens.get(i) else {
+            return Err(NotAQuery {
+                at: self.sql.len(),
+                message: "`query` ends where a query should start".into(),
+            });
+        };
+        let word = self.sql[first.start..first.end].to_ascii_uppercase();
+        if first.kind == SqlKind::Word {
+            match word.as_str() {
+                "SELECT" | "VALUES" | "TABLE" => return Ok(()),
+                "SHOW" if whole => return Ok(()),
+                "WITH" => return self.with_list(i + 1, starts),
+                _ => {}
+            }
+        }
+        let what = if first.kind == SqlKind::Word {
+            format!(", not `{word}`")
+        } else {
+            String::new()
+        };
+        Err(NotAQuery {
+            at: first.start,
+            message: format!(
+                "`query` must be a read-only query (SELECT, VALUES, TABLE, SHOW, or WITH ... SELECT){what}"
+            ),
+        })
+    }
+
+    /// The common table expressions from token `i` (just after `WITH`): each is
+    /// `name [(columns)] AS [[NOT] MATERIALIZED] (query)`, and a query follows them.
+    fn with_list(&self, mut i: usize, starts: &mut Vec<usize>) -> Result<(), NotAQuery> {
+        let unreadable = |i: usize| {
+            NotAQuery {
+            at: self.offset(i),
+            message: "`query` has a WITH clause that cannot be read; expected `name [(columns)] AS (query)`".into(),
+        }
+        };
+        // `RECURSIVE`, or Materialize's `MUTUALLY RECURSIVE [(options)]`, unless that word
+        // names the first expression.
+        let names = |i: usize| self.kind_at(i + 1, SqlKind::Open) || self.word_at(i + 1, "as");
+        if self.word_at(i, "mutually") && !names(i) {
+            if !self.word_at(i + 1, "recursive") {
+                return Err(unreadable(i + 1));
+            }
+            i += 2;
+            if self.kind_at(i, SqlKind::Open) {
+                i = self.after_group(i);
+            }
+        } else if self.word_at(i, "recursive") && !names(i) {
+            i += 1;
+        }
+        loop {
+            if !(self.kind_at(i, SqlKind::Word) || self.kind_at(i, SqlKind::Quoted)) {
+                return Err(unreadable(i));
+            }
+            i += 1;
+            if self.kind_at(i, SqlKind::Open) {
+                i = self.after_group(i);
+            }
+            if !self.word_at(i, "as") {
+                return Err(unreadable(i));
+            }
+            i += 1;
+            if self.word_at(i, "not") {
+                i += 1;
+            }
+            if self.word_at(i, "materialized") {
+                i += 1;
+            }
+            if !self.kind_at(i, SqlKind::Open) {
+                return Err(unreadable(i));
+            }
+            starts.push(i);
+            i = self.after_group(i);
+            if !self.kind_at(i, SqlKind::Comma) {
+                starts.push(i);
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
 }
 
 /// One `[[streams]]` entry with defaults applied.
@@ -252,6 +658,10 @@ impl StreamConfig {
     }
 }
 
+/// How many problems an error lists, in file order; the rest are only counted, so a
+/// file with a problem on each of its 100,000 entries still gives a readable report.
+pub const MAX_LISTED: usize = 100;
+
 /// One problem found in the file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -269,24 +679,36 @@ pub enum ConfigError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    #[error("{}", render_problems(.path, .problems))]
+    #[error("{}", render_problems(.path, .problems, *.total))]
     Invalid {
         path: PathBuf,
+        /// The first [`MAX_LISTED`] problems in file order.
         problems: Vec<Problem>,
+        /// How many problems the file has in all.
+        total: usize,
     },
 }
 
 impl ConfigError {
+    /// The problems listed: all of them, or the first [`MAX_LISTED`].
     pub fn problems(&self) -> &[Problem] {
         match self {
             ConfigError::Read { .. } => &[],
             ConfigError::Invalid { problems, .. } => problems,
         }
     }
+
+    /// How many problems the file has, listed or not.
+    pub fn total(&self) -> usize {
+        match self {
+            ConfigError::Read { .. } => 0,
+            ConfigError::Invalid { total, .. } => *total,
+        }
+    }
 }
 
-fn render_problems(path: &Path, problems: &[Problem]) -> String {
-    let mut out = format!("{} problem(s) in {}", problems.len(), path.display());
+fn render_problems(path: &Path, problems: &[Problem], total: usize) -> String {
+    let mut out = format!("{} problem(s) in {}", thousands(total), path.display());
     for p in problems {
         out.push_str(&format!(
             "\n  {}:{}:{}: {}",
@@ -295,6 +717,24 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
             p.column,
             p.message
         ));
+    }
+    match total.saturating_sub(problems.len()) {
+        0 => {}
+        1 => out.push_str("\n  ... and 1 more problem"),
+        more => out.push_str(&format!("\n  ... and {} more problems", thousands(more))),
+    }
+    out
+}
+
+/// `39900` as `39,900`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(d);
     }
     out
 }
@@ -326,47 +766,114 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ..c
     });
     match config {
-        Some(c) if problems.list.is_empty() => Ok(c),
-        _ => {
-            // In file order, whichever pass found them.
-            let mut problems = problems.list;
-            problems.sort_by_key(|p| (p.line, p.column));
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
-            })
-        }
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(problems.into_error(path)),
     }
 }
 
-/// Collects problems and turns byte offsets into line and column.
+/// Collects problems by byte offset. Lines and columns are worked out only at the end,
+/// for the problems listed, in one pass over the text: finding each from the start of
+/// the file made validation quadratic in the number of problems.
 struct Problems<'t> {
     text: &'t str,
-    list: Vec<Problem>,
+    found: Vec<(usize, String)>,
 }
 
 impl<'t> Problems<'t> {
     fn new(text: &'t str) -> Self {
         Problems {
             text,
-            list: Vec::new(),
+            found: Vec::new(),
         }
     }
 
+    fn len(&self) -> usize {
+        self.found.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
     fn at(&mut self, offset: usize, message: impl Into<String>) {
-        let before = &self.text[..floor_char_boundary(self.text, offset)];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        self.list.push(Problem {
-            line,
-            column,
-            message: message.into(),
-        });
+        let offset = floor_char_boundary(self.text, offset);
+        self.found.push((offset, message.into()));
+    }
+
+    /// The first [`MAX_LISTED`] problems in file order, whichever pass found them (the
+    /// sort is stable, so problems at one place keep the order they were found in).
+    fn into_error(self, path: &Path) -> ConfigError {
+        let total = self.found.len();
+        let mut found = self.found;
+        found.sort_by_key(|(offset, _)| *offset);
+        found.truncate(MAX_LISTED);
+        let (mut line, mut column, mut at) = (1, 1, 0);
+        let problems = found
+            .into_iter()
+            .map(|(offset, message)| {
+                let passed = &self.text[at..offset];
+                match passed.rfind('\n') {
+                    Some(last) => {
+                        line += passed.bytes().filter(|&b| b == b'\n').count();
+                        column = passed[last + 1..].chars().count() + 1;
+                    }
+                    None => column += passed.chars().count(),
+                }
+                at = offset;
+                Problem {
+                    line,
+                    column,
+                    message,
+                }
+            })
+            .collect();
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+            total,
+        }
+    }
+
+    /// A problem at byte `inner` of the string value `value`.
+    fn inside(&mut self, value: &Spanned<String>, inner: usize, message: impl Into<String>) {
+        let offset = string_offset(self.text, value.span(), value.get_ref(), inner);
+        self.at(offset, message);
     }
 
     fn toml(&mut self, e: &toml::de::Error) {
         let offset = e.span().map_or(0, |s| s.start);
         self.at(offset, e.message().trim().to_string());
+    }
+}
+
+/// The offset in the file `text` of byte `inner` of the string `value`, written at
+/// `span`. Exact where the source up to there reads as the value itself; an escape or
+/// a line-ending backslash before it (or a CRLF the parser normalised) shifts the two,
+/// and then the start of the value stands in.
+fn string_offset(text: &str, span: Range<usize>, value: &str, inner: usize) -> usize {
+    let raw = text.get(span.clone()).unwrap_or_default();
+    let (delimiter, escapes) = match raw.as_bytes() {
+        [b'"', b'"', b'"', ..] => (3, true),
+        [b'\'', b'\'', b'\'', ..] => (3, false),
+        [b'"', ..] => (1, true),
+        [b'\'', ..] => (1, false),
+        _ => return span.start,
+    };
+    let mut start = delimiter;
+    // A newline right after the opening of a multi-line string is not part of it.
+    if delimiter == 3 {
+        if raw[start..].starts_with("\r\n") {
+            start += 2;
+        } else if raw[start..].starts_with('\n') {
+            start += 1;
+        }
+    }
+    let source = raw.get(start..start + inner);
+    match (source, value.get(..inner)) {
+        (Some(a), Some(b)) if a == b && !(escapes && a.contains('\\')) => {
+            span.start + start + inner
+        }
+        _ => span.start,
     }
 }
 
@@ -499,6 +1006,10 @@ impl RawConfig {
                     .map_err(|e| problems.toml(&e))
                     .ok();
             };
+            // Most tables read whole; only the others are taken apart key by key.
+            if let Ok(read) = T::deserialize(ValueDeserializer::from(value.clone())) {
+                return Some(read);
+            }
             let mut good = table.clone();
             let mut mistyped = false;
             for (key, item) in table.iter() {
@@ -762,7 +1273,7 @@ fn validate_stream(
     d: &StreamDefaults,
     seen: &mut HashSet<String>,
 ) -> Option<StreamConfig> {
-    let before = p.list.len();
+    let before = p.len();
     let path_at = s.path.span().start;
     let path = s.path.get_ref().clone();
     if !path.starts_with('/') {
@@ -796,18 +1307,34 @@ fn validate_stream(
                         v.get_ref()
                     ),
                 );
+            } else {
+                // Every part: the development engine drops the schema, so `public.order`
+                // reaches it as `order`.
+                let mut inner = 0;
+                for part in v.get_ref().split('.') {
+                    if is_reserved_word(part) {
+                        p.inside(
+                            v,
+                            inner,
+                            format!(
+                                "view {:?}: `{part}` is a reserved SQL word and cannot be an unquoted name",
+                                v.get_ref()
+                            ),
+                        );
+                    }
+                    inner += part.len() + 1;
+                }
             }
             Some(Source::View(v.get_ref().clone()))
         }
         (None, Some(q)) => {
-            let text = q.get_ref().trim().trim_end_matches(';').trim();
+            let value = q.get_ref();
+            let text = value.trim().trim_end_matches(';').trim();
             if text.is_empty() {
                 p.at(q.span().start, "`query` is empty");
-            } else if separates_statements(text) {
-                p.at(
-                    q.span().start,
-                    "`query` must be a single statement (no `;`)",
-                );
+            } else if let Err(e) = read_only_query(text) {
+                let lead = value.len() - value.trim_start().len();
+                p.inside(q, lead + e.at, e.message);
             }
             Some(Source::Query(text.to_string()))
         }
@@ -831,29 +1358,44 @@ fn validate_stream(
         if k.get_ref().is_empty() {
             p.at(k.span().start, "`key` must name at least one column");
         }
-        let mut names = Vec::new();
+        let mut listed = HashSet::new();
         for col in k.get_ref() {
             if !is_identifier(col.get_ref()) {
                 p.at(
                     col.span().start,
                     format!("key column {:?} is not a plain column name", col.get_ref()),
                 );
+            } else if is_reserved_word(col.get_ref()) {
+                p.at(
+                    col.span().start,
+                    format!(
+                        "key column {:?} is a reserved SQL word and cannot be an unquoted name",
+                        col.get_ref()
+                    ),
+                );
             }
-            if names.contains(col.get_ref()) {
+            if !listed.insert(col.get_ref()) {
                 p.at(
                     col.span().start,
                     format!("key column {:?} is listed twice", col.get_ref()),
                 );
             }
-            names.push(col.get_ref().clone());
         }
-        names
+        k.get_ref().iter().map(|c| c.get_ref().clone()).collect()
     });
     let cluster = s.cluster.as_ref().map(|c| {
         if !is_identifier(c.get_ref()) {
             p.at(
                 c.span().start,
                 format!("cluster {:?} is not a plain identifier", c.get_ref()),
+            );
+        } else if is_reserved_word(c.get_ref()) {
+            p.at(
+                c.span().start,
+                format!(
+                    "cluster {:?} is a reserved SQL word and cannot be an unquoted name",
+                    c.get_ref()
+                ),
             );
         }
         c.get_ref().clone()
@@ -878,13 +1420,20 @@ fn validate_stream(
         history_bytes,
         client_queue,
     };
-    (p.list.len() == before).then_some(stream)
+    (p.len() == before).then_some(stream)
 }
 
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+}
+
+/// Whether `name`, unquoted, is a reserved SQL word (case-insensitive).
+fn is_reserved_word(name: &str) -> bool {
+    RESERVED_WORDS
+        .binary_search(&name.to_ascii_lowercase().as_str())
+        .is_ok()
 }
 
 fn is_relation_name(s: &str) -> bool {
@@ -1060,6 +1609,11 @@ mod tests {
         assert_eq!(messages.len(), 8, "{messages:#?}");
     }
 
+    /// Whether `sql` holds a `;` outside literals, quoted identifiers and comments.
+    fn separates_statements(sql: &str) -> bool {
+        sql_tokens(sql).any(|t| t.kind == SqlKind::Semicolon)
+    }
+
     #[test]
     fn only_a_real_semicolon_separates_statements() {
         for sql in [
@@ -1083,9 +1637,186 @@ mod tests {
             "SELECT $1$; DROP TABLE t",
             "SELECT E'\\''; DROP TABLE t; SELECT ''",
             "SELECT 'x'; SELECT é$$",
+            "SELECT 1 --c\r; DROP TABLE t",
         ] {
             assert!(separates_statements(sql), "{sql}");
         }
+    }
+
+    #[test]
+    fn read_only_queries_pass() {
+        for sql in [
+            "SELECT 1",
+            "select * from t",
+            "(SELECT 1) UNION (SELECT 2)",
+            "((VALUES (1), (2)))",
+            "TABLE t",
+            "SHOW clusters",
+            "/* c */ -- c\n SELECT 1",
+            "/* a /* nested */ DELETE */ SELECT 1",
+            "WITH a AS (SELECT 1) SELECT * FROM a",
+            "WITH RECURSIVE r(n) AS (VALUES (1) UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT * FROM r",
+            "WITH MUTUALLY RECURSIVE (RETURN AT RECURSION LIMIT 10) a (x int) AS (SELECT 1), b (y int) AS (SELECT x FROM a) SELECT * FROM b",
+            "WITH a AS MATERIALIZED (SELECT 1), b AS NOT MATERIALIZED (TABLE a) (VALUES (1))",
+            "WITH \"q\" AS ((WITH r AS (SELECT 1) TABLE r)) TABLE \"q\"",
+            "WITH recursive AS (SELECT 1) SELECT * FROM recursive",
+            "SELECT \"delete\" FROM t",
+            "SELECT update_count FROM t",
+            "SELECT 'DELETE' AS x, $$INSERT$$, $t$ ; $t$, E'\\' DELETE', \"into\"",
+            "SELECT delete FROM t",
+            "SELECT * FROM (WITH a AS (SELECT 1) SELECT * FROM a) s WHERE x IN (VALUES (1))",
+            "SELECT $1, x FROM t -- DELETE\r\nWHERE y",
+            "SELECT ts FROM t WITH ORDINALITY",
+        ] {
+            assert_eq!(read_only_query(sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_and_other_statements_are_refused_where_they_start() {
+        for (sql, at) in [
+            ("DELETE FROM items", "DELETE"),
+            ("  delete from items", "delete"),
+            ("((DELETE FROM t))", "DELETE"),
+            ("INSERT INTO t VALUES (1)", "INSERT"),
+            ("UPDATE t SET a = 1", "UPDATE"),
+            ("MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE", "MERGE"),
+            ("DROP TABLE t", "DROP"),
+            ("EXPLAIN SELECT 1", "EXPLAIN"),
+            ("SUBSCRIBE t", "SUBSCRIBE"),
+            ("'SELECT'", "'SELECT'"),
+            ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", "DELETE"),
+            ("WITH a AS (SELECT 1), d AS ((UPDATE t SET a = 1 RETURNING a)) SELECT 1", "UPDATE"),
+            ("WITH a AS (SELECT 1) DELETE FROM t", "DELETE"),
+            ("WITH RECURSIVE d AS (INSERT INTO t VALUES (1) RETURNING *) TABLE d", "INSERT"),
+            ("WITH a AS (SHOW clusters) SELECT 1", "SHOW"),
+            ("SELECT * FROM (WITH d AS (DELETE FROM t RETURNING *) SELECT 1) s", "DELETE"),
+            ("WITH a AS (SELECT * FROM (WITH b AS (MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE) SELECT 1) s) TABLE a", "MERGE"),
+            ("SELECT * INTO copy FROM t", "INTO"),
+            ("/* SELECT */ DELETE FROM t", "DELETE"),
+            ("/* /* */ SELECT 1 */ DELETE FROM t", "DELETE"),
+            ("-- SELECT\nDELETE FROM t", "DELETE"),
+            ("-- c\rSELECT 1 --\nDELETE FROM t", "-- c\r"),
+            ("SELECT $x FROM t", "$x"),
+            ("WITH (SELECT 1) SELECT 1", "(SELECT"),
+            ("WITH a AS SELECT 1", "SELECT"),
+            ("WITH a AS (SELECT 1)", ""),
+            ("(((", ""),
+            ("SELECT 1; DELETE FROM t", "; DELETE"),
+        ] {
+            let e = read_only_query(sql).expect_err(sql);
+            assert!(sql[e.at..].starts_with(at), "{sql}: at {}: {}", e.at, e.message);
+            assert!(at.is_empty() == (e.at == sql.len()), "{sql}: {}", e.message);
+        }
+        let e = read_only_query("DELETE FROM t").expect_err("delete");
+        assert!(
+            e.message.contains("read-only query") && e.message.contains("`DELETE`"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn a_refused_query_points_at_its_keyword_in_the_file() {
+        let position = |query: &str| {
+            let text = format!("[[streams]]\npath = \"/a\"\nquery = {query}\n");
+            let p = check(&text).expect_err(query);
+            assert_eq!(p.len(), 1, "{p:?}");
+            (p[0].line, p[0].column)
+        };
+        assert_eq!(position("\"DELETE FROM t\""), (3, 10));
+        assert_eq!(position("'  delete from t'"), (3, 12));
+        assert_eq!(position("\"DELETE FROM t WHERE a = \\\"x\\\"\""), (3, 10));
+        assert_eq!(
+            position("\"\"\"\nWITH d AS (\n  DELETE FROM t RETURNING *)\nSELECT 1\"\"\""),
+            (5, 3)
+        );
+        assert_eq!(
+            position("'''\nWITH d AS (\n  DELETE FROM t RETURNING *)\nSELECT 1'''"),
+            (5, 3)
+        );
+        assert_eq!(position("\"SELECT 1; DROP TABLE t\""), (3, 18));
+        // An escape before the keyword shifts source and value: the value's start stands in.
+        assert_eq!(
+            position("\"WITH \\\"d\\\" AS (DELETE FROM t RETURNING *) SELECT 1\""),
+            (3, 9)
+        );
+        assert_eq!(position("\"\\tDELETE FROM t\""), (3, 9));
+    }
+
+    /// Line and column of byte `offset`, counted from the start of `text`.
+    fn naive_position(text: &str, offset: usize) -> (usize, usize) {
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    }
+
+    #[test]
+    fn positions_are_right_for_many_problems_on_many_lines_and_on_one() {
+        // Non-ASCII before each problem: columns count characters, not bytes.
+        let n = 60;
+        let mut tables = String::new();
+        let mut inline = String::from("streams = [");
+        for i in 0..n {
+            tables.push_str(&format!(
+                "[[streams]] # é\npath = \"/s{i}\"\nview = \"v\"\ndelay = \"soon\"\n"
+            ));
+            inline.push_str(&format!(
+                "{{ path = \"/s{i}\", query = \"SELECT 'é'\", delay = \"soon\" }}, "
+            ));
+        }
+        inline.push_str("]\n");
+        for text in [tables, inline] {
+            let p = check(&text).expect_err("invalid");
+            assert_eq!(p.len(), n);
+            let expected: Vec<(usize, usize)> = text
+                .match_indices("\"soon\"")
+                .map(|(offset, _)| naive_position(&text, offset))
+                .collect();
+            let got: Vec<(usize, usize)> = p.iter().map(|p| (p.line, p.column)).collect();
+            assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
+    fn past_a_hundred_problems_the_first_are_listed_and_the_rest_counted() {
+        let n = 4_000;
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[streams]]\npath = \"/s{i}\"\nview = \"v\"\ndelay = \"soon\"\n"
+            ));
+        }
+        // Found in another order than the file's: the section first, then the streams.
+        text.push_str("[server]\nheartbeat = \"often\"\n");
+        let e = parse(Path::new("big.toml"), &text).expect_err("invalid");
+        assert_eq!(e.total(), n + 1);
+        let lines: Vec<usize> = e.problems().iter().map(|p| p.line).collect();
+        assert_eq!(
+            lines,
+            (0..MAX_LISTED).map(|i| 4 * i + 4).collect::<Vec<_>>()
+        );
+        let report = e.to_string();
+        assert!(
+            report.starts_with("4,001 problem(s) in big.toml\n  big.toml:4:9: bad duration"),
+            "{}",
+            &report[..200]
+        );
+        assert!(
+            report.ends_with("\n  ... and 3,901 more problems"),
+            "{}",
+            &report[report.len() - 200..]
+        );
+        assert_eq!(report.lines().count(), 1 + MAX_LISTED + 1);
+
+        let e = parse(Path::new("a.toml"), "[server]\nheartbeat = \"often\"\n").expect_err("bad");
+        assert_eq!((e.total(), e.problems().len()), (1, 1));
+        assert!(!e.to_string().contains("more problem"));
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 
     #[test]
@@ -1158,6 +1889,35 @@ mod tests {
                 "{line}: {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn reserved_words_are_refused_as_names() {
+        assert!(
+            RESERVED_WORDS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, unique"
+        );
+        for (entry, line, column, word) in [
+            ("view = \"select\"", 3, 9, "select"),
+            ("view = \"public.Order\"", 3, 16, "Order"),
+            ("view = \"v\"\nkey = [\"id\", \"USER\"]", 4, 14, "USER"),
+            ("view = \"v\"\ncluster = \"default\"", 4, 11, "default"),
+            ("view = \"v\"\nkey = [\"join\"]", 4, 8, "join"),
+        ] {
+            let p = check(&format!("[[streams]]\npath = \"/a\"\n{entry}\n")).expect_err(entry);
+            assert_eq!(p.len(), 1, "{entry}: {p:?}");
+            assert_eq!((p[0].line, p[0].column), (line, column), "{entry}: {p:?}");
+            assert!(
+                p[0].message.contains("reserved SQL word") && p[0].message.contains(word),
+                "{entry}: {p:?}"
+            );
+        }
+        // Words that merely contain or resemble one, and unreserved keywords, pass.
+        check(
+            "[[streams]]\npath = \"/a\"\nview = \"orders.selection\"\n\
+             key = [\"user_id\", \"delete\", \"key\"]\ncluster = \"serving\"\n",
+        )
+        .expect("valid");
     }
 
     #[test]

@@ -182,7 +182,11 @@ impl Gateway {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(trigger) = triggers.recv() => {
-                    reload::apply(&mut config, &mut hash, trigger, &mut supervisor, &state);
+                    // Validating a huge file takes a while; shutdown need not wait for it.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        () = reload::apply(&mut config, &mut hash, trigger, &mut supervisor, &state) => {}
+                    }
                 }
             }
         }

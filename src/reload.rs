@@ -1,6 +1,7 @@
 //! Hot reload: every trigger (file events, SIGHUP, the fallback poll) feeds one channel
 //! that the gateway's control loop drains, and [`apply`] validates the whole file
-//! before anything changes.
+//! before anything changes. Reading and validating run on the blocking pool, so a huge
+//! or hostile file never holds up a runtime worker.
 //!
 //! The watcher watches the config file's *directory* and filters by name, so editors
 //! that save by renaming a temp file over the original and Kubernetes' `..data`
@@ -257,9 +258,42 @@ async fn sighup(
     }
 }
 
+/// What reading the config file found.
+#[derive(Debug)]
+enum Loaded {
+    Unreadable(std::io::Error),
+    /// The content hash is the one last seen.
+    Unchanged,
+    /// New content with this hash, and what validating it gave.
+    Parsed(u64, Box<Result<Config, config::ConfigError>>),
+}
+
+/// Reads `path` and, unless its hash is `seen`, validates it. Blocking: the file may
+/// be large, slow to read, or full of problems.
+fn load_blocking(path: &Path, seen: Option<u64>) -> Loaded {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) => return Loaded::Unreadable(e),
+    };
+    let hash = config::digest(&text);
+    if seen == Some(hash) {
+        return Loaded::Unchanged;
+    }
+    let text = String::from_utf8_lossy(&text);
+    Loaded::Parsed(hash, Box::new(config::parse(path, &text)))
+}
+
+/// [`load_blocking`] on the blocking pool.
+async fn load(path: PathBuf, seen: Option<u64>) -> Result<Loaded, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || load_blocking(&path, seen)).await
+}
+
 /// Re-reads and validates the file and applies it. An unreadable or invalid file
 /// changes nothing: the error is logged once and recorded in the metrics.
-pub fn apply(
+///
+/// Cancel-safe: nothing changes before the file has been read and validated, so a
+/// caller may drop this future (say, at shutdown) while it waits for that.
+pub async fn apply(
     running: &mut Config,
     seen: &mut Option<u64>,
     trigger: Trigger,
@@ -267,9 +301,20 @@ pub fn apply(
     state: &Arc<AppState>,
 ) {
     let path = running.source.clone();
-    let text = match std::fs::read(&path) {
-        Ok(t) => t,
+    let loaded = match load(path.clone(), *seen).await {
+        Ok(loaded) => loaded,
+        // The blocking task panicked (a bug) or the runtime is stopping: a failed
+        // reload. `seen` stays, so the next trigger tries again.
         Err(e) => {
+            error!(file = %path.display(), error = %e, "Config reload failed; keeping the running config.");
+            state
+                .metrics
+                .reload_failed(format!("validating {} failed: {e}", path.display()));
+            return;
+        }
+    };
+    let new = match loaded {
+        Loaded::Unreadable(e) => {
             if seen.take().is_some() {
                 let message = format!("cannot read {}: {e}", path.display());
                 error!(file = %path.display(), error = %e, "Config unreadable; keeping the running config.");
@@ -277,22 +322,20 @@ pub fn apply(
             }
             return;
         }
-    };
-    let hash = config::digest(&text);
-    if *seen == Some(hash) {
-        return;
-    }
-    *seen = Some(hash);
-    let text = String::from_utf8_lossy(&text);
-    let new = match config::parse(&path, &text) {
-        Ok(c) => c,
-        Err(e) => {
-            error!(
-                ?trigger,
-                "Config reload rejected; keeping the running config.\n{e}"
-            );
-            state.metrics.reload_failed(e.to_string());
-            return;
+        Loaded::Unchanged => return,
+        Loaded::Parsed(hash, parsed) => {
+            *seen = Some(hash);
+            match *parsed {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(
+                        ?trigger,
+                        "Config reload rejected; keeping the running config.\n{e}"
+                    );
+                    state.metrics.reload_failed(e.to_string());
+                    return;
+                }
+            }
         }
     };
     let (effective, refused) = reconcile(running, new);
@@ -351,6 +394,42 @@ pub fn reconcile(running: &Config, mut new: Config) -> (Config, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the current-thread runtime `#[tokio::test]` uses, a read and parse on the
+    /// runtime would run to the end on `load`'s first poll, before the task beside it
+    /// could run at all.
+    #[tokio::test]
+    async fn reading_and_validating_leave_the_runtime_free() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("streams.toml");
+        std::fs::write(&path, "[[streams]]\npath = \"/a\"\nview = \"v\"\n").expect("write");
+        let beside = std::sync::atomic::AtomicBool::new(false);
+        let (loaded, ()) = futures::future::join(
+            async {
+                let loaded = load(path.clone(), None).await;
+                (loaded, beside.load(Ordering::Relaxed))
+            },
+            async { beside.store(true, Ordering::Relaxed) },
+        )
+        .await;
+        let (loaded, ran_before_the_end) = loaded;
+        assert!(ran_before_the_end, "the load never yielded to the runtime");
+        let Ok(Loaded::Parsed(hash, parsed)) = loaded else {
+            panic!("{loaded:?}");
+        };
+        let c = parsed.expect("valid");
+        assert_eq!(c.streams.len(), 1);
+        // The same content again is recognised, and a missing file is reported.
+        assert!(matches!(
+            load(path.clone(), Some(hash)).await,
+            Ok(Loaded::Unchanged)
+        ));
+        std::fs::remove_file(&path).expect("remove");
+        assert!(matches!(
+            load(path, Some(hash)).await,
+            Ok(Loaded::Unreadable(_))
+        ));
+    }
 
     #[test]
     fn unreloadable_fields_are_refused_by_name() {
