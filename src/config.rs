@@ -19,10 +19,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Names a stream cannot use as its event name: the wire contract reserves them.
-const RESERVED_EVENTS: [&str; 3] = ["snapshot", "status", "end"];
-/// Paths the gateway serves itself.
-const RESERVED_PATHS: [&str; 3] = ["/", "/metrics", "/healthz"];
+pub use crate::wire::ClientErrors;
+use crate::wire::{RESERVED_EVENTS, RESERVED_PATHS};
 
 /// Words that cannot be an unquoted table, view, column or cluster name: PostgreSQL's
 /// reserved keywords, those it reserves but allows as function or type names (`join`,
@@ -172,16 +170,6 @@ pub struct ServerConfig {
     pub client_errors: ClientErrors,
 }
 
-/// How much of an upstream error clients see in `status` events. Logs and `GET /`
-/// always keep the details.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientErrors {
-    /// The error text as the upstream gave it (SQLSTATE, object names).
-    Full,
-    /// A fixed text, for deployments where the errors are sensitive.
-    Generic,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamTarget {
     /// Start the development engine in-process on a loopback port.
@@ -232,11 +220,6 @@ pub struct ScheduledWrite {
 pub struct StreamPath(String);
 
 impl StreamPath {
-    /// The name scheduled writes use as their session's application name.
-    pub fn schedule() -> StreamPath {
-        StreamPath("(schedule)".into())
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -253,26 +236,6 @@ impl fmt::Display for StreamPath {
 pub enum Source {
     View(String),
     Query(String),
-}
-
-impl Source {
-    /// The relation as it appears after `SUBSCRIBE TO`.
-    pub fn relation(&self) -> String {
-        match self {
-            Source::View(v) => v.clone(),
-            // The newline keeps a trailing `--` comment from swallowing the parenthesis.
-            Source::Query(q) if q.contains("--") => format!("({q}\n)"),
-            Source::Query(q) => format!("({q})"),
-        }
-    }
-
-    /// A plain query over the relation, used to learn its column types.
-    pub fn select(&self) -> String {
-        match self {
-            Source::View(v) => format!("SELECT * FROM {v}"),
-            Source::Query(q) => q.clone(),
-        }
-    }
 }
 
 /// What a [`SqlTokens`] token is. Strings, quoted identifiers and comments are read whole,

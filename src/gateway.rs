@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, UpstreamTarget};
 use crate::http::{self, AppState};
@@ -183,9 +183,12 @@ impl Gateway {
                 _ = shutdown.cancelled() => break,
                 Some(trigger) = triggers.recv() => {
                     // Validating a huge file takes a while; shutdown need not wait for it.
-                    tokio::select! {
+                    let outcome = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        () = reload::apply(&mut config, &mut hash, trigger, &mut supervisor, &state) => {}
+                        outcome = reload::check(&config, &mut hash) => outcome,
+                    };
+                    if let Some(running) = apply(outcome, trigger, &mut supervisor, &state) {
+                        config = running;
                     }
                 }
             }
@@ -202,5 +205,43 @@ impl Gateway {
         inner.cancel();
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+}
+
+/// Runs what a reload found: an accepted config goes to the supervisor, and the route
+/// table and server settings the HTTP layer reads are swapped; a rejected one is
+/// recorded. Logs one line either way. Returns the config now running, if it changed.
+fn apply(
+    outcome: reload::Outcome,
+    trigger: Trigger,
+    supervisor: &mut Supervisor,
+    state: &AppState,
+) -> Option<Config> {
+    match outcome {
+        reload::Outcome::Unchanged => None,
+        reload::Outcome::Rejected(reason) => {
+            error!(
+                ?trigger,
+                "Config reload rejected; keeping the running config.\n{reason}"
+            );
+            state.metrics.reload_failed(reason);
+            None
+        }
+        reload::Outcome::Accepted { config, refused } => {
+            let applied = supervisor.apply(&config);
+            state.routes.store(Arc::new(supervisor.routes()));
+            state.server.store(Arc::new(config.server.clone()));
+            state.metrics.reload_ok();
+            info!(
+                ?trigger,
+                added = ?applied.added,
+                removed = ?applied.removed,
+                resubscribed = ?applied.resubscribed,
+                retuned = ?applied.retuned,
+                needs_restart = ?refused,
+                "Config reloaded."
+            );
+            Some(config)
+        }
     }
 }

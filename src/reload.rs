@@ -24,11 +24,9 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::warn;
 
 use crate::config::{self, Config};
-use crate::http::AppState;
-use crate::supervisor::Supervisor;
 
 /// Quiet time that ends a burst of file events.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -288,74 +286,53 @@ async fn load(path: PathBuf, seen: Option<u64>) -> Result<Loaded, tokio::task::J
     tokio::task::spawn_blocking(move || load_blocking(&path, seen)).await
 }
 
-/// Re-reads and validates the file and applies it. An unreadable or invalid file
-/// changes nothing: the error is logged once and recorded in the metrics.
+/// What a reload trigger found.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The file's content is what was last seen.
+    Unchanged,
+    /// The file cannot be read or is invalid; the running config stays. The text
+    /// names the file and, for an invalid one, every problem with its position.
+    Rejected(String),
+    /// A valid config to run: `config` is the new file with the fields that need a
+    /// restart kept at their running values, which `refused` names.
+    Accepted {
+        config: Config,
+        refused: Vec<String>,
+    },
+}
+
+/// Re-reads and validates the file (on the blocking pool). Nothing is applied here:
+/// the caller runs an accepted config and reports the outcome.
 ///
 /// Cancel-safe: nothing changes before the file has been read and validated, so a
 /// caller may drop this future (say, at shutdown) while it waits for that.
-pub async fn apply(
-    running: &mut Config,
-    seen: &mut Option<u64>,
-    trigger: Trigger,
-    supervisor: &mut Supervisor,
-    state: &Arc<AppState>,
-) {
+pub async fn check(running: &Config, seen: &mut Option<u64>) -> Outcome {
     let path = running.source.clone();
     let loaded = match load(path.clone(), *seen).await {
         Ok(loaded) => loaded,
         // The blocking task panicked (a bug) or the runtime is stopping: a failed
         // reload. `seen` stays, so the next trigger tries again.
-        Err(e) => {
-            error!(file = %path.display(), error = %e, "Config reload failed; keeping the running config.");
-            state
-                .metrics
-                .reload_failed(format!("validating {} failed: {e}", path.display()));
-            return;
-        }
+        Err(e) => return Outcome::Rejected(format!("validating {} failed: {e}", path.display())),
     };
-    let new = match loaded {
-        Loaded::Unreadable(e) => {
-            if seen.take().is_some() {
-                let message = format!("cannot read {}: {e}", path.display());
-                error!(file = %path.display(), error = %e, "Config unreadable; keeping the running config.");
-                state.metrics.reload_failed(message);
-            }
-            return;
-        }
-        Loaded::Unchanged => return,
+    match loaded {
+        // Reported once: the next unreadable read finds `seen` already cleared.
+        Loaded::Unreadable(e) => match seen.take() {
+            Some(_) => Outcome::Rejected(format!("cannot read {}: {e}", path.display())),
+            None => Outcome::Unchanged,
+        },
+        Loaded::Unchanged => Outcome::Unchanged,
         Loaded::Parsed(hash, parsed) => {
             *seen = Some(hash);
             match *parsed {
-                Ok(c) => c,
-                Err(e) => {
-                    error!(
-                        ?trigger,
-                        "Config reload rejected; keeping the running config.\n{e}"
-                    );
-                    state.metrics.reload_failed(e.to_string());
-                    return;
+                Ok(new) => {
+                    let (config, refused) = reconcile(running, new);
+                    Outcome::Accepted { config, refused }
                 }
+                Err(e) => Outcome::Rejected(e.to_string()),
             }
         }
-    };
-    let (effective, refused) = reconcile(running, new);
-    for field in &refused {
-        warn!(field = %field, "This change needs a restart; keeping the running value.");
     }
-    let applied = supervisor.apply(&effective);
-    state.routes.store(Arc::new(supervisor.routes()));
-    state.server.store(Arc::new(effective.server.clone()));
-    *running = effective;
-    state.metrics.reload_ok();
-    info!(
-        ?trigger,
-        added = applied.added.len(),
-        removed = applied.removed.len(),
-        resubscribed = applied.resubscribed.len(),
-        retuned = applied.retuned.len(),
-        refused = refused.len(),
-        "Config reloaded."
-    );
 }
 
 /// The config to run after a reload: `new`, except for fields that cannot change live,

@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 
 use bytes::Bytes;
 
-use crate::config::ClientErrors;
 use crate::sse;
 
 /// The event that replaces a client's state.
@@ -30,6 +29,16 @@ pub const STREAM_HEADERS: [(&str, &str); 3] = [
     ("cache-control", "no-cache"),
     ("x-accel-buffering", "no"),
 ];
+
+/// How much of an upstream error clients see in `status` events. Logs and `GET /`
+/// always keep the details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientErrors {
+    /// The error text as the upstream gave it (SQLSTATE, object names).
+    Full,
+    /// A fixed text, for deployments where the errors are sensitive.
+    Generic,
+}
 
 /// The error text clients see under [`ClientErrors::Generic`].
 pub const GENERIC_ERROR: &str = "the upstream is unavailable";

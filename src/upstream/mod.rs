@@ -15,6 +15,7 @@
 
 mod connect;
 pub mod decode;
+mod sql;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -198,7 +199,7 @@ impl StreamTask {
         let mut conn = AbortOnDrop(conn);
 
         let version = client
-            .query_one("SELECT mz_version()", &[])
+            .query_one(sql::VERSION, &[])
             .await
             .map_err(query_err("reading mz_version()"))?;
         let version: String = version
@@ -207,12 +208,12 @@ impl StreamTask {
         let legacy = is_legacy(&version).ok_or_else(|| UpstreamError::Version(version.clone()))?;
         if let Some(cluster) = &stream.cluster {
             client
-                .batch_execute(&format!("SET cluster = {cluster}"))
+                .batch_execute(&sql::set_cluster(cluster))
                 .await
                 .map_err(query_err("setting the cluster"))?;
         }
         let described = client
-            .prepare(&stream.source.select())
+            .prepare(&sql::describe(&stream.source))
             .await
             .map_err(query_err("describing the relation"))?;
         let relation: Vec<(String, tokio_postgres::types::Type)> = described
@@ -225,10 +226,10 @@ impl StreamTask {
             Phase::Live => progress.frontier.map(|f| f.saturating_sub(1)),
             _ => None,
         };
-        let sql = subscribe_sql(&stream, legacy, resume_at);
-        debug!(stream = %stream.path, sql = %sql, "Subscribing.");
+        let subscribe = sql::subscribe(&stream, legacy, resume_at);
+        debug!(stream = %stream.path, sql = %subscribe, "Subscribing.");
         client
-            .batch_execute(&format!("BEGIN; DECLARE c CURSOR FOR {sql}"))
+            .batch_execute(&sql::declare(&subscribe))
             .await
             .map_err(query_err("declaring the subscription"))?;
 
@@ -239,7 +240,7 @@ impl StreamTask {
         let mut announced = false;
 
         let fetch = || -> Pin<Box<dyn Future<Output = Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>> + Send + '_>> {
-            Box::pin(client.simple_query("FETCH ALL c"))
+            Box::pin(client.simple_query(sql::FETCH))
         };
         let mut in_flight = fetch();
         loop {
@@ -445,27 +446,6 @@ fn is_legacy(version: &str) -> Option<bool> {
     Some(major == 0 && minor < 27)
 }
 
-/// The SUBSCRIBE (or TAIL) statement for a stream.
-fn subscribe_sql(stream: &StreamConfig, legacy: bool, resume_at: Option<u64>) -> String {
-    let mut sql = String::new();
-    sql.push_str(if legacy { "TAIL " } else { "SUBSCRIBE " });
-    sql.push_str(&stream.source.relation());
-    if let (false, Some(key)) = (legacy, &stream.key) {
-        sql.push_str(" ENVELOPE UPSERT (KEY (");
-        sql.push_str(&key.join(", "));
-        sql.push_str("))");
-    }
-    sql.push_str(" WITH (PROGRESS");
-    if resume_at.is_some() {
-        sql.push_str(", SNAPSHOT = false");
-    }
-    sql.push(')');
-    if let Some(ts) = resume_at {
-        sql.push_str(&format!(" AS OF {ts}"));
-    }
-    sql
-}
-
 /// Capped exponential backoff with jitter (between half and all of the step).
 fn backoff(timing: &Policy, attempt: u32) -> Duration {
     let step = timing
@@ -481,21 +461,6 @@ fn backoff(timing: &Policy, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Source;
-
-    fn stream(source: Source, key: Option<Vec<String>>) -> StreamConfig {
-        let mut s = crate::config::parse(
-            std::path::Path::new("s.toml"),
-            "[[streams]]\npath = \"/a\"\nview = \"v\"\n",
-        )
-        .expect("valid")
-        .streams[0]
-            .as_ref()
-            .clone();
-        s.source = source;
-        s.key = key;
-        s
-    }
 
     #[test]
     fn versions() {
@@ -507,27 +472,6 @@ mod tests {
         );
         assert_eq!(is_legacy("v26.1.0"), Some(false));
         assert_eq!(is_legacy("PostgreSQL 15"), None);
-    }
-
-    #[test]
-    fn statements() {
-        let s = stream(Source::View("v".into()), None);
-        assert_eq!(
-            subscribe_sql(&s, false, None),
-            "SUBSCRIBE v WITH (PROGRESS)"
-        );
-        assert_eq!(
-            subscribe_sql(&s, true, Some(41)),
-            "TAIL v WITH (PROGRESS, SNAPSHOT = false) AS OF 41"
-        );
-        let k = stream(
-            Source::Query("SELECT a, b FROM t".into()),
-            Some(vec!["a".into()]),
-        );
-        assert_eq!(
-            subscribe_sql(&k, false, None),
-            "SUBSCRIBE (SELECT a, b FROM t) ENVELOPE UPSERT (KEY (a)) WITH (PROGRESS)"
-        );
     }
 
     #[test]
