@@ -241,7 +241,7 @@ fn apply(
                 needs_restart = ?refused,
                 "Config reloaded."
             );
-            Some(config)
+            Some(*config)
         }
     }
 }

@@ -297,7 +297,7 @@ pub enum Outcome {
     /// A valid config to run: `config` is the new file with the fields that need a
     /// restart kept at their running values, which `refused` names.
     Accepted {
-        config: Config,
+        config: Box<Config>,
         refused: Vec<String>,
     },
 }
@@ -327,7 +327,10 @@ pub async fn check(running: &Config, seen: &mut Option<u64>) -> Outcome {
             match *parsed {
                 Ok(new) => {
                     let (config, refused) = reconcile(running, new);
-                    Outcome::Accepted { config, refused }
+                    Outcome::Accepted {
+                        config: Box::new(config),
+                        refused,
+                    }
                 }
                 Err(e) => Outcome::Rejected(e.to_string()),
             }
