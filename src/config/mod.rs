@@ -1,0 +1,208 @@
+//! `streams.toml`: the raw serde mirror of the file and its validation into [`Config`].
+//!
+//! Loading is two steps. The text is parsed into a span-carrying TOML tree, each section
+//! and each `[[streams]]` entry is deserialized on its own (with `deny_unknown_fields`),
+//! and then [`RawConfig::validate`] turns the raw values into typed ones. Every problem
+//! found along the way is collected, so one run reports them all, each with the file,
+//! line and column (past [`MAX_LISTED`], the first are listed and the rest counted).
+//! Validation does no I/O, and its time is linear in the size of the file and the
+//! number of problems; reading secrets happens later, when the upstream connects.
+//!
+//! - `raw`: the serde mirror of the file and reading it section by section.
+//! - `validate`: raw values into typed ones.
+//! - `sql`: the lexical checks on SQL text from the file (one read-only query, names).
+//! - `problems`: collecting problems and placing them by line and column.
+
+mod problems;
+mod raw;
+mod sql;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::wire::ClientErrors;
+use problems::Problems;
+pub use problems::{ConfigError, Problem, MAX_LISTED};
+use raw::RawConfig;
+
+/// A whole, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it came from; relative paths inside it resolve against its directory.
+    pub source: PathBuf,
+    /// Hash of the text it was parsed from, so reload can skip saves that change nothing.
+    pub digest: u64,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub embedded: EmbeddedConfig,
+    pub streams: Vec<Arc<StreamConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Interval of `: keepalive` comments, so proxies do not cut idle streams.
+    pub heartbeat: Duration,
+    /// A client whose socket accepts nothing for this long is disconnected.
+    pub send_timeout: Duration,
+    /// How long shutdown waits for clients to receive `end` before exiting.
+    pub shutdown_grace: Duration,
+    /// Connections beyond this are refused with 503 instead of exhausting descriptors.
+    pub max_connections: usize,
+    /// Optional cap on a connection's life; the actual cap is jittered down to 80%
+    /// of it so reconnects spread out.
+    pub max_lifetime: Option<Duration>,
+    /// `Access-Control-Allow-Origin` values; `*` allows any origin.
+    pub cors_origins: Vec<String>,
+    /// How long a client may take to send a request head, from its first byte (or
+    /// from the connection's accept, for the first request).
+    pub head_timeout: Duration,
+    /// How long a connection may sit idle between requests before it is closed.
+    pub keepalive_timeout: Duration,
+    /// What `status` events tell clients about upstream errors.
+    pub client_errors: ClientErrors,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamTarget {
+    /// Start the development engine in-process on a loopback port.
+    Embedded,
+    /// A `postgres://` URL of a Materialize (or compatible) server.
+    Url(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PasswordSource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub target: UpstreamTarget,
+    pub password: Option<PasswordSource>,
+    pub connect_timeout: Duration,
+    /// No row (not even a progress row) for this long means the link is dead.
+    pub progress_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Extra root certificates (PEM) for TLS, on top of the built-in web roots.
+    pub ca_file: Option<PathBuf>,
+    /// A row larger than this degrades its stream instead of being served.
+    pub max_row_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddedConfig {
+    pub init: Option<PathBuf>,
+    pub legacy: bool,
+    pub retain: Duration,
+    pub tick: Duration,
+    pub schedule: Vec<ScheduledWrite>,
+}
+
+/// A statement the gateway runs against the embedded engine on a timer, so the demo is alive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduledWrite {
+    pub every: Duration,
+    pub sql: String,
+}
+
+/// A validated URL path such as `/sensors`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamPath(String);
+
+impl StreamPath {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a stream subscribes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    View(String),
+    Query(String),
+}
+
+/// One `[[streams]]` entry with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamConfig {
+    pub path: StreamPath,
+    pub source: Source,
+    /// SSE event name of update events.
+    pub event: String,
+    /// Coalescing window; zero sends each closed timestamp at once.
+    pub delay: Duration,
+    /// SSE `retry` hint sent to browsers.
+    pub retry: Duration,
+    /// Upsert key columns (`ENVELOPE UPSERT (KEY (...))`).
+    pub key: Option<Vec<String>>,
+    /// Materialize cluster for this stream's session.
+    pub cluster: Option<String>,
+    /// Retained batches for resume, by count and by encoded bytes.
+    pub history: usize,
+    pub history_bytes: usize,
+    /// How many events a client may fall behind before it is resynchronised.
+    pub client_queue: usize,
+}
+
+impl StreamConfig {
+    /// True when a change of `other` needs a new upstream subscription.
+    pub fn upstream_differs(&self, other: &StreamConfig) -> bool {
+        self.source != other.source || self.key != other.key || self.cluster != other.cluster
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        source: Arc::new(e),
+    })?;
+    parse(path, &text)
+}
+
+/// The content hash used to recognise unchanged files.
+pub fn digest(text: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Validates config text that came from `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut problems = Problems::new(text);
+    let raw = RawConfig::from_text(text, &mut problems);
+    let config = raw.and_then(|raw| raw.validate(path, &mut problems));
+    let config = config.map(|c| Config {
+        digest: digest(text.as_bytes()),
+        ..c
+    });
+    match config {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(problems.into_error(path)),
+    }
+}
+
+/// Parses a duration such as `250ms`, `15s`, `2m`; `0` means zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{e}"))
+}

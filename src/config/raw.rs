@@ -1,0 +1,196 @@
+//! The file as written: serde types that mirror each section with
+//! `deny_unknown_fields`, read section by section so every unknown or mistyped key is
+//! reported, not only the first.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::problems::Problems;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) heartbeat: Option<Spanned<String>>,
+    pub(super) send_timeout: Option<Spanned<String>>,
+    pub(super) shutdown_grace: Option<Spanned<String>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) max_lifetime: Option<Spanned<String>>,
+    pub(super) cors_origins: Option<Vec<String>>,
+    pub(super) head_timeout: Option<Spanned<String>>,
+    pub(super) keepalive_timeout: Option<Spanned<String>>,
+    pub(super) client_errors: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) password_env: Option<Spanned<String>>,
+    pub(super) password_file: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) progress_timeout: Option<Spanned<String>>,
+    pub(super) backoff_initial: Option<Spanned<String>>,
+    pub(super) backoff_max: Option<Spanned<String>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) max_row_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEmbedded {
+    pub(super) init: Option<Spanned<String>>,
+    pub(super) legacy: Option<bool>,
+    pub(super) retain: Option<Spanned<String>>,
+    pub(super) tick: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) schedule: Vec<Spanned<RawSchedule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSchedule {
+    pub(super) every: Spanned<String>,
+    pub(super) sql: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    pub(super) delay: Option<Spanned<String>>,
+    pub(super) retry: Option<Spanned<String>>,
+    pub(super) event: Option<Spanned<String>>,
+    pub(super) history: Option<Spanned<i64>>,
+    pub(super) history_bytes: Option<Spanned<i64>>,
+    pub(super) client_queue: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStream {
+    pub(super) path: Spanned<String>,
+    pub(super) view: Option<Spanned<String>>,
+    pub(super) query: Option<Spanned<String>>,
+    pub(super) event: Option<Spanned<String>>,
+    pub(super) delay: Option<Spanned<String>>,
+    pub(super) retry: Option<Spanned<String>>,
+    pub(super) key: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) cluster: Option<Spanned<String>>,
+    pub(super) history: Option<Spanned<i64>>,
+    pub(super) history_bytes: Option<Spanned<i64>>,
+    pub(super) client_queue: Option<Spanned<i64>>,
+}
+
+/// The file as written, section by section. A section that failed to deserialize is
+/// `None`, and its problem is already recorded.
+pub(super) struct RawConfig {
+    pub(super) server: Option<RawServer>,
+    pub(super) upstream: Option<RawUpstream>,
+    pub(super) embedded: Option<RawEmbedded>,
+    pub(super) defaults: Option<RawDefaults>,
+    /// `None` for an entry that failed to deserialize.
+    pub(super) streams: Vec<Option<RawStream>>,
+}
+
+impl RawConfig {
+    pub(super) fn from_text(text: &str, problems: &mut Problems<'_>) -> Option<RawConfig> {
+        use toml::de::{DeTable, DeValue, ValueDeserializer};
+        if text.trim().is_empty() {
+            problems.at(0, "the file is empty");
+            return None;
+        }
+        let root = match DeTable::parse(text) {
+            Ok(root) => root,
+            Err(e) => {
+                problems.toml(&e);
+                return None;
+            }
+        };
+        let mut raw = RawConfig {
+            server: Some(RawServer::default()),
+            upstream: Some(RawUpstream::default()),
+            embedded: Some(RawEmbedded::default()),
+            defaults: Some(RawDefaults::default()),
+            streams: Vec::new(),
+        };
+        /// Reads a table, reporting every unknown or mistyped key, not only the first.
+        /// Unknown keys are dropped and the rest is read on, so the entry's other
+        /// problems are reported too; a mistyped key makes the entry unreadable (its
+        /// value cannot stand in for the key, and leaving it out would invent problems
+        /// such as a missing `path`).
+        fn section<T: for<'de> Deserialize<'de>>(
+            value: Spanned<DeValue<'_>>,
+            problems: &mut Problems<'_>,
+        ) -> Option<T> {
+            let span = value.span();
+            let DeValue::Table(table) = value.get_ref() else {
+                return T::deserialize(ValueDeserializer::from(value))
+                    .map_err(|e| problems.toml(&e))
+                    .ok();
+            };
+            // Most tables read whole; only the others are taken apart key by key.
+            if let Ok(read) = T::deserialize(ValueDeserializer::from(value.clone())) {
+                return Some(read);
+            }
+            let mut good = table.clone();
+            let mut mistyped = false;
+            for (key, item) in table.iter() {
+                let mut alone = toml::de::DeTable::new();
+                alone.insert(key.clone(), item.clone());
+                let alone = Spanned::new(span.clone(), DeValue::Table(alone));
+                // Alone, a key also lacks the required ones; the whole table says that.
+                match T::deserialize(ValueDeserializer::from(alone)) {
+                    Err(e) if !e.message().starts_with("missing field") => {
+                        let message = e.message().trim();
+                        let name = key.get_ref().as_ref();
+                        let offset = e.span().unwrap_or_else(|| item.span()).start;
+                        if message.starts_with("unknown field") {
+                            problems.at(offset, message.to_string());
+                            good.remove(key.get_ref().as_ref());
+                        } else {
+                            problems.at(offset, format!("`{name}`: {message}"));
+                            mistyped = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if mistyped {
+                return None;
+            }
+            T::deserialize(ValueDeserializer::from(Spanned::new(
+                span,
+                DeValue::Table(good),
+            )))
+            .map_err(|e| problems.toml(&e))
+            .ok()
+        }
+        for (key, value) in root.into_inner() {
+            let name = key.get_ref().as_ref();
+            match name {
+                "server" => raw.server = section(value, problems),
+                "upstream" => raw.upstream = section(value, problems),
+                "embedded" => raw.embedded = section(value, problems),
+                "defaults" => raw.defaults = section(value, problems),
+                "streams" => {
+                    let start = value.span().start;
+                    match value.into_inner() {
+                        DeValue::Array(entries) => {
+                            for entry in entries {
+                                raw.streams.push(section(entry, problems));
+                            }
+                        }
+                        _ => problems.at(start, "`streams` must be an array of tables: [[streams]]"),
+                    }
+                }
+                other => problems.at(
+                    key.span().start,
+                    format!(
+                        "unknown section `{other}`, expected one of `server`, `upstream`, `embedded`, `defaults`, `streams`"
+                    ),
+                ),
+            }
+        }
+        Some(raw)
+    }
+}

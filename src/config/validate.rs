@@ -1,0 +1,451 @@
+//! Raw values into typed ones: defaults, durations, counts, names and sources, with
+//! every problem recorded where it is.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::problems::Problems;
+use super::raw::{RawConfig, RawStream};
+use super::sql::{is_identifier, is_relation_name, is_reserved_word, read_only_query};
+use super::*;
+use crate::wire::{RESERVED_EVENTS, RESERVED_PATHS};
+
+impl RawConfig {
+    pub(super) fn validate(self, path: &Path, p: &mut Problems<'_>) -> Option<Config> {
+        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let resolve = |s: &str| -> PathBuf {
+            let candidate = PathBuf::from(s);
+            if candidate.is_absolute() {
+                candidate
+            } else {
+                base.join(candidate)
+            }
+        };
+
+        let s = self.server.unwrap_or_default();
+        let default_listen = SocketAddr::from(([127, 0, 0, 1], 8000));
+        let listen = match &s.listen {
+            None => default_listen,
+            Some(l) => l.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
+                p.at(
+                    l.span().start,
+                    format!(
+                        "`listen` must be an address like 127.0.0.1:8000, got {:?}",
+                        l.get_ref()
+                    ),
+                );
+                default_listen
+            }),
+        };
+        let max_lifetime = duration(p, &s.max_lifetime, Duration::ZERO);
+        let server = ServerConfig {
+            listen,
+            heartbeat: positive(p, &s.heartbeat, Duration::from_secs(15), "heartbeat"),
+            send_timeout: positive(p, &s.send_timeout, Duration::from_secs(30), "send_timeout"),
+            shutdown_grace: duration(p, &s.shutdown_grace, Duration::from_secs(5)),
+            max_connections: count(p, &s.max_connections, 19_000, "max_connections"),
+            max_lifetime: (!max_lifetime.is_zero()).then_some(max_lifetime),
+            cors_origins: s.cors_origins.unwrap_or_default(),
+            head_timeout: positive(p, &s.head_timeout, Duration::from_secs(10), "head_timeout"),
+            keepalive_timeout: positive(
+                p,
+                &s.keepalive_timeout,
+                Duration::from_secs(30),
+                "keepalive_timeout",
+            ),
+            client_errors: match &s.client_errors {
+                None => ClientErrors::Full,
+                Some(v) => {
+                    match v.get_ref().as_str() {
+                        "full" => ClientErrors::Full,
+                        "generic" => ClientErrors::Generic,
+                        other => {
+                            p.at(
+                            v.span().start,
+                            format!("`client_errors` must be \"full\" or \"generic\", got {other:?}"),
+                        );
+                            ClientErrors::Full
+                        }
+                    }
+                }
+            },
+        };
+
+        let u = self.upstream.unwrap_or_default();
+        let target = match &u.url {
+            None => UpstreamTarget::Embedded,
+            Some(url) if url.get_ref() == "embedded" => UpstreamTarget::Embedded,
+            Some(url) => match url.get_ref().parse::<tokio_postgres::Config>() {
+                Ok(c) if c.get_password().is_some() => {
+                    p.at(
+                        url.span().start,
+                        "the upstream url must not hold a password; use `password_env` or `password_file`",
+                    );
+                    UpstreamTarget::Embedded
+                }
+                // tokio-postgres' default, `prefer`, falls back to plaintext without a
+                // word when the server declines TLS: plaintext must be asked for.
+                Ok(c) if matches!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Prefer) => {
+                    p.at(
+                        url.span().start,
+                        "the upstream url needs `sslmode=require` (verified TLS) or `sslmode=disable` (plain TCP); `prefer`, the default, silently falls back to plain TCP",
+                    );
+                    UpstreamTarget::Embedded
+                }
+                Ok(_) => UpstreamTarget::Url(url.get_ref().clone()),
+                Err(e) => {
+                    p.at(
+                        url.span().start,
+                        format!("`url` is neither \"embedded\" nor a valid postgres URL: {e}"),
+                    );
+                    UpstreamTarget::Embedded
+                }
+            },
+        };
+        let password = match (&u.password_env, &u.password_file) {
+            (Some(e), Some(_)) => {
+                p.at(
+                    e.span().start,
+                    "set only one of `password_env` and `password_file`",
+                );
+                None
+            }
+            (Some(e), None) => Some(PasswordSource::Env(e.get_ref().clone())),
+            (None, Some(f)) => Some(PasswordSource::File(resolve(f.get_ref()))),
+            (None, None) => None,
+        };
+        let backoff_initial = positive(
+            p,
+            &u.backoff_initial,
+            Duration::from_millis(100),
+            "backoff_initial",
+        );
+        let backoff_max = positive(p, &u.backoff_max, Duration::from_secs(10), "backoff_max");
+        if backoff_max < backoff_initial {
+            if let Some(b) = &u.backoff_max {
+                p.at(b.span().start, "`backoff_max` is below `backoff_initial`");
+            }
+        }
+        let upstream = UpstreamConfig {
+            target,
+            password,
+            connect_timeout: positive(
+                p,
+                &u.connect_timeout,
+                Duration::from_secs(10),
+                "connect_timeout",
+            ),
+            progress_timeout: positive(
+                p,
+                &u.progress_timeout,
+                Duration::from_secs(10),
+                "progress_timeout",
+            ),
+            backoff_initial,
+            backoff_max,
+            ca_file: u.ca_file.as_ref().map(|f| resolve(f.get_ref())),
+            max_row_bytes: count(p, &u.max_row_bytes, 16 << 20, "max_row_bytes"),
+        };
+
+        let e = self.embedded.unwrap_or_default();
+        let mut schedule = Vec::new();
+        for entry in &e.schedule {
+            let entry = entry.get_ref();
+            let every = positive(p, &Some(entry.every.clone()), Duration::ZERO, "every");
+            if entry.sql.get_ref().trim().is_empty() {
+                p.at(entry.sql.span().start, "`sql` is empty");
+            }
+            schedule.push(ScheduledWrite {
+                every,
+                sql: entry.sql.get_ref().clone(),
+            });
+        }
+        let embedded = EmbeddedConfig {
+            init: e.init.as_ref().map(|f| resolve(f.get_ref())),
+            legacy: e.legacy.unwrap_or(false),
+            retain: positive(p, &e.retain, Duration::from_secs(600), "retain"),
+            tick: positive(p, &e.tick, Duration::from_secs(1), "tick"),
+            schedule,
+        };
+
+        let d = self.defaults.unwrap_or_default();
+        let defaults = StreamDefaults {
+            delay: duration(p, &d.delay, Duration::ZERO),
+            retry: duration(p, &d.retry, Duration::from_secs(15)),
+            event: event_name(p, &d.event, "update"),
+            history: count(p, &d.history, 1024, "history"),
+            history_bytes: count(p, &d.history_bytes, 8 << 20, "history_bytes"),
+            client_queue: count(p, &d.client_queue, 1024, "client_queue"),
+        };
+
+        let mut seen = HashSet::new();
+        let mut streams = Vec::new();
+        for s in self.streams.into_iter().flatten() {
+            if let Some(stream) = validate_stream(p, s, &defaults, &mut seen) {
+                streams.push(Arc::new(stream));
+            }
+        }
+
+        Some(Config {
+            source: path.to_path_buf(),
+            digest: 0,
+            server,
+            upstream,
+            embedded,
+            streams,
+        })
+    }
+}
+
+pub(super) struct StreamDefaults {
+    delay: Duration,
+    retry: Duration,
+    event: String,
+    history: usize,
+    history_bytes: usize,
+    client_queue: usize,
+}
+
+pub(super) fn validate_stream(
+    p: &mut Problems<'_>,
+    s: RawStream,
+    d: &StreamDefaults,
+    seen: &mut HashSet<String>,
+) -> Option<StreamConfig> {
+    let before = p.len();
+    let path_at = s.path.span().start;
+    let path = s.path.get_ref().clone();
+    if !path.starts_with('/') {
+        p.at(path_at, format!("path {path:?} must start with `/`"));
+    } else if RESERVED_PATHS.contains(&path.as_str()) {
+        p.at(path_at, format!("path {path:?} is reserved by the gateway"));
+    } else if path.len() > 1 && path.ends_with('/') {
+        p.at(path_at, format!("path {path:?} must not end with `/`"));
+    } else if !path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+    {
+        p.at(
+            path_at,
+            format!("path {path:?} may only hold letters, digits and `/-_.~`"),
+        );
+    } else if path.contains("//") {
+        p.at(path_at, format!("path {path:?} has an empty segment"));
+    }
+    if !seen.insert(path.clone()) {
+        p.at(path_at, format!("duplicate path {path:?}"));
+    }
+
+    let source = match (&s.view, &s.query) {
+        (Some(v), None) => {
+            if !is_relation_name(v.get_ref()) {
+                p.at(
+                    v.span().start,
+                    format!(
+                        "view {:?} is not a relation name (name, schema.name or database.schema.name)",
+                        v.get_ref()
+                    ),
+                );
+            } else {
+                // Every part: the development engine drops the schema, so `public.order`
+                // reaches it as `order`.
+                let mut inner = 0;
+                for part in v.get_ref().split('.') {
+                    if is_reserved_word(part) {
+                        p.inside(
+                            v,
+                            inner,
+                            format!(
+                                "view {:?}: `{part}` is a reserved SQL word and cannot be an unquoted name",
+                                v.get_ref()
+                            ),
+                        );
+                    }
+                    inner += part.len() + 1;
+                }
+            }
+            Some(Source::View(v.get_ref().clone()))
+        }
+        (None, Some(q)) => {
+            let value = q.get_ref();
+            let text = value.trim().trim_end_matches(';').trim();
+            if text.is_empty() {
+                p.at(q.span().start, "`query` is empty");
+            } else if let Err(e) = read_only_query(text) {
+                let lead = value.len() - value.trim_start().len();
+                p.inside(q, lead + e.at, e.message);
+            }
+            Some(Source::Query(text.to_string()))
+        }
+        (Some(v), Some(_)) => {
+            p.at(
+                v.span().start,
+                format!("stream {path:?} sets both `view` and `query`; set exactly one"),
+            );
+            None
+        }
+        (None, None) => {
+            p.at(
+                path_at,
+                format!("stream {path:?} sets neither `view` nor `query`; set exactly one"),
+            );
+            None
+        }
+    };
+
+    let key = s.key.as_ref().map(|k| {
+        if k.get_ref().is_empty() {
+            p.at(k.span().start, "`key` must name at least one column");
+        }
+        let mut listed = HashSet::new();
+        for col in k.get_ref() {
+            if !is_identifier(col.get_ref()) {
+                p.at(
+                    col.span().start,
+                    format!("key column {:?} is not a plain column name", col.get_ref()),
+                );
+            } else if is_reserved_word(col.get_ref()) {
+                p.at(
+                    col.span().start,
+                    format!(
+                        "key column {:?} is a reserved SQL word and cannot be an unquoted name",
+                        col.get_ref()
+                    ),
+                );
+            }
+            if !listed.insert(col.get_ref()) {
+                p.at(
+                    col.span().start,
+                    format!("key column {:?} is listed twice", col.get_ref()),
+                );
+            }
+        }
+        k.get_ref().iter().map(|c| c.get_ref().clone()).collect()
+    });
+    let cluster = s.cluster.as_ref().map(|c| {
+        if !is_identifier(c.get_ref()) {
+            p.at(
+                c.span().start,
+                format!("cluster {:?} is not a plain identifier", c.get_ref()),
+            );
+        } else if is_reserved_word(c.get_ref()) {
+            p.at(
+                c.span().start,
+                format!(
+                    "cluster {:?} is a reserved SQL word and cannot be an unquoted name",
+                    c.get_ref()
+                ),
+            );
+        }
+        c.get_ref().clone()
+    });
+
+    // Every field is checked even when the source is wrong, so all problems show.
+    let event = event_name(p, &s.event, &d.event);
+    let delay = duration(p, &s.delay, d.delay);
+    let retry = duration(p, &s.retry, d.retry);
+    let history = count(p, &s.history, d.history, "history");
+    let history_bytes = count(p, &s.history_bytes, d.history_bytes, "history_bytes");
+    let client_queue = count(p, &s.client_queue, d.client_queue, "client_queue");
+    let stream = StreamConfig {
+        path: StreamPath(path),
+        source: source?,
+        event,
+        delay,
+        retry,
+        key,
+        cluster,
+        history,
+        history_bytes,
+        client_queue,
+    };
+    (p.len() == before).then_some(stream)
+}
+
+pub(super) fn duration(
+    p: &mut Problems<'_>,
+    v: &Option<Spanned<String>>,
+    default: Duration,
+) -> Duration {
+    match v {
+        None => default,
+        Some(s) => match parse_duration(s.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                p.at(
+                    s.span().start,
+                    format!(
+                        "bad duration {:?} ({e}); write e.g. \"500ms\", \"15s\", \"2m\"",
+                        s.get_ref()
+                    ),
+                );
+                default
+            }
+        },
+    }
+}
+
+pub(super) fn positive(
+    p: &mut Problems<'_>,
+    v: &Option<Spanned<String>>,
+    default: Duration,
+    name: &str,
+) -> Duration {
+    let d = duration(p, v, default);
+    if let (Some(s), true) = (v, d.is_zero()) {
+        p.at(
+            s.span().start,
+            format!("`{name}` must be greater than zero"),
+        );
+    }
+    d
+}
+
+pub(super) fn count(
+    p: &mut Problems<'_>,
+    v: &Option<Spanned<i64>>,
+    default: usize,
+    name: &str,
+) -> usize {
+    match v {
+        None => default,
+        Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+        Some(n) => {
+            p.at(n.span().start, format!("`{name}` must be at least 1"));
+            default
+        }
+    }
+}
+
+pub(super) fn event_name(
+    p: &mut Problems<'_>,
+    v: &Option<Spanned<String>>,
+    default: &str,
+) -> String {
+    let Some(s) = v else {
+        return default.to_string();
+    };
+    let name = s.get_ref();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        p.at(
+            s.span().start,
+            format!("event name {name:?} must be 1-64 letters, digits or `-_.:`"),
+        );
+    } else if RESERVED_EVENTS.contains(&name.as_str()) {
+        p.at(
+            s.span().start,
+            format!("event name {name:?} is reserved by the wire contract"),
+        );
+    }
+    name.clone()
+}
