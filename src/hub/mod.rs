@@ -404,9 +404,12 @@ mod tests {
         assert_eq!(ids, vec!["13", "14", "15"]);
         assert!(ev.iter().all(|e| e.0 == "update"));
 
-        // Between batches, and at the state's own timestamp: nothing or the tail.
+        // Between batches, at a timestamp the state already holds: nothing to replay,
+        // but a live stream that gets what comes next, and only that.
         let mut s = Client::new(&hub, Resume::After(18));
-        assert!(s.events().await.is_empty());
+        let items = s.items().await;
+        assert_eq!(items.first(), Some(&Item::Retry(15000)), "{items:?}");
+        assert!(events(&items).is_empty(), "{items:?}");
 
         for (after, why) in [(9, "before the floor"), (21, "from the future")] {
             let ev = Client::new(&hub, Resume::After(after)).events().await;
@@ -415,6 +418,12 @@ mod tests {
         }
         let ev = Client::new(&hub, Resume::Invalid).events().await;
         assert_eq!(ev[0].2["reason"], "resume-gap");
+
+        hub.publish(21, 21, &[diff("{\"t\":21}", 1)]);
+        let ev = s.events().await;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].0, "update");
+        assert_eq!(ev[0].1.as_deref(), Some("21"));
     }
 
     #[tokio::test]
@@ -645,7 +654,11 @@ mod tests {
         assert_eq!(ev[0].2["reason"], "config-changed");
         assert_eq!(ev[1].0, "end");
         assert_eq!(ev[1].2["reason"], "removed");
-        assert!(s.stream.next().await.is_none(), "stream ends after `end`");
+        let after = tokio::time::timeout(Duration::from_secs(1), s.stream.next()).await;
+        assert!(
+            matches!(after, Ok(None)),
+            "stream ends right after `end`: {after:?}"
+        );
         assert_eq!(hub.stats.clients.load(Ordering::Relaxed), 0);
     }
 

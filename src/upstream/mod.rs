@@ -489,5 +489,15 @@ mod tests {
             assert!(d >= Duration::from_millis(50));
         }
         assert!(backoff(&t, 30) >= Duration::from_secs(1));
+        // Jittered: reconnects after a shared outage spread out instead of arriving
+        // together. Twenty draws from a continuous range are never all equal unless
+        // there is no jitter.
+        for attempt in [0, 3, 30] {
+            let first = backoff(&t, attempt);
+            assert!(
+                (0..20).any(|_| backoff(&t, attempt) != first),
+                "attempt {attempt}: always {first:?}"
+            );
+        }
     }
 }

@@ -239,6 +239,15 @@ where
     }
 }
 
+/// A fresh connection to `addr`, failing the test if connecting takes longer than
+/// `WAIT` (a full accept backlog makes a connect wait).
+async fn connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connected in time")
+        .expect("connect")
+}
+
 /// Waits until the server closes `socket` (EOF or reset), discarding what it sends;
 /// returns how long that took.
 async fn closed_within(socket: &mut TcpStream, limit: Duration) -> Duration {
@@ -256,7 +265,7 @@ async fn closed_within(socket: &mut TcpStream, limit: Duration) -> Duration {
 /// Sends `head`, then junk as fast as the socket takes it, until the server closes
 /// the connection; returns how long the junk was accepted.
 async fn junk_after(addr: SocketAddr, head: &str, limit: Duration) -> Duration {
-    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    let mut socket = connect(addr).await;
     socket.write_all(head.as_bytes()).await.expect("head");
     let junk = vec![b'J'; 65536];
     let start = Instant::now();
@@ -287,7 +296,7 @@ async fn junk_after(addr: SocketAddr, head: &str, limit: Duration) -> Duration {
 /// connection, and how many junk bytes it took. A write that cannot complete for
 /// 500 ms means the server stopped reading.
 async fn junk_until_closed_or_stalled(addr: SocketAddr, head: &str) -> (bool, usize) {
-    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    let mut socket = connect(addr).await;
     socket.write_all(head.as_bytes()).await.expect("head");
     let junk = vec![b'J'; 65536];
     let mut sent = 0;
@@ -363,7 +372,7 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
             (0..2).map(move |_| {
                 let (opening, drip) = (opening.clone(), drip.clone());
                 async move {
-                    let mut socket = TcpStream::connect(addr).await.expect("connect");
+                    let mut socket = connect(addr).await;
                     let mut answered = Vec::new();
                     if !opening.is_empty() {
                         socket.write_all(opening.as_bytes()).await.expect("opening");
@@ -386,7 +395,10 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
                     let closed = loop {
                         let byte = bytes.get(i).copied().unwrap_or(b'a');
                         i += 1;
-                        if socket.write_all(&[byte]).await.is_err() {
+                        let wrote = tokio::time::timeout(WAIT, socket.write_all(&[byte]))
+                            .await
+                            .expect("the server stopped reading a dripped head without closing");
+                        if wrote.is_err() {
                             break start.elapsed();
                         }
                         let mut buf = [0u8; 1024];
@@ -416,7 +428,7 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
     // 4. Idle connections: one that never sends a head, and one idle after a request.
     under_attack(&probe, "idle connections", false, async {
         let silent = || async {
-            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let mut s = connect(addr).await;
             let took = closed_within(&mut s, WAIT).await;
             assert!(
                 took <= HEAD_TIMEOUT + SLACK && took + SLACK >= HEAD_TIMEOUT,
@@ -424,7 +436,7 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
             );
         };
         let kept_alive = async {
-            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let mut s = connect(addr).await;
             s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
                 .await
                 .expect("request");
@@ -453,7 +465,7 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
     drop(big);
 
     // 6. Pipelined requests are answered in order, the stream last.
-    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    let mut socket = connect(addr).await;
     let mut burst = "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n".repeat(50);
     burst.push_str("GET /items HTTP/1.1\r\nhost: x\r\n\r\n");
     socket.write_all(burst.as_bytes()).await.expect("burst");
@@ -477,7 +489,7 @@ async fn hostile_clients_cannot_stall_or_pin_the_gateway() {
     under_attack(&probe, "connection flood", true, async {
         let mut flood = Vec::new();
         for _ in 0..MAX_CONNECTIONS + 5 {
-            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let mut s = connect(addr).await;
             s.write_all(b"GET /items HTTP/1.1\r\nhost: x\r\nx-slow: ")
                 .await
                 .expect("partial head");

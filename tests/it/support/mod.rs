@@ -62,7 +62,8 @@ pub fn init_logging() {
     }
 }
 
-/// Polls `check` until it returns `Some`, failing the test after `limit`.
+/// Polls `check` until it returns `Some`, failing the test after `limit`. The limit
+/// also bounds each call: a `check` that blocks fails the test instead of hanging it.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -70,8 +71,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Some(v) = check().await {
-            return v;
+        match tokio::time::timeout_at(deadline, check()).await {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(_) => panic!("timed out after {limit:?} waiting for {what} (a check blocked)"),
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -79,6 +82,16 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The value of the series `series` (a metric name with its labels, as
+/// `sse_lagged_total{stream="/a"}`) in a `/metrics` text, or `None` if it is missing.
+pub fn metric(metrics: &str, series: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 /// A gateway running from a streams.toml in a temp dir.
@@ -190,14 +203,33 @@ impl Drop for TestGateway {
     }
 }
 
+/// How long one helper query on the engine may take before the test fails.
+pub const SQL_WAIT: Duration = Duration::from_secs(10);
+
+/// `fut` (a query or a connect), failing the test if it takes longer than `limit`.
+pub async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took longer than {limit:?}"))
+}
+
+/// A SQL session on the engine at `addr`; connecting fails the test after [`SQL_WAIT`].
 pub async fn sql(addr: SocketAddr) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user=materialize dbname=materialize",
-            addr.ip(),
-            addr.port()
+    let (client, conn) = bounded(
+        "connecting to the engine",
+        SQL_WAIT,
+        tokio_postgres::connect(
+            &format!(
+                "host={} port={} user=materialize dbname=materialize",
+                addr.ip(),
+                addr.port()
+            ),
+            tokio_postgres::NoTls,
         ),
-        tokio_postgres::NoTls,
     )
     .await
     .expect("connect to engine");
@@ -209,8 +241,8 @@ pub async fn sql(addr: SocketAddr) -> tokio_postgres::Client {
 
 /// Number of active subscriptions the engine reports.
 pub async fn engine_subscriptions(client: &tokio_postgres::Client) -> i64 {
-    let row = client
-        .query_one("SELECT count(*) FROM mz_internal.mz_subscriptions", &[])
+    let query = "SELECT count(*) FROM mz_internal.mz_subscriptions";
+    let row = bounded(query, SQL_WAIT, client.query_one(query, &[]))
         .await
         .expect("mz_subscriptions");
     row.get::<_, i64>(0)
@@ -218,11 +250,9 @@ pub async fn engine_subscriptions(client: &tokio_postgres::Client) -> i64 {
 
 /// The gateway's sessions on the engine (it names each `tailgate <path>`).
 pub async fn gateway_sessions(client: &tokio_postgres::Client) -> i64 {
-    let row = client
-        .query_one(
-            "SELECT count(*) FROM mz_internal.mz_sessions WHERE application_name LIKE 'tailgate %'",
-            &[],
-        )
+    let query =
+        "SELECT count(*) FROM mz_internal.mz_sessions WHERE application_name LIKE 'tailgate %'";
+    let row = bounded(query, SQL_WAIT, client.query_one(query, &[]))
         .await
         .expect("mz_sessions");
     row.get::<_, i64>(0)
@@ -234,11 +264,16 @@ async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> hyper::Response<Incoming> {
-    let stream = TcpStream::connect(addr).await.expect("connect to gateway");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("http handshake");
+    let stream = bounded("connecting to the gateway", WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect to gateway");
+    let (mut sender, conn) = bounded(
+        "the HTTP handshake",
+        WAIT,
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
+    )
+    .await
+    .expect("http handshake");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -297,7 +332,9 @@ impl SseClient {
     }
 
     /// The next item (event, retry or comment), or `None` if the stream ended or
-    /// nothing came within `limit`.
+    /// nothing came within `limit`: `ended` tells which. To check that a stream
+    /// closed, or stayed open and quiet, use [`Self::expect_closed`] and
+    /// [`Self::expect_quiet`].
     pub async fn next_item(&mut self, limit: Duration) -> Option<Item> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -316,6 +353,51 @@ impl SseClient {
                         self.parser.feed(&data, &mut out);
                         self.queue.extend(out);
                     }
+                }
+            }
+        }
+    }
+
+    /// Reads until the server closes the stream, returning what came before
+    /// the close; fails the test if the stream is still open after `limit`.
+    pub async fn expect_closed(&mut self, limit: Duration) -> Vec<Item> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut read = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_item(left).await {
+                Some(item) => read.push(item),
+                None if self.ended => return read,
+                None => {
+                    panic!("the stream was still open after {limit:?}; read meanwhile: {read:?}")
+                }
+            }
+        }
+    }
+
+    /// Reads for all of `window`, failing the test if a `snapshot` or an `end`
+    /// arrives or the stream closes; returns what was read.
+    pub async fn expect_quiet(&mut self, window: Duration) -> Vec<Item> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut read = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return read;
+            }
+            match self.next_item(left).await {
+                Some(Item::Event(e)) if e.event == "snapshot" || e.event == "end" => {
+                    panic!(
+                        "{} during a quiet window: {e:?}; before it: {read:?}",
+                        e.event
+                    )
+                }
+                Some(item) => read.push(item),
+                None => {
+                    assert!(
+                        !self.ended,
+                        "the stream closed during a quiet window: {read:?}"
+                    );
                 }
             }
         }
@@ -524,8 +606,8 @@ impl TestEngine {
 
 /// `SELECT id, name, qty FROM items_v` as a multiset of JSON rows.
 pub async fn items_truth(sql: &tokio_postgres::Client) -> Vec<(String, i64)> {
-    let rows = sql
-        .simple_query("SELECT id, name, qty FROM items_v")
+    let query = "SELECT id, name, qty FROM items_v";
+    let rows = bounded(query, SQL_WAIT, sql.simple_query(query))
         .await
         .expect("select");
     multiset(rows.into_iter().filter_map(|m| match m {
@@ -612,7 +694,10 @@ impl ChildGateway {
         (gw, addr)
     }
 
+    /// The next log line containing `needle`, failing the test after `limit`, or as soon
+    /// as the process closes its stderr (it exited or is exiting).
     pub fn wait_line(&mut self, needle: &str, limit: Duration) -> String {
+        use std::sync::mpsc::RecvTimeoutError;
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -623,7 +708,31 @@ impl ChildGateway {
                         return line;
                     }
                 }
-                Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no log line containing {needle:?} within {limit:?}; log so far:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the gateway closed its log ({}) before a line containing {needle:?}; \
+                     log so far:\n{}",
+                    self.exit_status(Duration::from_secs(5)),
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// How the process ended, waiting up to `limit` for it to end.
+    fn exit_status(&mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return format!("exited with {status}"),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => return format!("still running after {limit:?}"),
+                Err(e) => return format!("exit status unknown: {e}"),
             }
         }
     }
@@ -701,7 +810,8 @@ impl RawSseClient {
         }
     }
 
-    /// The next item, or `None` if the stream ended or nothing came within `limit`.
+    /// The next item, or `None` if the stream ended or nothing came within `limit`:
+    /// `ended` tells which.
     pub async fn next_item(&mut self, limit: Duration) -> Option<Item> {
         use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + limit;
