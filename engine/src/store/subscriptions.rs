@@ -21,6 +21,8 @@ use crate::sql::{self, quote_ident, Relation, SubscribeStmt};
 use crate::subscribe::{Output, ResultSet, SubEvent};
 use crate::value::{format_timestamptz_ms, Row};
 
+/// A live subscription: how it computes its diffs, what it reads, and where
+/// its rows go.
 pub(super) struct Sub {
     pub(super) source: Source,
     base_tables: BTreeSet<String>,
@@ -30,6 +32,7 @@ pub(super) struct Sub {
     pub(super) last_progress: u64,
 }
 
+/// How a live subscription computes the diff of each write.
 pub(super) enum Source {
     /// Subscriptions directly on a table take the logged changes as the diff.
     Table(String),
@@ -55,6 +58,7 @@ impl Source {
     }
 }
 
+/// A SUBSCRIBE resolved against the catalog, before it runs.
 pub(super) struct Plan {
     pub(super) translated: String,
     pub(super) deps: BTreeSet<String>,
