@@ -20,10 +20,10 @@ use crate::subscribe::consolidate;
 use crate::value::{Datum, Row};
 
 /// Temp tables holding one write's changed rows of a table, with a `_tg_sign`
-/// column, for [`Source::Delta`] subscriptions.
+/// column, for [`Source::Delta`](super::subscriptions::Source::Delta) subscriptions.
 pub(super) const DELTA_PREFIX: &str = "_tg_delta_";
 
-/// State of a [`Source::Groups`] subscription.
+/// State of a [`Source::Groups`](super::subscriptions::Source::Groups) subscription.
 pub(super) struct Groups {
     pub(super) table: String,
     /// The whole query, re-run in full if a group ever sums to a non-integer.
@@ -97,7 +97,7 @@ impl Groups {
     }
 }
 
-/// Runs a [`Source::Delta`] query over the loaded delta rows: the retracted rows'
+/// Runs a [`Source::Delta`](super::subscriptions::Source::Delta) query over the loaded delta rows: the retracted rows'
 /// results count -1, the inserted rows' +1.
 pub(super) fn eval_delta(conn: &Connection, sql: &str) -> Result<Vec<(Row, i64)>, SqlError> {
     let mut stmt = prepare_read(conn, sql)?;
