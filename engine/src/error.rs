@@ -68,7 +68,7 @@ impl SqlError {
 
 /// Marker text the `mz_div` SQLite function fails with, recognised when mapping
 /// SQLite errors back to Materialize's evaluation error.
-pub const DIV_BY_ZERO_MARKER: &str = "tailgate: division by zero";
+pub(crate) const DIV_BY_ZERO_MARKER: &str = "tailgate: division by zero";
 
 impl From<rusqlite::Error> for SqlError {
     fn from(e: rusqlite::Error) -> SqlError {

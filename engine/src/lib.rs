@@ -7,12 +7,23 @@
 //! a development and test engine, not a production database.
 //!
 //! # Layout
-//! - `mod.rs`: the public API ([`start`], [`RunningEngine`]) and the listener task.
-//! - `session`: one task per connection (pgwire message loop, transactions, cursors).
-//! - `store`: the SQLite thread (catalog, logical clock, change history, subscriptions).
+//! - `lib.rs`: the public API ([`start`], [`RunningEngine`]) and the listener task.
+//! - `session/`: one task per connection. `mod.rs` has startup and the pgwire
+//!   message loop; the statements are carried out by family in `txn`
+//!   (transactions, SET/SHOW), `query` (SELECT, COPY), `cursors` (SUBSCRIBE,
+//!   DECLARE, FETCH, CLOSE) and `ddl` (CREATE, DROP, writes); `extended` has the
+//!   extended query protocol and `wire` the encoding of results.
+//! - `store/`: the SQLite thread. `mod.rs` has the thread and its command loop;
+//!   `sqlite` the connection and its SQL functions, `catalog` the tables and
+//!   views, `history` the logical clock, change history and AS OF,
+//!   `subscriptions` their start, publishing and end, and `incremental` their
+//!   maintenance from a write's changed rows.
+//! - `sql/`: `lex` (tokenizer, statement splitting), `parse` (the Materialize
+//!   statement parser and its AST), `translate` (the rewrite to SQLite) and
+//!   `analyze` (result column types, incremental eligibility, identifiers).
 //! - `subscribe`: diff consolidation and Materialize's output layouts.
-//! - `sql`: tokenizer, Materialize statement parser, SQL translation to SQLite.
 //! - `value`: Postgres types and text/binary encodings.
+//! - `error`: [`SqlError`], the client-visible error every failure becomes.
 //!
 //! # Tasks and shutdown
 //! [`start`] spawns the store thread and a listener task; the listener spawns one

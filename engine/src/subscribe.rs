@@ -15,7 +15,7 @@ use super::value::{Column, Datum, PgType, Row};
 
 /// What a session receives from its subscription.
 #[derive(Debug)]
-pub enum SubEvent {
+pub(crate) enum SubEvent {
     /// Output rows in order (data and progress rows), one or more timestamps.
     Rows(Vec<Row>),
     /// The subscription failed (dropped relation, evaluation error); it is over.
@@ -26,7 +26,7 @@ pub enum SubEvent {
 
 /// Sums the diffs of identical rows and drops the rows that cancel out; sorted by
 /// row, which is the order Materialize emits within a timestamp.
-pub fn consolidate(updates: impl IntoIterator<Item = (Row, i64)>) -> Vec<(Row, i64)> {
+pub(crate) fn consolidate(updates: impl IntoIterator<Item = (Row, i64)>) -> Vec<(Row, i64)> {
     let mut map: BTreeMap<Row, i64> = BTreeMap::new();
     for (row, diff) in updates {
         *map.entry(row).or_insert(0) += diff;
@@ -35,7 +35,7 @@ pub fn consolidate(updates: impl IntoIterator<Item = (Row, i64)>) -> Vec<(Row, i
 }
 
 /// The multiset difference `new - old`, consolidated.
-pub fn diff_maps(old: &HashMap<Row, i64>, new: &HashMap<Row, i64>) -> Vec<(Row, i64)> {
+pub(crate) fn diff_maps(old: &HashMap<Row, i64>, new: &HashMap<Row, i64>) -> Vec<(Row, i64)> {
     let mut out = Vec::new();
     for (row, n) in new {
         let d = n - old.get(row).copied().unwrap_or(0);
@@ -58,7 +58,7 @@ pub fn diff_maps(old: &HashMap<Row, i64>, new: &HashMap<Row, i64>) -> Vec<(Row, 
 /// and one hash lookup, with no allocation. [`ResultSet::finish`] then yields the
 /// diff and makes the new result the previous one.
 #[derive(Debug, Default)]
-pub struct ResultSet {
+pub(crate) struct ResultSet {
     rows: HashMap<Box<[u8]>, Counts>,
     /// The row being encoded.
     scratch: Vec<u8>,
@@ -73,7 +73,7 @@ struct Counts {
 }
 
 impl ResultSet {
-    pub fn from_counts(counts: HashMap<Row, i64>) -> ResultSet {
+    pub(crate) fn from_counts(counts: HashMap<Row, i64>) -> ResultSet {
         let mut set = ResultSet::default();
         for (row, n) in counts {
             set.scratch.clear();
@@ -90,7 +90,7 @@ impl ResultSet {
     }
 
     /// Counts one row of the evaluation under way.
-    pub fn observe<'a, E>(
+    pub(crate) fn observe<'a, E>(
         &mut self,
         row: impl IntoIterator<Item = Result<ValueRef<'a>, E>>,
     ) -> Result<(), E> {
@@ -110,7 +110,7 @@ impl ResultSet {
 
     /// Ends the evaluation: returns `new - previous`, consolidated and sorted, and
     /// keeps the new result.
-    pub fn finish(&mut self) -> Vec<(Row, i64)> {
+    pub(crate) fn finish(&mut self) -> Vec<(Row, i64)> {
         let mut out = Vec::new();
         self.rows.retain(|key, c| {
             if c.seen != c.prev {
@@ -125,7 +125,7 @@ impl ResultSet {
     }
 
     /// Forgets a partial evaluation (one that failed), keeping the previous result.
-    pub fn abandon(&mut self) {
+    pub(crate) fn abandon(&mut self) {
         self.rows.retain(|_, c| {
             c.seen = 0;
             c.prev != 0
@@ -204,17 +204,17 @@ fn decode_row(mut key: &[u8]) -> Row {
 
 /// The output layout of one subscription.
 #[derive(Debug, Clone)]
-pub struct Output {
-    pub columns: Vec<Column>,
-    pub progress: bool,
-    pub legacy: bool,
-    pub up_to: Option<u64>,
+pub(crate) struct Output {
+    pub(crate) columns: Vec<Column>,
+    pub(crate) progress: bool,
+    pub(crate) legacy: bool,
+    pub(crate) up_to: Option<u64>,
     /// For `ENVELOPE UPSERT`: key column positions (in KEY order) and the rest.
     upsert: Option<(Vec<usize>, Vec<usize>)>,
 }
 
 impl Output {
-    pub fn new(stmt: &SubscribeStmt, rel: Vec<Column>) -> Result<Output, SqlError> {
+    pub(crate) fn new(stmt: &SubscribeStmt, rel: Vec<Column>) -> Result<Output, SqlError> {
         let mut columns = vec![Column::new("mz_timestamp", PgType::MzTimestamp)];
         if stmt.progress {
             columns.push(Column::new("mz_progressed", PgType::Bool));
@@ -253,7 +253,7 @@ impl Output {
     }
 
     /// Whether a row at `ts` may still be emitted.
-    pub fn before_up_to(&self, ts: u64) -> bool {
+    pub(crate) fn before_up_to(&self, ts: u64) -> bool {
         self.up_to.is_none_or(|u| ts < u)
     }
 
@@ -265,14 +265,14 @@ impl Output {
         row
     }
 
-    pub fn progress_row(&self, ts: u64) -> Row {
+    pub(crate) fn progress_row(&self, ts: u64) -> Row {
         let mut row = vec![Datum::Text(ts.to_string()), Datum::Int(1)];
         row.resize(self.columns.len(), Datum::Null);
         row
     }
 
     /// Data rows for the consolidated `diffs` at `ts` (none at or past UP TO).
-    pub fn rows(&self, ts: u64, diffs: Vec<(Row, i64)>) -> Vec<Row> {
+    pub(crate) fn rows(&self, ts: u64, diffs: Vec<(Row, i64)>) -> Vec<Row> {
         if !self.before_up_to(ts) || diffs.is_empty() {
             return Vec::new();
         }

@@ -14,7 +14,7 @@ use super::error::SqlError;
 
 /// The Postgres types the engine can describe on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PgType {
+pub(crate) enum PgType {
     Bool,
     Int2,
     Int4,
@@ -33,7 +33,7 @@ pub enum PgType {
 }
 
 impl PgType {
-    pub fn oid(self) -> u32 {
+    pub(crate) fn oid(self) -> u32 {
         match self {
             PgType::Bool => 16,
             PgType::Int2 => 21,
@@ -51,7 +51,7 @@ impl PgType {
         }
     }
 
-    pub fn typlen(self) -> i16 {
+    pub(crate) fn typlen(self) -> i16 {
         match self {
             PgType::Bool => 1,
             PgType::Int2 => 2,
@@ -61,14 +61,14 @@ impl PgType {
         }
     }
 
-    pub fn typmod(self) -> i32 {
+    pub(crate) fn typmod(self) -> i32 {
         match self {
             PgType::MzTimestamp => 2_555_908,
             _ => -1,
         }
     }
 
-    pub fn from_oid(oid: u32) -> Option<PgType> {
+    pub(crate) fn from_oid(oid: u32) -> Option<PgType> {
         Some(match oid {
             16 => PgType::Bool,
             21 => PgType::Int2,
@@ -89,7 +89,7 @@ impl PgType {
 
     /// Maps a declared (Postgres or SQLite) type name to a wire type. Unknown names
     /// are text, which every value can be rendered as.
-    pub fn from_decl(decl: &str) -> PgType {
+    pub(crate) fn from_decl(decl: &str) -> PgType {
         let d = decl.trim().to_ascii_lowercase();
         let base = d.split(['(', '[']).next().unwrap_or("").trim();
         match base {
@@ -110,7 +110,7 @@ impl PgType {
     }
 
     /// The SQLite type name used for `CAST(x AS ...)` when translating `x::type`.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             PgType::Bool => "boolean",
             PgType::Int2 => "smallint",
@@ -129,24 +129,24 @@ impl PgType {
         }
     }
 
-    pub fn is_int(self) -> bool {
+    pub(crate) fn is_int(self) -> bool {
         matches!(self, PgType::Int2 | PgType::Int4 | PgType::Int8)
     }
 
-    pub fn is_float(self) -> bool {
+    pub(crate) fn is_float(self) -> bool {
         matches!(self, PgType::Float4 | PgType::Float8)
     }
 }
 
 /// A described output column.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    pub ty: PgType,
+pub(crate) struct Column {
+    pub(crate) name: String,
+    pub(crate) ty: PgType,
 }
 
 impl Column {
-    pub fn new(name: impl Into<String>, ty: PgType) -> Column {
+    pub(crate) fn new(name: impl Into<String>, ty: PgType) -> Column {
         Column {
             name: name.into(),
             ty,
@@ -157,7 +157,7 @@ impl Column {
 /// One SQLite value. Hashable and totally ordered so rows can key the multiset
 /// of a subscription's previous result.
 #[derive(Clone, Debug)]
-pub enum Datum {
+pub(crate) enum Datum {
     Null,
     Int(i64),
     Real(f64),
@@ -165,7 +165,7 @@ pub enum Datum {
     Blob(Vec<u8>),
 }
 
-pub type Row = Vec<Datum>;
+pub(crate) type Row = Vec<Datum>;
 
 impl Datum {
     fn rank(&self) -> u8 {
@@ -178,7 +178,7 @@ impl Datum {
         }
     }
 
-    pub fn from_sqlite(v: rusqlite::types::ValueRef<'_>) -> Datum {
+    pub(crate) fn from_sqlite(v: rusqlite::types::ValueRef<'_>) -> Datum {
         use rusqlite::types::ValueRef;
         match v {
             ValueRef::Null => Datum::Null,
@@ -189,7 +189,7 @@ impl Datum {
         }
     }
 
-    pub fn as_value_ref(&self) -> rusqlite::types::ValueRef<'_> {
+    pub(crate) fn as_value_ref(&self) -> rusqlite::types::ValueRef<'_> {
         use rusqlite::types::ValueRef;
         match self {
             Datum::Null => ValueRef::Null,
@@ -200,13 +200,13 @@ impl Datum {
         }
     }
 
-    pub fn is_null(&self) -> bool {
+    pub(crate) fn is_null(&self) -> bool {
         matches!(self, Datum::Null)
     }
 
     /// The Postgres text encoding of this value as a column of type `ty`;
     /// `None` for NULL.
-    pub fn to_text(&self, ty: PgType) -> Option<String> {
+    pub(crate) fn to_text(&self, ty: PgType) -> Option<String> {
         Some(match (self, ty) {
             (Datum::Null, _) => return None,
             (Datum::Int(i), PgType::Bool) => if *i != 0 { "t" } else { "f" }.to_owned(),
@@ -237,7 +237,7 @@ impl Datum {
 
     /// The Postgres binary encoding of this value as a column of type `ty`;
     /// `None` for NULL.
-    pub fn to_binary(&self, ty: PgType) -> Result<Option<Vec<u8>>, SqlError> {
+    pub(crate) fn to_binary(&self, ty: PgType) -> Result<Option<Vec<u8>>, SqlError> {
         if self.is_null() {
             return Ok(None);
         }
@@ -287,7 +287,7 @@ impl Datum {
         }))
     }
 
-    pub fn as_i64(&self) -> Option<i64> {
+    pub(crate) fn as_i64(&self) -> Option<i64> {
         match self {
             Datum::Int(i) => Some(*i),
             Datum::Real(f) if f.fract() == 0.0 => Some(*f as i64),
@@ -296,7 +296,7 @@ impl Datum {
         }
     }
 
-    pub fn as_f64(&self) -> Option<f64> {
+    fn as_f64(&self) -> Option<f64> {
         match self {
             Datum::Int(i) => Some(*i as f64),
             Datum::Real(f) => Some(*f),
@@ -352,7 +352,7 @@ impl rusqlite::ToSql for Datum {
     }
 }
 
-pub fn parse_bool(s: &str) -> Option<bool> {
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
     match s.trim().to_ascii_lowercase().as_str() {
         "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
         "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
@@ -362,7 +362,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 
 /// Postgres `float8` text output (shortest round-trip digits, exponent outside
 /// `1e-4 ..= 1e15`).
-pub fn format_float(f: f64) -> String {
+fn format_float(f: f64) -> String {
     if f.is_nan() {
         return "NaN".to_owned();
     }
@@ -396,7 +396,7 @@ fn format_numeric(f: f64) -> String {
 }
 
 /// Postgres binary `numeric` from a decimal string; `None` when it is not one.
-pub fn numeric_binary(s: &str) -> Option<Vec<u8>> {
+fn numeric_binary(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
     let mut out = Vec::new();
     if s.eq_ignore_ascii_case("nan") {
@@ -476,7 +476,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 /// Formats epoch milliseconds as Postgres `timestamptz` text in UTC.
-pub fn format_timestamptz_ms(ms: i64) -> String {
+pub(crate) fn format_timestamptz_ms(ms: i64) -> String {
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);
     let (y, m, d) = civil_from_days(days);
@@ -497,7 +497,7 @@ pub fn format_timestamptz_ms(ms: i64) -> String {
 }
 
 /// Parses `YYYY-MM-DD[( |T)HH:MM[:SS[.ffffff]]][Z|(+|-)HH[:MM]]` to epoch microseconds.
-pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
+pub(crate) fn parse_timestamp_micros(s: &str) -> Option<i64> {
     let s = s.trim();
     let (date, rest) = match s.find([' ', 'T']) {
         Some(i) => (&s[..i], s[i + 1..].trim()),
@@ -543,7 +543,7 @@ pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
 }
 
 /// COPY text-format escaping: backslash, tab, newline and carriage return.
-pub fn copy_escape(s: &str, out: &mut String) {
+pub(crate) fn copy_escape(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
