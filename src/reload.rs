@@ -427,4 +427,92 @@ mod tests {
         assert_eq!(effective.server.send_timeout, Duration::from_secs(5));
         assert_eq!(effective.streams[0].path.as_str(), "/b");
     }
+
+    /// Events closer than the debounce apart fold into one trigger, sent when the
+    /// burst has been quiet for the debounce.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_file_events_is_one_reload_after_it_goes_quiet() {
+        let (raw_tx, raw_rx) = mpsc::unbounded_channel();
+        let (tx, mut triggers) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        tokio::spawn(debounce(raw_rx, tx, cancel.clone()));
+        let start = tokio::time::Instant::now();
+        for gap in [0, 40, 90, 30] {
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+            raw_tx.send(()).expect("send");
+        }
+        let last = tokio::time::Instant::now();
+        assert_eq!(triggers.recv().await, Some(Trigger::File));
+        assert_eq!(tokio::time::Instant::now() - last, DEBOUNCE);
+        assert!(last - start >= Duration::from_millis(160));
+        // Nothing more without new events; a later event is its own reload.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), triggers.recv())
+                .await
+                .is_err()
+        );
+        raw_tx.send(()).expect("send");
+        assert_eq!(triggers.recv().await, Some(Trigger::File));
+        cancel.cancel();
+    }
+
+    /// The poll reports a change once the content has been the same for two polls,
+    /// never while the watcher knows a write is open, and once per change.
+    #[tokio::test(start_paused = true)]
+    async fn the_poll_reports_a_stable_change_once_and_waits_for_open_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("streams.toml");
+        std::fs::write(&path, "a").expect("write");
+        let open_write = Arc::new(OpenWrite {
+            origin: Instant::now(),
+            since: AtomicU64::new(0),
+        });
+        let (tx, mut triggers) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        tokio::spawn(poll(
+            path.clone(),
+            config::digest(b"a"),
+            Arc::clone(&open_write),
+            tx,
+            cancel.clone(),
+        ));
+        // Unchanged content: nothing, however long.
+        assert!(tokio::time::timeout(POLL_EVERY * 5, triggers.recv())
+            .await
+            .is_err());
+
+        // A write seen by the poll: reported at the second poll that sees it.
+        std::fs::write(&path, "b").expect("write");
+        let written = tokio::time::Instant::now();
+        let got = tokio::time::timeout(POLL_EVERY * 3, triggers.recv())
+            .await
+            .expect("reported");
+        assert_eq!(got, Some(Trigger::Poll));
+        let took = tokio::time::Instant::now() - written;
+        assert!(took >= POLL_EVERY && took <= POLL_EVERY * 2, "{took:?}");
+        assert!(
+            tokio::time::timeout(POLL_EVERY * 5, triggers.recv())
+                .await
+                .is_err(),
+            "reported once"
+        );
+
+        // While a write is open (the watcher saw data but no close), the poll waits.
+        open_write.begin();
+        std::fs::write(&path, "c").expect("write");
+        assert!(
+            tokio::time::timeout(POLL_EVERY * 5, triggers.recv())
+                .await
+                .is_err(),
+            "held while open"
+        );
+        open_write.end();
+        assert_eq!(
+            tokio::time::timeout(POLL_EVERY * 3, triggers.recv())
+                .await
+                .expect("after close"),
+            Some(Trigger::Poll)
+        );
+        cancel.cancel();
+    }
 }

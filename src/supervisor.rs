@@ -167,3 +167,90 @@ impl Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Resume;
+
+    fn config(streams: &str) -> Config {
+        crate::config::parse(std::path::Path::new("/x/streams.toml"), streams).expect("valid")
+    }
+
+    /// Frames a fresh subscriber of `hub` is handed at once.
+    async fn frames(hub: &Arc<Hub>) -> String {
+        let mut sub = hub.subscribe(Resume::Fresh);
+        let mut out = Vec::new();
+        while let Ok(true) =
+            tokio::time::timeout(Duration::from_millis(1), sub.next(&mut out)).await
+        {}
+        out.iter().map(|b| String::from_utf8_lossy(b)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_config_is_applied_as_a_per_stream_diff() {
+        let stream = |path: &str, rest: &str| format!("[[streams]]\npath = \"{path}\"\n{rest}\n");
+        let before = config(
+            &[
+                stream("/same", "view = \"v\""),
+                stream("/tuned", "view = \"v\""),
+                stream("/requeried", "view = \"v\""),
+                stream("/gone", "view = \"v\""),
+            ]
+            .concat(),
+        );
+        // Nothing listens on port 1: the upstream tasks retry in the background.
+        let target = Arc::new(
+            Target::new(&before.upstream, Some(([127, 0, 0, 1], 1).into())).expect("target"),
+        );
+        let cancel = CancellationToken::new();
+        let mut sup = Supervisor::start(&before, target, cancel.clone(), TaskTracker::new());
+        let old = sup.routes();
+        assert_eq!(old.len(), 4);
+
+        let after = config(
+            &[
+                stream("/same", "view = \"v\""),
+                stream(
+                    "/tuned",
+                    "view = \"v\"\ndelay = \"1s\"\nretry = \"2s\"\nevent = \"e\"",
+                ),
+                stream("/requeried", "view = \"w\""),
+                stream("/new", "view = \"v\""),
+            ]
+            .concat(),
+        );
+        let applied = sup.apply(&after);
+        assert_eq!(
+            applied,
+            Applied {
+                added: vec!["/new".into()],
+                removed: vec!["/gone".into()],
+                resubscribed: vec!["/requeried".into()],
+                retuned: vec!["/tuned".into()],
+            }
+        );
+        let new = sup.routes();
+        assert_eq!(
+            new.keys().collect::<Vec<_>>(),
+            ["/new", "/requeried", "/same", "/tuned"]
+        );
+        // An unchanged stream keeps its route; changed ones keep their hub, so their
+        // clients stay connected; the retuned one runs its new settings.
+        assert!(Arc::ptr_eq(&old["/same"], &new["/same"]));
+        for path in ["/tuned", "/requeried"] {
+            assert!(Arc::ptr_eq(&old[path].hub, &new[path].hub), "{path}");
+        }
+        assert_eq!(new["/tuned"].config.delay, Duration::from_secs(1));
+        assert!(frames(&new["/tuned"].hub)
+            .await
+            .starts_with("retry: 2000\n\n"));
+        // The removed stream's clients are told so.
+        assert!(frames(&old["/gone"].hub)
+            .await
+            .contains("event: end\ndata: {\"reason\":\"removed\"}"));
+        // The same config again changes nothing.
+        assert!(sup.apply(&after).is_empty());
+        cancel.cancel();
+    }
+}

@@ -500,4 +500,95 @@ mod tests {
             );
         }
     }
+
+    fn change(n: i64) -> Change {
+        Change::Diff {
+            row: format!("{{\"n\":{n}}}").into(),
+            diff: 1,
+        }
+    }
+
+    /// Reads what a subscriber of `hub` has been sent so far: (event, id) pairs.
+    async fn sent(sub: &mut crate::hub::Subscription) -> Vec<(String, Option<String>)> {
+        let mut frames = Vec::new();
+        while let Ok(true) =
+            tokio::time::timeout(Duration::from_millis(1), sub.next(&mut frames)).await
+        {}
+        let mut parser = crate::sse::Parser::new();
+        let mut items = Vec::new();
+        for f in &frames {
+            parser.feed(f, &mut items);
+        }
+        items
+            .into_iter()
+            .filter_map(|i| match i {
+                crate::sse::Item::Event(e) if e.event != "status" => Some((e.event, e.id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn hub() -> Arc<Hub> {
+        let config = crate::config::parse(
+            std::path::Path::new("s.toml"),
+            "[[streams]]\npath = \"/a\"\nview = \"v\"\n",
+        )
+        .expect("valid");
+        let hub = Hub::new(crate::hub::Settings::new(
+            &config.streams[0],
+            crate::config::ClientErrors::Full,
+        ));
+        hub.load_snapshot(1, State::empty(false), Reason::Initial);
+        hub
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_delay_each_timestamp_is_published_at_once() {
+        let hub = hub();
+        let mut sub = hub.subscribe(crate::wire::Resume::After(1));
+        let mut c = Coalescer::default();
+        c.push(&hub, Duration::ZERO, 5, vec![change(5)]);
+        c.progress(&hub, 5);
+        assert_eq!(c.deadline, None);
+        assert_eq!(
+            sent(&mut sub).await,
+            vec![("update".into(), Some("5".into()))]
+        );
+    }
+
+    /// With a delay, every timestamp closed within the window goes out as one event
+    /// when the window (opened by the first change) ends, with the last closed id.
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_window_coalesces_timestamps_into_one_event() {
+        let hub = hub();
+        let mut sub = hub.subscribe(crate::wire::Resume::After(1));
+        let delay = Duration::from_secs(1);
+        let mut c = Coalescer::default();
+        let opened = Instant::now();
+        c.push(&hub, delay, 5, vec![change(5)]);
+        c.progress(&hub, 5);
+        assert_eq!(c.deadline, Some(opened + delay));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        c.push(&hub, delay, 7, vec![change(7)]);
+        c.progress(&hub, 9);
+        // The window is the first change's: a later change does not extend it.
+        assert_eq!(c.deadline, Some(opened + delay));
+        assert!(
+            sent(&mut sub).await.is_empty(),
+            "nothing before the window ends"
+        );
+        sleep_until(c.deadline).await;
+        assert_eq!(Instant::now(), opened + delay);
+        c.flush(&hub);
+        assert_eq!(
+            sent(&mut sub).await,
+            vec![("update".into(), Some("9".into()))]
+        );
+        assert_eq!(hub.state_ts(), Some(9));
+        // An empty window flushes nothing, and progress alone moves the state on.
+        c.flush(&hub);
+        c.progress(&hub, 12);
+        assert!(sent(&mut sub).await.is_empty());
+        assert_eq!(hub.state_ts(), Some(12));
+    }
 }

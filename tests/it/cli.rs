@@ -91,3 +91,23 @@ async fn sighup_reloads_and_unreloadable_fields_are_named() {
     .await;
     assert!(status.success(), "{status}");
 }
+
+/// The shipped sample configs parse and validate, so a sample that drifts from the
+/// code fails CI.
+#[test]
+fn the_shipped_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("streams.toml")];
+    for entry in std::fs::read_dir(root.join("examples")).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
+    }
+    assert!(files.len() >= 2, "{files:?}");
+    for file in files {
+        let config = tailgate::config::load(&file)
+            .unwrap_or_else(|e| panic!("{} is not valid:\n{e}", file.display()));
+        assert!(!config.streams.is_empty(), "{}", file.display());
+    }
+}
