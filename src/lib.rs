@@ -17,15 +17,23 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the file's raw serde mirror, validated into typed [`config::Config`].
-//! - [`reload`]: file watching, SIGHUP, the fallback poll, and applying a new file.
-//! - [`supervisor`]: the running streams and the route table; applies config diffs.
+//! Modules form a DAG; each uses only those listed after it.
+//!
+//! - [`gateway`]: wiring: the engine, the listener, the supervisor, the HTTP server,
+//!   the reload loop and shutdown.
+//! - [`http`]: the listener, connection deadlines, the event-stream fast path, handlers.
+//! - [`reload`]: file watching, SIGHUP, the fallback poll, and checking a new file.
+//! - [`supervisor`]: the running streams; applies a new config as a per-stream diff.
+//! - [`route`]: the route table the HTTP layer reads, and the heartbeat task.
 //! - [`upstream`]: one connection per stream: SUBSCRIBE, FETCH, decode, reconnect, resume.
-//! - [`hub`]: per-stream state, resume history, and fan-out of once-encoded events.
-//! - [`http`]: the listener, connection tasks, and handlers.
-//! - [`sse`]: event-stream encoding and a spec-conforming parser.
 //! - [`telemetry`]: logging and metrics.
-//! - [`gateway`]: wiring all of the above together.
+//! - [`hub`]: per-stream state, resume history, and fan-out of once-encoded events.
+//! - [`config`]: the file's raw serde mirror, validated into typed [`config::Config`].
+//! - [`wire`]: the wire contract browsers see.
+//! - [`sse`]: event-stream framing and a spec-conforming parser.
+//! - [`error`]: rendering an error with its causes.
+//!
+//! The development engine is its own crate, `tailgate_engine`.
 #![forbid(unsafe_code)]
 
 pub mod config;

@@ -1,6 +1,6 @@
 //! Hot reload: every trigger (file events, SIGHUP, the fallback poll) feeds one channel
-//! that the gateway's control loop drains, and [`apply`] validates the whole file
-//! before anything changes. Reading and validating run on the blocking pool, so a huge
+//! that the gateway's control loop drains, and [`check`] reads and validates the whole
+//! file before anything changes; the gateway applies what it accepts. Reading and validating run on the blocking pool, so a huge
 //! or hostile file never holds up a runtime worker.
 //!
 //! The watcher watches the config file's *directory* and filters by name, so editors

@@ -2,7 +2,7 @@
 //!
 //! Loading is two steps. The text is parsed into a span-carrying TOML tree, each section
 //! and each `[[streams]]` entry is deserialized on its own (with `deny_unknown_fields`),
-//! and then [`RawConfig::validate`] turns the raw values into typed ones. Every problem
+//! and then validation (`validate`) turns the raw values into typed ones. Every problem
 //! found along the way is collected, so one run reports them all, each with the file,
 //! line and column (past [`MAX_LISTED`], the first are listed and the rest counted).
 //! Validation does no I/O, and its time is linear in the size of the file and the

@@ -1,11 +1,14 @@
-//! The HTTP side: a listener with a deep backlog, one hyper HTTP/1.1 connection task per
-//! client, and the axum router of [`routes`].
+//! The HTTP side: a listener with a deep backlog, one task per connection, the
+//! event-stream fast path (`stream`), and hyper with the axum router (`routes`) for
+//! everything else.
 //!
-//! The accept loop is ours rather than `axum::serve` for three reasons: the listen
-//! backlog (tokio's default is 128), a connection cap that answers 503 instead of
-//! running out of descriptors, and a per-connection write watchdog that drops a client
-//! whose socket accepts nothing for `send_timeout` (hyper never polls a stream body
-//! while the socket is full, so the body cannot notice by itself).
+//! The accept loop is ours rather than `axum::serve` for four reasons: the listen
+//! backlog (tokio's default is 128); a connection cap that answers 503 instead of
+//! running out of descriptors; a deadline for every phase of a connection (the request
+//! head, keep-alive idle, and bytes sent while a request is answered), so no client can
+//! hold a slot for free; and a per-connection write watchdog that drops a client whose
+//! socket accepts nothing for `send_timeout` (hyper never polls a stream body while the
+//! socket is full, so the body cannot notice by itself).
 //!
 //! Connection tasks live in the server's task tracker. When shutdown starts, the loop
 //! stops accepting and asks every connection to finish its response and close; SSE
