@@ -177,7 +177,7 @@ impl Gateway {
             shutdown.clone(),
             grace,
         ));
-        let mut hash = Some(config.digest);
+        let mut digest = Some(config.digest);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -185,7 +185,7 @@ impl Gateway {
                     // Validating a huge file takes a while; shutdown need not wait for it.
                     let outcome = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        outcome = reload::check(&config, &mut hash) => outcome,
+                        outcome = reload::check(&config, &mut digest) => outcome,
                     };
                     if let Some(running) = apply(outcome, trigger, &mut supervisor, &state) {
                         config = running;

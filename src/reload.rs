@@ -7,8 +7,8 @@
 //! that save by renaming a temp file over the original and Kubernetes' `..data`
 //! symlink swaps are both seen. In-place writes count only once the writer closes the
 //! file, so a slow partial write is never read half-way; a debounce folds bursts into
-//! one reload, and a content hash skips saves that changed nothing. A poll compares the
-//! hash every [`POLL_EVERY`] for filesystems where notify sees nothing; it stays out of
+//! one reload, and a content digest ([`config::digest`]) skips saves that changed nothing. A poll
+//! compares the digest every [`POLL_EVERY`] for filesystems where notify sees nothing; it stays out of
 //! the way while the watcher knows a write to the file is still open, so a writer that
 //! pauses mid-file is not read half-way by the poll either.
 //!
@@ -77,7 +77,7 @@ pub enum Trigger {
 }
 
 /// Hash of the file's content, or `None` if it cannot be read.
-fn content_hash(path: &Path) -> Option<u64> {
+fn content_digest(path: &Path) -> Option<u64> {
     std::fs::read(path).ok().map(|b| config::digest(&b))
 }
 
@@ -112,7 +112,7 @@ pub fn spawn_watchers(
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let event = match res {
             Ok(event) => event,
-            // Events may have been lost: reload and let the content hash decide.
+            // Events may have been lost: reload and let the content digest decide.
             Err(_) => {
                 let _ = raw_tx.send(());
                 return;
@@ -224,7 +224,7 @@ async fn poll(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = content_hash(&path);
+        let now = content_digest(&path);
         if open_write.in_progress() {
             previous = None;
             continue;
@@ -260,25 +260,25 @@ async fn sighup(
 #[derive(Debug)]
 enum Loaded {
     Unreadable(std::io::Error),
-    /// The content hash is the one last seen.
+    /// The content digest is the one last seen.
     Unchanged,
-    /// New content with this hash, and what validating it gave.
+    /// New content with this digest, and what validating it gave.
     Parsed(u64, Box<Result<Config, config::ConfigError>>),
 }
 
-/// Reads `path` and, unless its hash is `seen`, validates it. Blocking: the file may
+/// Reads `path` and, unless its digest is `seen`, validates it. Blocking: the file may
 /// be large, slow to read, or full of problems.
 fn load_blocking(path: &Path, seen: Option<u64>) -> Loaded {
     let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) => return Loaded::Unreadable(e),
     };
-    let hash = config::digest(&text);
-    if seen == Some(hash) {
+    let digest = config::digest(&text);
+    if seen == Some(digest) {
         return Loaded::Unchanged;
     }
     let text = String::from_utf8_lossy(&text);
-    Loaded::Parsed(hash, Box::new(config::parse(path, &text)))
+    Loaded::Parsed(digest, Box::new(config::parse(path, &text)))
 }
 
 /// [`load_blocking`] on the blocking pool.
@@ -322,8 +322,8 @@ pub async fn check(running: &Config, seen: &mut Option<u64>) -> Outcome {
             None => Outcome::Unchanged,
         },
         Loaded::Unchanged => Outcome::Unchanged,
-        Loaded::Parsed(hash, parsed) => {
-            *seen = Some(hash);
+        Loaded::Parsed(digest, parsed) => {
+            *seen = Some(digest);
             match *parsed {
                 Ok(new) => {
                     let (config, refused) = reconcile(running, new);
@@ -394,19 +394,19 @@ mod tests {
         .await;
         let (loaded, ran_before_the_end) = loaded;
         assert!(ran_before_the_end, "the load never yielded to the runtime");
-        let Ok(Loaded::Parsed(hash, parsed)) = loaded else {
+        let Ok(Loaded::Parsed(digest, parsed)) = loaded else {
             panic!("{loaded:?}");
         };
         let c = parsed.expect("valid");
         assert_eq!(c.streams.len(), 1);
         // The same content again is recognised, and a missing file is reported.
         assert!(matches!(
-            load(path.clone(), Some(hash)).await,
+            load(path.clone(), Some(digest)).await,
             Ok(Loaded::Unchanged)
         ));
         std::fs::remove_file(&path).expect("remove");
         assert!(matches!(
-            load(path, Some(hash)).await,
+            load(path, Some(digest)).await,
             Ok(Loaded::Unreadable(_))
         ));
     }

@@ -1,7 +1,7 @@
 //! The development engine: a Materialize-compatible pgwire server backed by an
 //! embedded SQLite.
 //!
-//! It imitates what a Materialize client sees (`materialize-protocol.md`):
+//! It imitates what a Materialize client sees (as documented for SUBSCRIBE, FETCH and AS OF):
 //! SUBSCRIBE/TAIL with progress, AS OF/UP TO and ENVELOPE UPSERT, cursors with
 //! FETCH timing, COPY out, Materialize's error codes and version strings. It is
 //! a development and test engine, not a production database.

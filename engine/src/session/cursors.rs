@@ -259,7 +259,7 @@ impl Session {
         }
     }
 
-    /// FETCH with Materialize's timing rules (materialize-protocol.md §3.2).
+    /// FETCH with Materialize's timing rules (a FETCH without a timeout returns as soon as rows are ready; with one, it waits out the timeout).
     async fn fetch(
         &mut self,
         cursor: &mut Cursor,
