@@ -44,6 +44,8 @@ pub struct Gateway {
     config: Config,
     listener: TcpListener,
     addr: SocketAddr,
+    /// The admin listener and its address, when `admin_listen` is set.
+    admin: Option<(TcpListener, SocketAddr)>,
     state: Arc<AppState>,
     supervisor: Supervisor,
     engine: Option<RunningEngine>,
@@ -98,6 +100,18 @@ impl Gateway {
         };
         let listener = http::bind(config.server.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
+        let admin = match config.server.admin_listen {
+            Some(admin_addr) => {
+                let admin_error = |source| GatewayError::Bind {
+                    addr: admin_addr,
+                    source,
+                };
+                let admin = http::bind(admin_addr).map_err(admin_error)?;
+                let bound = admin.local_addr().map_err(admin_error)?;
+                Some((admin, bound))
+            }
+            None => None,
+        };
 
         let supervisor =
             Supervisor::start(&config, Arc::clone(&target), inner.clone(), tracker.clone());
@@ -112,6 +126,7 @@ impl Gateway {
             metrics: Arc::new(Metrics::default()),
             server: ArcSwap::from_pointee(config.server.clone()),
             config_path: config.source.clone(),
+            per_ip: Arc::new(http::PerIp::default()),
         });
         let (trigger_tx, triggers) = mpsc::channel(16);
         let watcher = reload::spawn_watchers(
@@ -121,11 +136,17 @@ impl Gateway {
             inner.clone(),
             &tracker,
         );
-        info!(%addr, streams = config.streams.len(), "Gateway listening.");
+        info!(
+            %addr,
+            admin = ?admin.as_ref().map(|(_, a)| *a),
+            streams = config.streams.len(),
+            "Gateway listening."
+        );
         Ok(Gateway {
             config,
             listener,
             addr,
+            admin,
             state,
             supervisor,
             engine,
@@ -139,6 +160,11 @@ impl Gateway {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The embedded engine's address, when there is one.
@@ -160,6 +186,7 @@ impl Gateway {
         let Gateway {
             mut config,
             listener,
+            admin,
             state,
             mut supervisor,
             engine: _engine,
@@ -173,10 +200,20 @@ impl Gateway {
         let grace = config.server.shutdown_grace;
         let server = tokio::spawn(http::serve(
             listener,
+            http::Listener::Public,
             Arc::clone(&state),
             shutdown.clone(),
             grace,
         ));
+        let admin = admin.map(|(admin, _)| {
+            tokio::spawn(http::serve(
+                admin,
+                http::Listener::Admin,
+                Arc::clone(&state),
+                shutdown.clone(),
+                grace,
+            ))
+        });
         let mut digest = Some(config.digest);
         loop {
             tokio::select! {
@@ -196,7 +233,12 @@ impl Gateway {
         drop(watcher);
         info!("Shutting down.");
         supervisor.shutdown();
-        if tokio::time::timeout(grace + Duration::from_millis(500), server)
+        let servers = futures::future::join(server, async {
+            if let Some(admin) = admin {
+                let _ = admin.await;
+            }
+        });
+        if tokio::time::timeout(grace + Duration::from_millis(500), servers)
             .await
             .is_err()
         {

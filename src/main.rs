@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use tailgate::config::{self, ConfigError};
+use tailgate::config::{self, ConfigError, LogFormat};
 use tailgate::error::error_chain;
 use tailgate::telemetry;
 use tailgate::Gateway;
-use tailgate_engine::{self as engine, EngineConfig};
+use tailgate_engine::EngineConfig;
 
 /// sysexits' EX_CONFIG-style code for a bad config file.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -62,44 +62,27 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    telemetry::init_logging();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            error!(error = %e, "Cannot start the async runtime.");
-            return ExitCode::FAILURE;
-        }
-    };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Check => match config::load(&cli.config) {
             Ok(c) => {
-                println!("{}: ok, {} stream(s)", cli.config.display(), c.streams.len());
+                println!(
+                    "{}: ok, {} stream(s)",
+                    cli.config.display(),
+                    c.streams.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => bad_config(&e),
         },
         Command::Serve => {
+            // The config chooses the log format, so it is read (and reported on) first.
             let config = match config::load(&cli.config) {
                 Ok(c) => c,
                 Err(e) => return bad_config(&e),
             };
-            runtime.block_on(async {
-                let gateway = match Gateway::build(config).await {
-                    Ok(g) => g,
-                    Err(e) => {
-                        error!(error = %error_chain(&e), "Cannot start.");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let shutdown = gateway.shutdown_token();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    shutdown.cancel();
-                });
-                gateway.run_until_stopped().await;
-                ExitCode::SUCCESS
-            })
+            telemetry::init_logging(config.server.log_format);
+            run(serve(config))
         }
         Command::Engine {
             listen,
@@ -107,29 +90,64 @@ fn main() -> ExitCode {
             legacy,
             retain,
             tick,
-        } => runtime.block_on(async {
-            let shutdown = CancellationToken::new();
-            let config = EngineConfig {
+        } => {
+            telemetry::init_logging(LogFormat::Text);
+            run(engine(EngineConfig {
                 listen,
                 init,
                 legacy,
                 retain,
                 tick,
                 schedule: Vec::new(),
-            };
-            match engine::start(config, shutdown.clone()).await {
-                Ok(running) => {
-                    tracing::info!(addr = %running.local_addr(), legacy, "Development engine listening.");
-                    wait_for_signal().await;
-                    shutdown.cancel();
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    error!(error = %error_chain(&e), "Cannot start the engine.");
-                    ExitCode::FAILURE
-                }
-            }
-        }),
+            }))
+        }
+    }
+}
+
+/// Runs `work` on a multi-threaded runtime.
+fn run(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(work),
+        Err(e) => {
+            error!(error = %e, "Cannot start the async runtime.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves the gateway until SIGINT or SIGTERM.
+async fn serve(config: config::Config) -> ExitCode {
+    let gateway = match Gateway::build(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            error!(error = %error_chain(&e), "Cannot start.");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = gateway.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        shutdown.cancel();
+    });
+    gateway.run_until_stopped().await;
+    ExitCode::SUCCESS
+}
+
+/// Runs the development engine until SIGINT or SIGTERM.
+async fn engine(config: EngineConfig) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let legacy = config.legacy;
+    match tailgate_engine::start(config, shutdown.clone()).await {
+        Ok(running) => {
+            tracing::info!(addr = %running.local_addr(), legacy, "Development engine listening.");
+            wait_for_signal().await;
+            shutdown.cancel();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = %error_chain(&e), "Cannot start the engine.");
+            ExitCode::FAILURE
+        }
     }
 }
 

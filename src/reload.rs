@@ -352,6 +352,8 @@ pub fn reconcile(running: &Config, mut new: Config) -> (Config, Vec<String>) {
     }
     keep!(
         server.listen,
+        server.admin_listen,
+        server.log_format,
         server.heartbeat,
         server.shutdown_grace,
         upstream.target,

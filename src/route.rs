@@ -17,6 +17,8 @@ use crate::hub::Hub;
 
 /// A stream as the HTTP layer sees it.
 pub struct Route {
+    /// The configured path, shared by every connection's access record.
+    pub path: Arc<str>,
     pub config: Arc<StreamConfig>,
     pub hub: Arc<Hub>,
 }

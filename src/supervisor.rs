@@ -125,6 +125,7 @@ impl Supervisor {
                     } else {
                         running.delay.send_replace(new.delay);
                         running.route = Arc::new(Route {
+                            path: Arc::clone(&running.route.path),
                             config: Arc::clone(new),
                             hub,
                         });
@@ -150,7 +151,11 @@ impl Supervisor {
         };
         self.tracker.spawn(task.run(cancel.clone()));
         Running {
-            route: Arc::new(Route { config, hub }),
+            route: Arc::new(Route {
+                path: config.path.as_str().into(),
+                config,
+                hub,
+            }),
             cancel,
             delay,
         }

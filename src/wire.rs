@@ -71,8 +71,16 @@ impl Reason {
 /// Why a stream ends on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
+    /// The stream left the config.
     Removed,
+    /// The gateway is stopping.
     Shutdown,
+    /// The gateway is at a connection limit: come back after the `retry` delay.
+    Overloaded,
+    /// The client's token expired: reconnect with a fresh one.
+    TokenExpired,
+    /// The rules no longer allow this client the stream.
+    Forbidden,
 }
 
 impl EndReason {
@@ -80,6 +88,9 @@ impl EndReason {
         match self {
             EndReason::Removed => "removed",
             EndReason::Shutdown => "shutdown",
+            EndReason::Overloaded => "overloaded",
+            EndReason::TokenExpired => "token-expired",
+            EndReason::Forbidden => "forbidden",
         }
     }
 

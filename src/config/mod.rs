@@ -67,6 +67,26 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// What `status` events tell clients about upstream errors.
     pub client_errors: ClientErrors,
+    /// Where the operator's routes (`/metrics`, `/livez`, `/readyz`, the full `/`
+    /// listing) are served; unset serves them on `listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Log lines as text or as one JSON object per line.
+    pub log_format: LogFormat,
+    /// Open streams one client address may hold; 0 is no limit.
+    pub max_connections_per_ip: usize,
+    /// Peers whose `X-Forwarded-For` names the client; anyone else is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The `retry:` an overloaded event-stream request is told (jittered), so the
+    /// browser comes back later instead of giving up.
+    pub overload_retry: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line: time, level, target, message and the fields.
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq)]

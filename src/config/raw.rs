@@ -20,6 +20,11 @@ pub(super) struct RawServer {
     pub(super) head_timeout: Option<Spanned<String>>,
     pub(super) keepalive_timeout: Option<Spanned<String>>,
     pub(super) client_errors: Option<Spanned<String>>,
+    pub(super) admin_listen: Option<Spanned<String>>,
+    pub(super) log_format: Option<Spanned<String>>,
+    pub(super) max_connections_per_ip: Option<Spanned<i64>>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) overload_retry: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,19 +29,11 @@ impl RawConfig {
 
         let s = self.server.unwrap_or_default();
         let default_listen = SocketAddr::from(([127, 0, 0, 1], 8000));
-        let listen = match &s.listen {
-            None => default_listen,
-            Some(l) => l.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
-                p.at(
-                    l.span().start,
-                    format!(
-                        "`listen` must be an address like 127.0.0.1:8000, got {:?}",
-                        l.get_ref()
-                    ),
-                );
-                default_listen
-            }),
-        };
+        let listen = s
+            .listen
+            .as_ref()
+            .and_then(|l| address(p, l, "listen"))
+            .unwrap_or(default_listen);
         let max_lifetime = duration(p, &s.max_lifetime, Duration::ZERO);
         let server = ServerConfig {
             listen,
@@ -58,22 +50,47 @@ impl RawConfig {
                 Duration::from_secs(30),
                 "keepalive_timeout",
             ),
-            client_errors: match &s.client_errors {
-                None => ClientErrors::Full,
-                Some(v) => {
-                    match v.get_ref().as_str() {
-                        "full" => ClientErrors::Full,
-                        "generic" => ClientErrors::Generic,
-                        other => {
-                            p.at(
-                            v.span().start,
-                            format!("`client_errors` must be \"full\" or \"generic\", got {other:?}"),
-                        );
-                            ClientErrors::Full
-                        }
-                    }
-                }
+            client_errors: choice(
+                p,
+                &s.client_errors,
+                "client_errors",
+                &[
+                    ("full", ClientErrors::Full),
+                    ("generic", ClientErrors::Generic),
+                ],
+            ),
+            admin_listen: s
+                .admin_listen
+                .as_ref()
+                .and_then(|a| address(p, a, "admin_listen")),
+            log_format: choice(
+                p,
+                &s.log_format,
+                "log_format",
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            ),
+            max_connections_per_ip: match &s.max_connections_per_ip {
+                None => 0,
+                Some(n) => usize::try_from(*n.get_ref()).unwrap_or_else(|_| {
+                    p.at(
+                        n.span().start,
+                        "`max_connections_per_ip` must be 0 (no limit) or more",
+                    );
+                    0
+                }),
             },
+            trusted_proxies: s
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .filter_map(|t| network(p, t))
+                .collect(),
+            overload_retry: positive(
+                p,
+                &s.overload_retry,
+                Duration::from_secs(5),
+                "overload_retry",
+            ),
         };
 
         let u = self.upstream.unwrap_or_default();
@@ -448,4 +465,62 @@ pub(super) fn event_name(
         );
     }
     name.clone()
+}
+
+/// A socket address such as `127.0.0.1:8000`.
+fn address(p: &mut Problems<'_>, v: &Spanned<String>, name: &str) -> Option<SocketAddr> {
+    let parsed = v.get_ref().parse::<SocketAddr>();
+    if parsed.is_err() {
+        p.at(
+            v.span().start,
+            format!(
+                "`{name}` must be an address like 127.0.0.1:8000, got {:?}",
+                v.get_ref()
+            ),
+        );
+    }
+    parsed.ok()
+}
+
+/// A network such as `10.0.0.0/8`, or one address (a network of one).
+fn network(p: &mut Problems<'_>, v: &Spanned<String>) -> Option<ipnet::IpNet> {
+    let text = v.get_ref();
+    let parsed = text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    });
+    if parsed.is_none() {
+        p.at(
+            v.span().start,
+            format!("{text:?} is not a network like \"10.0.0.0/8\" or an address"),
+        );
+    }
+    parsed
+}
+
+/// One of a fixed set of words.
+fn choice<T: Copy>(
+    p: &mut Problems<'_>,
+    v: &Option<Spanned<String>>,
+    name: &str,
+    options: &[(&str, T)],
+) -> T {
+    let default = options[0].1;
+    let Some(v) = v else { return default };
+    match options.iter().find(|(word, _)| *word == v.get_ref()) {
+        Some((_, value)) => *value,
+        None => {
+            let words: Vec<String> = options.iter().map(|(w, _)| format!("{w:?}")).collect();
+            p.at(
+                v.span().start,
+                format!(
+                    "`{name}` must be one of {}, got {:?}",
+                    words.join(", "),
+                    v.get_ref()
+                ),
+            );
+            default
+        }
+    }
 }

@@ -1,6 +1,8 @@
-//! Request handlers: the stream listing at `/`, `/metrics`, `/healthz`, and every
-//! configured stream through one dispatching handler that looks the path up in the
-//! route table (swapped atomically on reload, since an axum `Router` is fixed once built).
+//! The hyper/axum side's routes: the router of each listener, what every request gets
+//! (`Host`, bodies, CORS, preflight), and every configured stream through one
+//! dispatching handler that looks the path up in the route table (swapped atomically
+//! on reload, since an axum `Router` is fixed once built). The operator's routes are
+//! in `ops`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,20 +10,22 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures::StreamExt;
+use bytes::Bytes;
 use rand::Rng;
-use serde_json::json;
 
-use crate::config::{ServerConfig, Source};
-use crate::hub::Hub;
+use super::access::{Access, End};
+use super::conn::ConnInfo;
+use super::limits::{self, PerIp};
+use super::{head, ops, Listener};
+use crate::config::ServerConfig;
 use crate::route::SharedRoutes;
-use crate::telemetry::Metrics;
-use crate::wire::{self, resume, Health, Resume};
+use crate::telemetry::{Metrics, Refusal};
+use crate::wire::{self, resume, EndReason, Resume};
 
 /// State shared by every handler.
 pub struct AppState {
@@ -29,14 +33,30 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub server: ArcSwap<ServerConfig>,
     pub config_path: PathBuf,
+    /// Open streams per client address.
+    pub per_ip: Arc<PerIp>,
 }
 
-pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .fallback(stream)
+/// The routes of one listener. The operator's routes are on the public listener only
+/// when there is no admin listener; the streams never are on the admin one.
+pub(super) fn router(kind: Listener, state: Arc<AppState>) -> Router {
+    let admin_elsewhere = state.server.load().admin_listen.is_some();
+    let mut router = Router::new();
+    if kind == Listener::Admin || !admin_elsewhere {
+        router = router
+            .route("/", get(ops::listing))
+            .route("/metrics", get(ops::metrics))
+            .route("/livez", get(ops::live))
+            .route("/healthz", get(ops::live))
+            .route("/readyz", get(ops::ready));
+    } else {
+        router = router.route("/", get(ops::public_listing));
+    }
+    let router = match kind {
+        Listener::Public => router.fallback(stream),
+        Listener::Admin => router,
+    };
+    router
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             conformance,
@@ -115,6 +135,7 @@ const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS";
 
 async fn stream(
     State(state): State<Arc<AppState>>,
+    Extension(conn): Extension<Arc<ConnInfo>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -130,18 +151,70 @@ async fn stream(
         )
             .into_response();
     }
-    let body = if method == Method::HEAD {
-        Body::empty()
-    } else {
-        let resume = resume_from(&headers, &uri);
-        let events = route.hub.subscribe(resume).into_stream();
-        match state.server.load().max_lifetime {
-            // Ending the response (not the socket) lets the browser reconnect with its
-            // Last-Event-ID and resume without a snapshot.
-            Some(life) => Body::from_stream(events.take_until(tokio::time::sleep(jittered(life)))),
-            None => Body::from_stream(events),
+    if method == Method::HEAD {
+        return stream_response(Body::empty());
+    }
+    let server = state.server.load_full();
+    let client = limits::client_ip(
+        conn.peer.ip(),
+        headers.get("x-forwarded-for").map(HeaderValue::as_bytes),
+        &server.trusted_proxies,
+    );
+    let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let mut access = Access::new(
+        Arc::clone(&route.path),
+        target,
+        client,
+        Arc::clone(&state.metrics),
+    );
+    access.watch(Arc::clone(&conn));
+    let Some(slot) = state.per_ip.acquire(client, server.max_connections_per_ip) else {
+        state.metrics.refused(Refusal::MaxConnectionsPerIp);
+        access.end(End::Told(EndReason::Overloaded));
+        return overloaded(&server, &headers, access);
+    };
+    access.hold(slot);
+    let resume = resume_from(&headers, &uri);
+    let mut subscription = route.hub.subscribe(resume);
+    // Ending the response (not the socket) at `max_lifetime` lets the browser
+    // reconnect with its Last-Event-ID and resume without a snapshot.
+    let lifetime = server.max_lifetime.map(jittered);
+    let events = async_stream::stream! {
+        let mut frames = Vec::new();
+        let expiry = async {
+            match lifetime {
+                Some(life) => tokio::time::sleep(life).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
+        loop {
+            tokio::select! {
+                more = subscription.next(&mut frames) => if !more {
+                    if let Some(reason) = subscription.end_reason() {
+                        access.end(End::Told(reason));
+                    }
+                    if frames.is_empty() {
+                        break;
+                    }
+                },
+                _ = &mut expiry => {
+                    access.end(End::Lifetime);
+                    break;
+                }
+            }
+            access.queued(&frames);
+            for frame in frames.drain(..) {
+                access.wrote(frame.len());
+                yield Ok::<Bytes, std::convert::Infallible>(frame);
+            }
         }
     };
+    stream_response(Body::from_stream(events))
+}
+
+/// A stream response: the wire contract's headers around `body`.
+fn stream_response(body: Body) -> Response {
     let mut response = Response::new(body);
     for (name, value) in wire::STREAM_HEADERS {
         response
@@ -149,6 +222,27 @@ async fn stream(
             .insert(name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// The overload answer: the event stream that sends the browser away for a while, or
+/// `503` with `Retry-After` for anything else.
+fn overloaded(server: &ServerConfig, headers: &HeaderMap, mut access: Access) -> Response {
+    let accept = headers.get(header::ACCEPT).map(HeaderValue::as_bytes);
+    if head::wants_event_stream(accept) {
+        let frames = limits::overload_events(server);
+        access.queued(&frames);
+        let body: Vec<u8> = frames.concat();
+        access.wrote(body.len());
+        return stream_response(Body::from(body));
+    }
+    access.set_status(503);
+    let secs = limits::retry_delay(server).as_secs().max(1);
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, secs.to_string())],
+        axum::Json(serde_json::json!({"error": "overloaded"})),
+    )
+        .into_response()
 }
 
 /// The resume point: the `Last-Event-ID` header, else `?last_event_id=`.
@@ -233,119 +327,6 @@ pub(super) fn negotiate(accept: Option<&str>, offers: &[&str]) -> Option<usize> 
 /// A connection's life under `max_lifetime`: 80–100% of it, so reconnects spread out.
 pub(super) fn jittered(life: Duration) -> Duration {
     life.mul_f64(rand::rng().random_range(0.8..=1.0))
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The stream listing: JSON, or a small page when the client asks for HTML.
-async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let routes = state.routes.load();
-    let streams: Vec<serde_json::Value> = routes
-        .values()
-        .map(|r| {
-            let c = &r.config;
-            let (view, query) = match &c.source {
-                Source::View(v) => (Some(v.as_str()), None),
-                Source::Query(q) => (None, Some(q.as_str())),
-            };
-            let (upstream, error) = match r.hub.health() {
-                Health::Streaming => ("streaming", None),
-                Health::Reconnecting { error } => ("reconnecting", Some(error)),
-            };
-            json!({
-                "path": c.path.as_str(),
-                "view": view,
-                "query": query,
-                "event": c.event,
-                "delay_ms": millis(c.delay),
-                "retry_ms": millis(c.retry),
-                "key": c.key,
-                "cluster": c.cluster,
-                "clients": r.hub.stats.clients.load(std::sync::atomic::Ordering::Relaxed),
-                "ready": r.hub.is_ready(),
-                "ts": r.hub.state_ts().map(|t| t.to_string()),
-                "upstream": upstream,
-                "error": error,
-            })
-        })
-        .collect();
-    let metrics = &state.metrics;
-    let body = json!({
-        "streams": streams,
-        "config": {
-            "path": state.config_path.display().to_string(),
-            "last_reload_successful": metrics.reload_successful.load(std::sync::atomic::Ordering::Relaxed),
-            "last_reload_error": metrics.last_reload_error(),
-        },
-    });
-    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
-    let vary = [(header::VARY, "accept")];
-    match negotiate(accept, &["application/json", "text/html"]) {
-        Some(0) => return (vary, axum::Json(body)).into_response(),
-        Some(_) => {}
-        None => {
-            return (
-                StatusCode::NOT_ACCEPTABLE,
-                vary,
-                "the listing is application/json or text/html\n",
-            )
-                .into_response()
-        }
-    }
-    let mut page = String::from(
-        "<!doctype html><meta charset=utf-8><title>tailgate</title>\
-         <style>body{font:14px system-ui;margin:2em}td,th{padding:.3em .8em;text-align:left}</style>\
-         <h1>tailgate streams</h1><table><tr><th>path</th><th>source</th><th>event</th><th>clients</th><th>upstream</th></tr>",
-    );
-    for s in &streams {
-        let path = html_escape(s["path"].as_str().unwrap_or_default());
-        let source = html_escape(
-            s["view"]
-                .as_str()
-                .or_else(|| s["query"].as_str())
-                .unwrap_or_default(),
-        );
-        page.push_str(&format!(
-            "<tr><td><a href=\"{path}\">{path}</a></td><td><code>{source}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            html_escape(s["event"].as_str().unwrap_or_default()),
-            s["clients"],
-            html_escape(s["upstream"].as_str().unwrap_or_default()),
-        ));
-    }
-    page.push_str("</table>");
-    if let Some(err) = metrics.last_reload_error() {
-        page.push_str(&format!(
-            "<h2>Last reload failed</h2><pre>{}</pre>",
-            html_escape(&err)
-        ));
-    }
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::VARY, "accept"),
-        ],
-        page,
-    )
-        .into_response()
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let routes = state.routes.load();
-    let streams: Vec<(&str, &Hub)> = routes
-        .iter()
-        .map(|(path, route)| (path.as_str(), route.hub.as_ref()))
-        .collect();
-    let text = state.metrics.render(&streams);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 #[cfg(test)]

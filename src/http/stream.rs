@@ -13,106 +13,132 @@
 //! client goes away, a write times out, or the connection's lifetime is over.
 
 use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::Interest;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use super::routes::{allowed_origin, jittered, varies_by_origin};
-use super::AppState;
+use super::access::{Access, End};
+use super::routes::jittered;
+use super::{head, limits, AppState};
 use crate::route::Route;
-use crate::wire::{self, resume};
+use crate::telemetry::Refusal;
+use crate::wire::{self, resume, EndReason};
 
-/// Request heads larger than this are left to hyper, which answers them properly.
-pub(super) const MAX_HEAD: usize = 8 * 1024;
 /// Bytes a stream client may send after its request before the connection is closed.
 const MAX_TRAILING: usize = 1024;
 
 /// What the fast path needs from a parsed request head.
 pub(super) struct StreamRequest {
     pub route: Arc<Route>,
-    pub last_event_id: Option<Vec<u8>>,
-    pub query: Option<String>,
-    pub origin: Option<String>,
+    /// The path and query as requested.
+    pub target: Box<str>,
+    pub last_event_id: Option<Box<[u8]>>,
+    pub origin: Option<Box<[u8]>>,
+    pub client: IpAddr,
     /// Bytes that came after the head.
     pub trailing: usize,
 }
 
-/// Parses `head`; `Ok(None)` means more bytes are needed, `Err(())` that the request
-/// is not a stream GET (or not parseable here) and belongs to hyper.
-pub(super) fn classify(head: &[u8], state: &AppState) -> Result<Option<StreamRequest>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    let trailing = match req.parse(head) {
-        Ok(httparse::Status::Partial) => return Ok(None),
-        // Bytes after the head: a stream request has no body, so they count against
-        // the stream's cap on what a client may send (pipelined requests behind an
-        // endless stream could never be answered anyway).
-        Ok(httparse::Status::Complete(n)) => head.len() - n,
-        Err(_) => return Err(()),
-    };
-    if req.method != Some("GET") {
-        return Err(());
-    }
-    let target = req.path.ok_or(())?;
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q.to_string())),
-        None => (target, None),
-    };
-    let route = state.routes.load().get(path).cloned().ok_or(())?;
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-    };
-    // hyper's side answers what the fast path does not serve: a missing Host (400) and
-    // a request with a body (413).
-    if (req.version == Some(1) && header("host").is_none())
-        || header("transfer-encoding").is_some()
-        || header("content-length").is_some_and(|v| v != b"0")
-    {
-        return Err(());
-    }
-    Ok(Some(StreamRequest {
-        route,
-        last_event_id: header("last-event-id").map(<[u8]>::to_vec),
-        query,
-        origin: header("origin").and_then(|o| std::str::from_utf8(o).ok().map(str::to_string)),
-        trailing,
-    }))
+/// Parses the bytes read so far; a complete head is `Some` when it is a stream GET
+/// that wants the event stream, and `None` when it belongs to hyper (any other
+/// request, a page, a missing `Host`, a body).
+/// The request is boxed: it is dropped once the stream starts, and inline it would
+/// size every connection task for the stream's whole life.
+pub(super) fn classify(
+    buf: &[u8],
+    peer: SocketAddr,
+    state: &AppState,
+) -> head::Parsed<Option<Box<StreamRequest>>> {
+    head::parse(buf, |req, n| {
+        if req.method != Some("GET") {
+            return None;
+        }
+        let target = req.path?;
+        let path = target.split('?').next().unwrap_or(target);
+        let route = state.routes.load().get(path).cloned()?;
+        let header = |name: &str| head::header(req, name);
+        // hyper's side answers what the fast path does not serve: a missing Host (400),
+        // a request with a body (413), and a browser navigating (the page).
+        if (req.version == Some(1) && header("host").is_none())
+            || header("transfer-encoding").is_some()
+            || header("content-length").is_some_and(|v| v != b"0")
+            || !head::wants_event_stream(header("accept"))
+        {
+            return None;
+        }
+        let server = state.server.load();
+        Some(Box::new(StreamRequest {
+            route,
+            target: target.into(),
+            last_event_id: header("last-event-id").map(Into::into),
+            origin: header("origin").map(Into::into),
+            client: limits::client_ip(
+                peer.ip(),
+                header("x-forwarded-for"),
+                &server.trusted_proxies,
+            ),
+            // Bytes after the head: a stream request has no body, so they count
+            // against the stream's cap on what a client may send (pipelined requests
+            // behind an endless stream could never be answered anyway).
+            trailing: buf.len() - n,
+        }))
+    })
 }
 
-/// Serves one event stream until it ends.
-pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &AppState) {
+/// Serves one event stream until it ends, then logs it.
+pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state: &AppState) {
+    // Boxed: the record lives as long as the connection but is touched once per write,
+    // and inline it would grow every connection task.
+    let mut access = Box::new(Access::new(
+        Arc::clone(&request.route.path),
+        &request.target,
+        request.client,
+        Arc::clone(&state.metrics),
+    ));
     let server = state.server.load_full();
-    let resume = resume(request.last_event_id.as_deref(), request.query.as_deref());
+    let cors = head::cors(&server, request.origin.as_deref());
+    let Some(slot) = state
+        .per_ip
+        .acquire(request.client, server.max_connections_per_ip)
+    else {
+        state.metrics.refused(Refusal::MaxConnectionsPerIp);
+        access.end(End::Told(EndReason::Overloaded));
+        let answer = limits::overload_response(&server, &cors);
+        access.wrote(answer.len());
+        drop((request, server, cors));
+        // Boxed: a rare path, kept out of every connection task's size.
+        Box::pin(answer_and_close(socket, answer)).await;
+        return;
+    };
+    access.hold(slot);
+    // Bytes received after the request head.
+    let mut trailing = request.trailing;
+    if trailing > MAX_TRAILING {
+        access.end(End::SentData);
+        return;
+    }
+    let resume = resume(
+        request.last_event_id.as_deref(),
+        request.target.split_once('?').map(|(_, q)| q),
+    );
     let mut head = String::from("HTTP/1.1 200 OK\r\nconnection: close\r\n");
-    for (name, value) in wire::STREAM_HEADERS {
+    for (name, value) in wire::STREAM_HEADERS
+        .iter()
+        .copied()
+        .chain(cors.iter().map(|(n, v)| (*n, v.as_str())))
+    {
         head.push_str(name);
         head.push_str(": ");
         head.push_str(value);
         head.push_str("\r\n");
     }
-    if let Some(origin) = allowed_origin(&server, request.origin.as_deref()) {
-        if !origin.contains(['\r', '\n']) {
-            head.push_str("access-control-allow-origin: ");
-            head.push_str(&origin);
-            head.push_str("\r\n");
-        }
-    }
-    if varies_by_origin(&server) {
-        head.push_str("vary: origin\r\n");
-    }
     head.push_str("\r\n");
-    // Bytes received after the request head.
-    let mut trailing = request.trailing;
-    if trailing > MAX_TRAILING {
-        return;
-    }
+    drop(cors);
     let mut subscription = request.route.hub.subscribe(resume);
     drop(request);
     // Boxed, and only when configured: a timer is large next to the rest of the task.
@@ -120,6 +146,7 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
         .max_lifetime
         .map(|life| Box::pin(tokio::time::sleep(jittered(life))));
     let send_timeout = server.send_timeout;
+    drop(server);
 
     // Reused for every wake-up, so a client allocates nothing per event.
     let mut frames = vec![Bytes::from(head)];
@@ -131,7 +158,12 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
         tokio::task::coop::consume_budget().await;
         tokio::select! {
             more = subscription.next(&mut frames) => if !more {
-                break;
+                if let Some(reason) = subscription.end_reason() {
+                    access.end(End::Told(reason));
+                }
+                if frames.is_empty() {
+                    break;
+                }
             },
             // The client sends nothing after its request; readable means it closed
             // or sent something, which is discarded up to a small cap.
@@ -144,7 +176,7 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
                     Ok(n) => {
                         trailing += n;
                         if trailing > MAX_TRAILING {
-                            tracing::debug!("Client kept sending after its stream request; closing.");
+                            access.end(End::SentData);
                             return;
                         }
                         continue;
@@ -158,14 +190,19 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
                     Some(sleep) => sleep.await,
                     None => std::future::pending().await,
                 }
-            } => break,
+            } => {
+                access.end(End::Lifetime);
+                break;
+            }
         }
-        if let Err(e) = write_frames(&socket, &mut frames, send_timeout).await {
+        access.queued(&frames);
+        if let Err(e) = write_frames(&socket, &mut frames, send_timeout, &mut access).await {
             if e.kind() == io::ErrorKind::TimedOut {
                 state
                     .metrics
                     .stall_disconnects
                     .fetch_add(1, Ordering::Relaxed);
+                access.end(End::SendTimeout);
                 tracing::debug!("Client accepted nothing for the send timeout; disconnecting.");
             }
             return;
@@ -175,17 +212,27 @@ pub(super) async fn serve(socket: TcpStream, request: StreamRequest, state: &App
     let _ = tokio::time::timeout(Duration::from_secs(1), shutdown(&socket)).await;
 }
 
+/// Writes a whole answer and closes the connection after it.
+async fn answer_and_close(mut socket: TcpStream, answer: Bytes) {
+    let _ = socket.write_all(&answer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), shutdown(&socket)).await;
+}
+
 /// Writes every frame (vectored, several per system call), arming `send_timeout` only
 /// while the socket is full. Leaves `frames` empty.
 async fn write_frames(
     socket: &TcpStream,
     frames: &mut Vec<Bytes>,
     send_timeout: Duration,
+    access: &mut Access,
 ) -> io::Result<()> {
     let mut done = 0;
     while done < frames.len() {
         match try_write_frames(socket, &mut frames[done..]) {
-            Ok(n) => done += n,
+            Ok((whole, bytes)) => {
+                done += whole;
+                access.wrote(bytes);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Boxed: the timer exists only while blocked, not in every task's state.
                 match Box::pin(tokio::time::timeout(send_timeout, socket.writable())).await {
@@ -200,10 +247,10 @@ async fn write_frames(
     Ok(())
 }
 
-/// One vectored write; returns how many frames were written whole and trims a frame
-/// written in part. Kept out of the async function so its slice array is not part of
+/// One vectored write; returns how many frames were written whole and how many bytes,
+/// and trims a frame written in part. Kept out of the async function so its slice array is not part of
 /// every connection task's state.
-fn try_write_frames(socket: &TcpStream, frames: &mut [Bytes]) -> io::Result<usize> {
+fn try_write_frames(socket: &TcpStream, frames: &mut [Bytes]) -> io::Result<(usize, usize)> {
     const BATCH: usize = 32;
     let mut slices = [IoSlice::new(&[]); BATCH];
     let count = frames.len().min(BATCH);
@@ -213,13 +260,14 @@ fn try_write_frames(socket: &TcpStream, frames: &mut [Bytes]) -> io::Result<usiz
     // `send`/`sendmsg` rather than `write`/`writev`: the socket calls skip the VFS
     // layer, which showed as ~10% of the gateway's CPU at fan-out.
     let sock = socket2::SockRef::from(socket);
-    let mut n = socket.try_io(Interest::WRITABLE, || match count {
+    let written = socket.try_io(Interest::WRITABLE, || match count {
         1 => sock.send(&frames[0]),
         _ => sock.send_vectored(&slices[..count]),
     })?;
-    if n == 0 {
+    if written == 0 {
         return Err(io::ErrorKind::WriteZero.into());
     }
+    let mut n = written;
     let mut whole = 0;
     for frame in frames.iter_mut() {
         if n >= frame.len() {
@@ -230,7 +278,7 @@ fn try_write_frames(socket: &TcpStream, frames: &mut [Bytes]) -> io::Result<usiz
             break;
         }
     }
-    Ok(whole)
+    Ok((whole, written))
 }
 
 async fn shutdown(socket: &TcpStream) {
@@ -250,6 +298,10 @@ async fn shutdown(socket: &TcpStream) {
     }
 }
 #[cfg(test)]
-pub(super) fn serve_size(socket: TcpStream, request: StreamRequest, state: &AppState) -> usize {
+pub(super) fn serve_size(
+    socket: TcpStream,
+    request: Box<StreamRequest>,
+    state: &AppState,
+) -> usize {
     std::mem::size_of_val(&serve(socket, request, state))
 }

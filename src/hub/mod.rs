@@ -59,6 +59,15 @@ impl Settings {
     }
 }
 
+/// Why a stream is not ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// The first snapshot has not arrived yet.
+    NoSnapshot,
+    /// The upstream is down, with its error.
+    Upstream(String),
+}
+
 /// Upper bound on the number of changes a resync sends as an ordinary update; larger
 /// differences are sent as a `snapshot` with reason `upstream-reset`.
 const MAX_RESYNC_CHANGES: usize = 100_000;
@@ -142,6 +151,17 @@ impl Hub {
     /// True once the first snapshot has been loaded.
     pub fn is_ready(&self) -> bool {
         self.lock().state.is_some()
+    }
+
+    /// Whether the stream is serving its view live: it has its first snapshot and its
+    /// upstream is streaming. `Err` says why not.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        let inner = self.lock();
+        match (&inner.state, &inner.health) {
+            (None, _) => Err(NotReady::NoSnapshot),
+            (Some(_), Health::Reconnecting { error }) => Err(NotReady::Upstream(error.clone())),
+            (Some(_), Health::Streaming) => Ok(()),
+        }
     }
 
     /// The timestamp of the published state, if any.
@@ -274,7 +294,7 @@ impl Hub {
         if inner.end.is_some() {
             return;
         }
-        inner.end = Some(reason.frame());
+        inner.end = Some((reason, reason.frame()));
         self.notify(&inner);
     }
 }

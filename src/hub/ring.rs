@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::state::State;
 use super::{Settings, Stats};
-use crate::wire::{self, ChangesJson, Health, Reason};
+use crate::wire::{self, ChangesJson, EndReason, Health, Reason};
 
 #[derive(Debug)]
 pub(super) enum Entry {
@@ -55,7 +55,8 @@ pub(super) struct Inner {
     /// The `status` event of `health`, encoded once: for clients that skipped a change
     /// of it, and for every client that connects while the upstream is degraded.
     pub(super) status: Bytes,
-    pub(super) end: Option<Bytes>,
+    /// Why and with which frame the stream ended, once it has.
+    pub(super) end: Option<(EndReason, Bytes)>,
 }
 
 impl Inner {
@@ -161,7 +162,7 @@ impl Inner {
         }
         *pos = head;
         match &self.end {
-            Some(end) => {
+            Some((_, end)) => {
                 out.push(end.clone());
                 true
             }

@@ -10,7 +10,7 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use super::Hub;
-use crate::wire::{Reason, Resume};
+use crate::wire::{EndReason, Reason, Resume};
 
 impl Hub {
     /// A client's subscription: `retry`, then a snapshot or the replay its `resume`
@@ -96,6 +96,11 @@ impl Subscription {
             }
         }
         false
+    }
+
+    /// Why the stream ended, once the hub has ended it.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.hub.lock().end.as_ref().map(|(reason, _)| *reason)
     }
 
     /// The subscription as a body stream, one frame per item.

@@ -58,7 +58,7 @@ pub fn write_config(dir: &Path, body: &str, files: &[(&str, &str)]) -> PathBuf {
 /// Logs go to the test output only when `TEST_LOG` is set.
 pub fn init_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
-        tailgate::telemetry::init_logging();
+        tailgate::telemetry::init_logging(tailgate::config::LogFormat::Text);
     }
 }
 

@@ -1,7 +1,11 @@
-//! Logging setup and the process-wide counters behind `/metrics` and `GET /`.
+//! Logging (`log`) and the process-wide counters behind `/metrics` and `GET /`.
 //!
 //! Per-stream figures live on each hub ([`crate::hub::Stats`]); this module renders them
 //! next to the gateway's own counters in the Prometheus text format.
+
+mod log;
+
+pub use log::init_logging;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -9,20 +13,70 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::hub::Hub;
-use crate::wire::Health;
+use crate::wire::{EndReason, Health};
 
-/// Installs the `tracing` subscriber; `RUST_LOG` overrides the default level.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Why a stream connection ended, as the access log and the metrics tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The client closed the connection (or a write to it failed).
+    ClientGone,
+    /// The client's socket accepted nothing for `send_timeout`.
+    SendTimeout,
+    /// The client sent data after its stream request.
+    SentData,
+    /// `max_lifetime` was reached.
+    Lifetime,
+    /// The gateway ended the stream on purpose, and told the client why.
+    Told(EndReason),
+}
+
+impl StreamEnd {
+    pub const ALL: [StreamEnd; 9] = [
+        StreamEnd::ClientGone,
+        StreamEnd::SendTimeout,
+        StreamEnd::SentData,
+        StreamEnd::Lifetime,
+        StreamEnd::Told(EndReason::Removed),
+        StreamEnd::Told(EndReason::Shutdown),
+        StreamEnd::Told(EndReason::Overloaded),
+        StreamEnd::Told(EndReason::TokenExpired),
+        StreamEnd::Told(EndReason::Forbidden),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamEnd::ClientGone => "client-gone",
+            StreamEnd::SendTimeout => "send-timeout",
+            StreamEnd::SentData => "client-sent-data",
+            StreamEnd::Lifetime => "lifetime",
+            StreamEnd::Told(reason) => reason.as_str(),
+        }
+    }
+
+    /// The index of this reason in [`StreamEnd::ALL`], for its counter.
+    pub fn index(self) -> usize {
+        StreamEnd::ALL.iter().position(|e| *e == self).unwrap_or(0)
+    }
+}
+
+/// Why a request was refused for overload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` open connections.
+    MaxConnections,
+    /// The client address holds `max_connections_per_ip` streams.
+    MaxConnectionsPerIp,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::MaxConnectionsPerIp];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+        }
+    }
 }
 
 /// A per-stream metric: name, Prometheus type, and how to read it off a hub.
@@ -41,7 +95,11 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Over-limit connections being answered right now.
     pub refusing: AtomicUsize,
+    /// Requests answered with the overload answer, by [`Refusal`].
+    refusals: [AtomicU64; 2],
     pub stall_disconnects: AtomicU64,
+    /// Finished stream connections, by [`StreamEnd`].
+    pub stream_ends: [AtomicU64; 9],
 }
 
 impl Default for Metrics {
@@ -55,7 +113,9 @@ impl Default for Metrics {
             connections: AtomicUsize::new(0),
             connections_refused: AtomicU64::new(0),
             refusing: AtomicUsize::new(0),
+            refusals: Default::default(),
             stall_disconnects: AtomicU64::new(0),
+            stream_ends: Default::default(),
         }
     }
 }
@@ -83,6 +143,11 @@ impl Metrics {
         if let Ok(mut e) = self.reload_error.lock() {
             *e = Some(error);
         }
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        let i = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.refusals[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn last_reload_error(&self) -> Option<String> {
@@ -126,7 +191,20 @@ impl Metrics {
             "counter",
             self.stall_disconnects.load(r),
         );
-        let families: [Family; 6] = [
+        labelled(
+            &mut out,
+            "http_refused_total",
+            Refusal::ALL.iter().map(|r| r.as_str()).zip(&self.refusals),
+        );
+        labelled(
+            &mut out,
+            "sse_connections_closed_total",
+            StreamEnd::ALL
+                .iter()
+                .map(|e| e.as_str())
+                .zip(&self.stream_ends),
+        );
+        let families: [Family; 8] = [
             ("sse_clients", "gauge", |h| {
                 h.stats.clients.load(Ordering::Relaxed) as u64
             }),
@@ -145,6 +223,12 @@ impl Metrics {
             ("upstream_last_ts", "gauge", |h| {
                 h.stats.last_ts.load(Ordering::Relaxed)
             }),
+            ("upstream_up", "gauge", |h| {
+                u64::from(matches!(h.health(), Health::Streaming))
+            }),
+            ("stream_ready", "gauge", |h| {
+                u64::from(h.readiness().is_ok())
+            }),
         ];
         for (name, kind, get) in families {
             let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -152,12 +236,23 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{stream=\"{path}\"}} {}", get(hub));
             }
         }
-        let _ = writeln!(out, "# TYPE upstream_up gauge");
-        for (path, hub) in streams {
-            let up = matches!(hub.health(), Health::Streaming);
-            let _ = writeln!(out, "upstream_up{{stream=\"{path}\"}} {}", u8::from(up));
-        }
         out
+    }
+}
+
+/// A counter with one `reason` label.
+fn labelled<'a>(
+    out: &mut String,
+    name: &str,
+    series: impl Iterator<Item = (&'a str, &'a AtomicU64)>,
+) {
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (reason, value) in series {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{reason}\"}} {}",
+            value.load(Ordering::Relaxed)
+        );
     }
 }
 
