@@ -136,9 +136,12 @@ impl Gateway {
             inner.clone(),
             &tracker,
         );
+        let admin_addr = admin
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |(_, a)| a.to_string());
         info!(
             %addr,
-            admin = ?admin.as_ref().map(|(_, a)| *a),
+            admin = %admin_addr,
             streams = config.streams.len(),
             "Gateway listening."
         );

@@ -73,7 +73,7 @@ impl Target {
             .seen
             .iter()
             .find(|l| l.contains("Embedded development engine started"))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            .and_then(|l| support::log_field(l, "addr"))
             .and_then(|a| a.parse().ok())
             .expect("engine address in the log");
         Target {

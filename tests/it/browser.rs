@@ -19,7 +19,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 
 const PAGE: &str = r#"<!doctype html><meta charset=utf-8><title>tailgate</title><script>
 const rows = new Map();
-const seen = { seq: 0, opens: 0, snapshots: [], updates: 0, lastId: null };
+const seen = { seq: 0, opens: 0, snapshots: [], updates: 0, lastId: null, ends: [] };
 const apply = (changes) => {
   for (const c of changes) {
     const k = JSON.stringify(c.row), n = (rows.get(k) || 0) + c.diff;
@@ -38,6 +38,7 @@ es.addEventListener("snapshot", (e) => {
 es.addEventListener("update", (e) => {
   apply(JSON.parse(e.data).changes); seen.updates++; seen.lastId = e.lastEventId; report();
 });
+es.addEventListener("end", (e) => { seen.ends.push(JSON.parse(e.data).reason); report(); });
 </script>"#;
 
 /// Serves the page and collects the page's reports.
@@ -105,6 +106,46 @@ async fn page_server(
     (addr, rx)
 }
 
+/// Headless Chromium opening `page`; killed when the child is dropped.
+fn chromium(page: std::net::SocketAddr) -> (tokio::process::Child, tempfile::TempDir) {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let browser = tokio::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{page}/"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chromium");
+
+    (browser, profile)
+}
+
+/// Whether Chromium is there; a missing one fails the test unless explicitly skipped.
+fn have_chromium() -> bool {
+    if std::path::Path::new(CHROMIUM).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("TAILGATE_SKIP_BROWSER").is_some_and(|v| v == "1"),
+        "{CHROMIUM} is missing: install Chromium (.ci/run does), \
+         or set TAILGATE_SKIP_BROWSER=1 to skip this test"
+    );
+    eprintln!("{CHROMIUM} missing and TAILGATE_SKIP_BROWSER=1: skipping");
+    false
+}
+
 /// The page's reports, newest first.
 struct Reports {
     rx: mpsc::UnboundedReceiver<Value>,
@@ -151,13 +192,7 @@ fn page_rows(report: &Value) -> Vec<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_eventsource_resumes_across_rotations_and_matches_the_view() {
-    if !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("TAILGATE_SKIP_BROWSER").is_some_and(|v| v == "1"),
-            "{CHROMIUM} is missing: install Chromium (.ci/run does), \
-             or set TAILGATE_SKIP_BROWSER=1 to skip this test"
-        );
-        eprintln!("{CHROMIUM} missing and TAILGATE_SKIP_BROWSER=1: skipping");
+    if !have_chromium() {
         return;
     }
     let gw = TestGateway::embedded(
@@ -174,26 +209,7 @@ async fn chromium_eventsource_resumes_across_rotations_and_matches_the_view() {
         rx,
         latest: Value::Null,
     };
-    let profile = tempfile::tempdir().expect("profile dir");
-    let _browser = tokio::process::Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{page}/"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start chromium");
+    let (_browser, _profile) = chromium(page);
 
     // The browser's start-up counts against the first report's limit.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -236,5 +252,101 @@ async fn chromium_eventsource_resumes_across_rotations_and_matches_the_view() {
         latest["snapshots"],
         serde_json::json!(["initial"]),
         "reconnects resumed from Last-Event-ID without a snapshot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_comes_back_after_an_overload_and_resumes() {
+    if !have_chromium() {
+        return;
+    }
+    let server = "max_lifetime = \"2s\"\ncors_origins = [\"*\"]\noverload_retry = \"500ms\"\n";
+    let streams = format!("{ITEMS_STREAM}retry = \"100ms\"\n");
+    let gw = TestGateway::embedded(
+        &format!("{server}max_connections_per_ip = 5\n"),
+        crate::support::ITEMS_INIT,
+        &streams,
+    )
+    .await;
+    let db = gw.sql().await;
+    let (page, rx) = page_server(gw.addr).await;
+    let mut reports = Reports {
+        rx,
+        latest: Value::Null,
+    };
+    let (_browser, _profile) = chromium(page);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    reports
+        .until("a snapshot", deadline, |r| {
+            r["snapshots"].as_array().is_some_and(|s| !s.is_empty())
+        })
+        .await;
+
+    // The test takes a slot from the browser's address, then the limit drops to one:
+    // the browser's next reconnect (at its connection's lifetime) is over it.
+    let mut rival = gw.sse("/items").await;
+    rival.next_data_event(WAIT).await;
+    std::fs::write(
+        gw.config_path(),
+        crate::support::config_text(&crate::support::embedded_body(
+            &format!("{server}max_connections_per_ip = 1\n"),
+            &streams,
+        )),
+    )
+    .expect("rewrite");
+    gw.wait_reloaded(1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut id = 10;
+    while !reports.latest["ends"]
+        .as_array()
+        .is_some_and(|e| e.iter().any(|r| r == "overloaded"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never overloaded: {}",
+            reports.latest
+        );
+        db.batch_execute(&format!("INSERT INTO items VALUES ({id}, 'w{id}', {id})"))
+            .await
+            .expect("insert");
+        id += 1;
+        let seq = reports.latest["seq"].as_u64().unwrap_or(0);
+        reports
+            .until("a newer report", deadline, |r| {
+                r["seq"].as_u64() > Some(seq)
+            })
+            .await;
+    }
+    let last_id = reports.latest["lastId"].clone();
+    // Changes made while the browser is kept away.
+    for _ in 0..3 {
+        db.batch_execute(&format!(
+            "INSERT INTO items VALUES ({id}, 'away{id}', {id})"
+        ))
+        .await
+        .expect("insert");
+        id += 1;
+    }
+    drop(rival);
+    let truth = items_truth(&db).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let latest = reports
+        .until("the view's rows after coming back", deadline, |r| {
+            page_rows(r) == truth
+        })
+        .await;
+    assert_eq!(
+        latest["snapshots"],
+        serde_json::json!(["initial"]),
+        "it came back with Last-Event-ID {last_id} and resumed without a snapshot"
+    );
+    let (_, metrics) = gw.get("/metrics").await;
+    assert!(
+        crate::support::metric(
+            &metrics,
+            "http_refused_total{reason=\"max_connections_per_ip\"}"
+        )
+        .is_some_and(|n| n >= 1),
+        "{metrics}"
     );
 }

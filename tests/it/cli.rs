@@ -111,3 +111,72 @@ fn the_shipped_configs_are_valid() {
         assert!(!config.streams.is_empty(), "{}", file.display());
     }
 }
+
+/// The Kubernetes example parses as YAML, its config passes `tailgate check`, and its
+/// probes point at the admin listener's routes.
+#[test]
+fn the_kubernetes_example_is_valid() {
+    use yaml_rust2::YamlLoader;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/kubernetes.yaml")).expect("read");
+    let docs = YamlLoader::load_from_str(&text).expect("valid YAML");
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(k))
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let config = kind("ConfigMap")["data"]["streams.toml"]
+        .as_str()
+        .expect("streams.toml in the ConfigMap");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("streams.toml");
+    std::fs::write(&path, config).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run tailgate check");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed = tailgate::config::load(&path).expect("valid");
+    let admin = parsed.server.admin_listen.expect("an admin listener");
+    let container = &kind("Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let admin_port = container["ports"]
+        .as_vec()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"].as_str() == Some("admin"))
+        .and_then(|p| p["containerPort"].as_i64())
+        .expect("an admin port");
+    assert_eq!(admin_port, i64::from(admin.port()));
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/livez")
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["port"].as_str(), Some("admin"));
+    }
+    // The password comes from a Secret, through the variable the config names.
+    let env = container["env"].as_vec().expect("env");
+    let var = env
+        .iter()
+        .find(|e| e["valueFrom"]["secretKeyRef"]["name"].as_str().is_some())
+        .expect("a secret env var");
+    assert_eq!(
+        parsed.upstream.password,
+        Some(tailgate::config::PasswordSource::Env(
+            var["name"].as_str().expect("name").to_string()
+        ))
+    );
+    assert!(container["resources"]["requests"]["memory"]
+        .as_str()
+        .is_some());
+}

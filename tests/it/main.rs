@@ -5,6 +5,7 @@ mod cli;
 mod engine;
 mod faults;
 mod gateway;
+mod ops;
 mod reload;
 mod support;
 mod tls;

@@ -686,9 +686,7 @@ impl ChildGateway {
             seen: Vec::new(),
         };
         let line = gw.wait_line("Gateway listening", Duration::from_secs(20));
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
+        let addr = log_field(&line, "addr")
             .and_then(|a| a.parse().ok())
             .expect("address in the log line");
         (gw, addr)
@@ -720,6 +718,14 @@ impl ChildGateway {
                 ),
             }
         }
+    }
+
+    /// Every log line so far, reading what has arrived without waiting.
+    pub fn all_lines(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
     }
 
     /// How the process ended, waiting up to `limit` for it to end.
@@ -760,6 +766,19 @@ impl ChildGateway {
             .expect("VmRSS in /proc/<pid>/status");
         (fds, rss)
     }
+}
+
+/// A field of a log line, text (`name=value`) or JSON (`"name": "value"`).
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) {
+        return fields.get(name).map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .map(|v| v.trim_matches('"').to_string())
 }
 
 /// An SSE client on a raw socket with a tiny receive buffer, so that not reading
@@ -808,6 +827,12 @@ impl RawSseClient {
             queue: Default::default(),
             ended: false,
         }
+    }
+
+    /// Sends bytes on the connection, as a client that misbehaves would.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.socket.write_all(bytes).await.expect("send");
     }
 
     /// The next item, or `None` if the stream ended or nothing came within `limit`:
