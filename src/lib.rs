@@ -28,6 +28,7 @@
 //! - [`upstream`]: one connection per stream: SUBSCRIBE, FETCH, decode, reconnect, resume.
 //! - [`telemetry`]: logging and metrics.
 //! - [`hub`]: per-stream state, resume history, and fan-out of once-encoded events.
+//! - [`auth`]: tokens: finding, verifying, and admitting them to streams.
 //! - [`config`]: the file's raw serde mirror, validated into typed [`config::Config`].
 //! - [`wire`]: the wire contract browsers see.
 //! - [`sse`]: event-stream framing and a spec-conforming parser.
@@ -36,6 +37,7 @@
 //! The development engine is its own crate, `tailgate_engine`.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod gateway;

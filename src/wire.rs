@@ -201,19 +201,30 @@ impl ChangesJson {
 
 /// The resume point from the raw `Last-Event-ID` value and the query string.
 pub fn resume(header: Option<&[u8]>, query: Option<&str>) -> Resume {
-    let from_query = || {
-        query.and_then(|q| {
-            q.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == "last_event_id").then(|| percent_decode(v))
-            })
-        })
-    };
+    let from_query = || query.and_then(|q| query_bytes(q, "last_event_id"));
     match header.map(<[u8]>::to_vec).or_else(from_query) {
         None => Resume::Fresh,
         Some(id) if id.is_empty() => Resume::Fresh,
         Some(id) => parse_id(&id),
     }
+}
+
+/// The first value of query parameter `name`, percent-decoded, as bytes.
+fn query_bytes(query: &str, name: &str) -> Option<Vec<u8>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+/// The first value of query parameter `name`, percent-decoded; `None` when it is
+/// absent, empty or not UTF-8.
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let bytes = query_bytes(query, name)?;
+    String::from_utf8(bytes)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(std::borrow::Cow::Owned)
 }
 
 fn parse_id(id: &[u8]) -> Resume {

@@ -13,6 +13,7 @@
 //! - `sql`: the lexical checks on SQL text from the file (one read-only query, names).
 //! - `problems`: collecting problems and placing them by line and column.
 
+mod auth;
 mod problems;
 mod raw;
 mod sql;
@@ -41,7 +42,75 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub embedded: EmbeddedConfig,
+    pub auth: AuthConfig,
     pub streams: Vec<Arc<StreamConfig>>,
+}
+
+/// Who may open which stream: `[auth]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Where a request's token is looked for, in order.
+    pub token_sources: Vec<TokenSource>,
+    /// Clock skew allowed for `exp` and `nbf`.
+    pub leeway: Duration,
+    pub issuers: Vec<IssuerConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Every stream is public.
+    None,
+    /// Streams need a valid JWT unless they are `public`.
+    Jwt,
+}
+
+/// Where a token may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`.
+    Header,
+    /// A cookie of this name.
+    Cookie(String),
+    /// A query parameter of this name (opt-in: URLs end up in logs and histories).
+    Query(String),
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuerConfig {
+    /// Matched exactly against the token's `iss`.
+    pub iss: String,
+    /// The token's `aud` must hold one of these.
+    pub audience: Vec<String>,
+    /// The algorithms this issuer signs with; a token's own `alg` must be one of
+    /// them and fit the key.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub keys: KeySource,
+}
+
+/// Where an issuer's verification keys come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// A JWKS document on disk, re-read when it changes.
+    JwksFile(PathBuf),
+    /// A JWKS document fetched at start, every `refresh`, and (at most every 30 s) when
+    /// a token names a key it does not hold.
+    JwksUrl { url: String, refresh: Duration },
+    /// One public key (RSA, EC or Ed25519), PEM.
+    PublicKeyFile(PathBuf),
+    /// An HMAC secret from an environment variable.
+    SecretEnv(String),
+    /// An HMAC secret from a file (trailing newline ignored).
+    SecretFile(PathBuf),
+}
+
+/// Which tokens a stream admits: the claim at `claim` (a JSON Pointer) equals one of
+/// `any_of`, or is an array holding one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorize {
+    pub claim: String,
+    pub any_of: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +148,9 @@ pub struct ServerConfig {
     /// The `retry:` an overloaded event-stream request is told (jittered), so the
     /// browser comes back later instead of giving up.
     pub overload_retry: Duration,
+    /// Send `Access-Control-Allow-Credentials: true` to the listed origins, so pages
+    /// on them can authenticate with a cookie.
+    pub cors_credentials: bool,
 }
 
 /// How log lines are written.
@@ -177,6 +249,10 @@ pub struct StreamConfig {
     pub history_bytes: usize,
     /// How many events a client may fall behind before it is resynchronised.
     pub client_queue: usize,
+    /// Open to anyone, even with `[auth] mode = "jwt"`.
+    pub public: bool,
+    /// What a token must hold to open the stream (with `[auth] mode = "jwt"`).
+    pub authorize: Option<Authorize>,
 }
 
 impl StreamConfig {

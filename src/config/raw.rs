@@ -25,6 +25,7 @@ pub(super) struct RawServer {
     pub(super) max_connections_per_ip: Option<Spanned<i64>>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) overload_retry: Option<Spanned<String>>,
+    pub(super) cors_credentials: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +69,7 @@ pub(super) struct RawDefaults {
     pub(super) history: Option<Spanned<i64>>,
     pub(super) history_bytes: Option<Spanned<i64>>,
     pub(super) client_queue: Option<Spanned<i64>>,
+    pub(super) authorize: Option<Spanned<RawAuthorize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +86,39 @@ pub(super) struct RawStream {
     pub(super) history: Option<Spanned<i64>>,
     pub(super) history_bytes: Option<Spanned<i64>>,
     pub(super) client_queue: Option<Spanned<i64>>,
+    pub(super) public: Option<Spanned<bool>>,
+    pub(super) authorize: Option<Spanned<RawAuthorize>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuthorize {
+    pub(super) claim: Spanned<String>,
+    pub(super) any_of: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) token_sources: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) leeway: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) issuers: Vec<Spanned<RawIssuer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIssuer {
+    pub(super) iss: Spanned<String>,
+    pub(super) audience: Spanned<Vec<Spanned<String>>>,
+    pub(super) algorithms: Spanned<Vec<Spanned<String>>>,
+    pub(super) jwks_file: Option<Spanned<String>>,
+    pub(super) jwks_url: Option<Spanned<String>>,
+    pub(super) jwks_refresh: Option<Spanned<String>>,
+    pub(super) public_key_file: Option<Spanned<String>>,
+    pub(super) secret_env: Option<Spanned<String>>,
+    pub(super) secret_file: Option<Spanned<String>>,
 }
 
 /// The file as written, section by section. A section that failed to deserialize is
@@ -93,6 +128,7 @@ pub(super) struct RawConfig {
     pub(super) upstream: Option<RawUpstream>,
     pub(super) embedded: Option<RawEmbedded>,
     pub(super) defaults: Option<RawDefaults>,
+    pub(super) auth: Option<RawAuth>,
     /// `None` for an entry that failed to deserialize.
     pub(super) streams: Vec<Option<RawStream>>,
 }
@@ -116,6 +152,7 @@ impl RawConfig {
             upstream: Some(RawUpstream::default()),
             embedded: Some(RawEmbedded::default()),
             defaults: Some(RawDefaults::default()),
+            auth: Some(RawAuth::default()),
             streams: Vec::new(),
         };
         /// Reads a table, reporting every unknown or mistyped key, not only the first.
@@ -177,6 +214,7 @@ impl RawConfig {
                 "upstream" => raw.upstream = section(value, problems),
                 "embedded" => raw.embedded = section(value, problems),
                 "defaults" => raw.defaults = section(value, problems),
+                "auth" => raw.auth = section(value, problems),
                 "streams" => {
                     let start = value.span().start;
                     match value.into_inner() {
@@ -191,7 +229,7 @@ impl RawConfig {
                 other => problems.at(
                     key.span().start,
                     format!(
-                        "unknown section `{other}`, expected one of `server`, `upstream`, `embedded`, `defaults`, `streams`"
+                        "unknown section `{other}`, expected one of `server`, `upstream`, `embedded`, `auth`, `defaults`, `streams`"
                     ),
                 ),
             }

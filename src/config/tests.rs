@@ -410,3 +410,97 @@ fn upstream_change_detection() {
     b.cluster = Some("serving".into());
     assert!(a.upstream_differs(&b));
 }
+
+#[test]
+fn auth_configs_are_validated_for_safety() {
+    let issuer = |keys: &str, algs: &str| {
+        format!(
+            "[auth]\nmode = \"jwt\"\n[[auth.issuers]]\niss = \"https://idp/\"\naudience = [\"t\"]\n\
+             algorithms = [{algs}]\n{keys}\n[[streams]]\npath = \"/a\"\nview = \"v\"\n"
+        )
+    };
+    let ok = check(&issuer("jwks_file = \"keys.json\"", "\"RS256\", \"ES256\"")).expect("valid");
+    assert_eq!(ok.auth.mode, AuthMode::Jwt);
+    assert_eq!(
+        ok.auth.token_sources,
+        vec![
+            TokenSource::Header,
+            TokenSource::Cookie("tailgate_token".into())
+        ]
+    );
+    assert!(matches!(&ok.auth.issuers[0].keys, KeySource::JwksFile(p) if p.ends_with("keys.json")));
+    for (text, needle) in [
+        (issuer("public_key_file = \"k.pem\"", "\"HS256\""), "never a public key"),
+        (issuer("jwks_file = \"k.json\"", "\"RS256\", \"HS256\""), "never a public key"),
+        (issuer("secret_env = \"S\"", "\"RS256\""), "needs a public key"),
+        (issuer("secret_env = \"S\"\njwks_file = \"k.json\"", "\"HS256\""), "exactly one key source"),
+        (issuer("", "\"RS256\""), "exactly one key source"),
+        (issuer("jwks_file = \"k.json\"", "\"none\""), "unknown algorithm"),
+        (issuer("jwks_url = \"http://idp.example/jwks\"", "\"RS256\""), "must be https"),
+        (issuer("jwks_url = \"https://idp.example/jwks\"\njwks_refresh = \"1s\"", "\"RS256\""), "at least 30s"),
+        (issuer("jwks_file = \"k.json\"\njwks_refresh = \"5m\"", "\"RS256\""), "only applies with `jwks_url`"),
+        (
+            "[auth]\nmode = \"jwt\"\nleeway = \"5m\"\n[[auth.issuers]]\niss = \"i\"\naudience = [\"t\"]\nalgorithms = [\"HS256\"]\nsecret_env = \"S\"\n[[streams]]\npath = \"/a\"\nview = \"v\"\n".to_string(),
+            "at most 60s",
+        ),
+        (
+            "[auth]\nmode = \"jwt\"\n[[streams]]\npath = \"/a\"\nview = \"v\"\n".to_string(),
+            "at least one `[[auth.issuers]]`",
+        ),
+        (
+            "[auth]\ntoken_sources = [\"header\", \"url:x\"]\n[[streams]]\npath = \"/a\"\nview = \"v\"\n".to_string(),
+            "token source",
+        ),
+        (
+            "[[streams]]\npath = \"/a\"\nview = \"v\"\nauthorize = { claim = \"/roles\", any_of = [\"ops\"] }\n".to_string(),
+            "needs `[auth] mode = \"jwt\"`",
+        ),
+        (
+            "[defaults]\nauthorize = { claim = \"/roles\", any_of = [\"ops\"] }\n[[streams]]\npath = \"/a\"\nview = \"v\"\n".to_string(),
+            "needs `[auth] mode = \"jwt\"`",
+        ),
+        (
+            "[server]\ncors_origins = [\"*\"]\ncors_credentials = true\n[[streams]]\npath = \"/a\"\nview = \"v\"\n".to_string(),
+            "cors_credentials",
+        ),
+    ] {
+        let problems = check(&text).expect_err(needle);
+        assert!(
+            problems.iter().any(|p| p.message.contains(needle)),
+            "{needle}: {problems:?}"
+        );
+    }
+    // Rules: defaults apply unless a stream is public or has its own; both is an error.
+    let base = "[auth]\nmode = \"jwt\"\n[[auth.issuers]]\niss = \"i\"\naudience = [\"t\"]\n\
+                algorithms = [\"HS256\"]\nsecret_env = \"S\"\n\
+                [defaults]\nauthorize = { claim = \"/roles\", any_of = [\"ops\"] }\n";
+    let c = check(&format!(
+        "{base}[[streams]]\npath = \"/a\"\nview = \"v\"\n\
+         [[streams]]\npath = \"/b\"\nview = \"v\"\npublic = true\n\
+         [[streams]]\npath = \"/c\"\nview = \"v\"\nauthorize = {{ claim = \"/sub\", any_of = [\"x\"] }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.streams[0].authorize.as_ref().map(|a| a.claim.as_str()),
+        Some("/roles")
+    );
+    assert!(c.streams[1].public && c.streams[1].authorize.is_none());
+    assert_eq!(
+        c.streams[2].authorize.as_ref().map(|a| a.claim.as_str()),
+        Some("/sub")
+    );
+    let both = check(&format!(
+        "{base}[[streams]]\npath = \"/a\"\nview = \"v\"\npublic = true\n\
+         authorize = {{ claim = \"/sub\", any_of = [\"x\"] }}\n"
+    ))
+    .expect_err("both");
+    assert!(both[0].message.contains("not both"), "{both:?}");
+    let bad_pointer = check(&format!(
+        "{base}[[streams]]\npath = \"/a\"\nview = \"v\"\nauthorize = {{ claim = \"roles\", any_of = [\"x\"] }}\n"
+    ))
+    .expect_err("pointer");
+    assert!(
+        bad_pointer[0].message.contains("JSON Pointer"),
+        "{bad_pointer:?}"
+    );
+}

@@ -3,12 +3,13 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use toml::Spanned;
 
+use super::auth;
 use super::problems::Problems;
 use super::raw::{RawConfig, RawStream};
 use super::sql::{is_identifier, is_relation_name, is_reserved_word, read_only_query};
@@ -18,14 +19,7 @@ use crate::wire::{RESERVED_EVENTS, RESERVED_PATHS};
 impl RawConfig {
     pub(super) fn validate(self, path: &Path, p: &mut Problems<'_>) -> Option<Config> {
         let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        let resolve = |s: &str| -> PathBuf {
-            let candidate = PathBuf::from(s);
-            if candidate.is_absolute() {
-                candidate
-            } else {
-                base.join(candidate)
-            }
-        };
+        let resolve = auth::resolver(&base);
 
         let s = self.server.unwrap_or_default();
         let default_listen = SocketAddr::from(([127, 0, 0, 1], 8000));
@@ -35,6 +29,18 @@ impl RawConfig {
             .and_then(|l| address(p, l, "listen"))
             .unwrap_or(default_listen);
         let max_lifetime = duration(p, &s.max_lifetime, Duration::ZERO);
+        let cors_credentials = match &s.cors_credentials {
+            Some(c) if *c.get_ref() => {
+                if s.cors_origins.iter().flatten().any(|o| o == "*") {
+                    p.at(
+                        c.span().start,
+                        "`cors_credentials` needs `cors_origins` to list origins: with \"*\", any site could read what a user's cookie opens",
+                    );
+                }
+                true
+            }
+            _ => false,
+        };
         let server = ServerConfig {
             listen,
             heartbeat: positive(p, &s.heartbeat, Duration::from_secs(15), "heartbeat"),
@@ -91,6 +97,7 @@ impl RawConfig {
                 Duration::from_secs(5),
                 "overload_retry",
             ),
+            cors_credentials,
         };
 
         let u = self.upstream.unwrap_or_default();
@@ -191,7 +198,15 @@ impl RawConfig {
         };
 
         let d = self.defaults.unwrap_or_default();
+        let auth = auth::validate_auth(p, self.auth.unwrap_or_default(), &resolve);
+        let default_authorize = d.authorize.as_ref().and_then(|a| {
+            if auth.mode == AuthMode::None {
+                p.at(a.span().start, "`authorize` needs `[auth] mode = \"jwt\"`");
+            }
+            auth::authorize(p, a)
+        });
         let defaults = StreamDefaults {
+            authorize: default_authorize,
             delay: duration(p, &d.delay, Duration::ZERO),
             retry: duration(p, &d.retry, Duration::from_secs(15)),
             event: event_name(p, &d.event, "update"),
@@ -203,7 +218,7 @@ impl RawConfig {
         let mut seen = HashSet::new();
         let mut streams = Vec::new();
         for s in self.streams.into_iter().flatten() {
-            if let Some(stream) = validate_stream(p, s, &defaults, &mut seen) {
+            if let Some(stream) = validate_stream(p, s, &defaults, auth.mode, &mut seen) {
                 streams.push(Arc::new(stream));
             }
         }
@@ -214,12 +229,14 @@ impl RawConfig {
             server,
             upstream,
             embedded,
+            auth,
             streams,
         })
     }
 }
 
 pub(super) struct StreamDefaults {
+    authorize: Option<Authorize>,
     delay: Duration,
     retry: Duration,
     event: String,
@@ -232,6 +249,7 @@ pub(super) fn validate_stream(
     p: &mut Problems<'_>,
     s: RawStream,
     d: &StreamDefaults,
+    mode: AuthMode,
     seen: &mut HashSet<String>,
 ) -> Option<StreamConfig> {
     let before = p.len();
@@ -369,7 +387,27 @@ pub(super) fn validate_stream(
     let history = count(p, &s.history, d.history, "history");
     let history_bytes = count(p, &s.history_bytes, d.history_bytes, "history_bytes");
     let client_queue = count(p, &s.client_queue, d.client_queue, "client_queue");
+    let public = s.public.as_ref().is_some_and(|p| *p.get_ref());
+    let authorize = match &s.authorize {
+        Some(a) => {
+            if public {
+                p.at(
+                    a.span().start,
+                    "a stream is either `public` or has `authorize`, not both",
+                );
+            }
+            if mode == AuthMode::None {
+                p.at(a.span().start, "`authorize` needs `[auth] mode = \"jwt\"`");
+            }
+            auth::authorize(p, a)
+        }
+        // A public stream admits anyone, whatever `[defaults]` says.
+        None if public => None,
+        None => d.authorize.clone(),
+    };
     let stream = StreamConfig {
+        public,
+        authorize,
         path: StreamPath(path),
         source: source?,
         event,
@@ -500,7 +538,7 @@ fn network(p: &mut Problems<'_>, v: &Spanned<String>) -> Option<ipnet::IpNet> {
 }
 
 /// One of a fixed set of words.
-fn choice<T: Copy>(
+pub(super) fn choice<T: Copy>(
     p: &mut Problems<'_>,
     v: &Option<Spanned<String>>,
     name: &str,
