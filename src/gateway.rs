@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::auth::{Auth, AuthError};
 use crate::config::{Config, UpstreamTarget};
+use crate::error::error_chain;
 use crate::http::{self, AppState};
 use crate::reload::{self, Trigger};
 use crate::route::{self, SharedRoutes};
@@ -38,6 +40,8 @@ pub enum GatewayError {
     },
     #[error("invalid upstream")]
     Upstream(#[from] ConnectError),
+    #[error("access control cannot start")]
+    Auth(#[from] AuthError),
 }
 
 pub struct Gateway {
@@ -57,6 +61,8 @@ pub struct Gateway {
     triggers: mpsc::Receiver<Trigger>,
     /// Watching starts before `build` returns, so no edit after loading is missed.
     watcher: reload::WatcherGuard,
+    /// Stops the running access control's key tasks when a reload replaces it.
+    auth_tasks: CancellationToken,
 }
 
 impl Gateway {
@@ -121,7 +127,10 @@ impl Gateway {
             config.server.heartbeat,
             inner.clone(),
         ));
+        let auth_tasks = inner.child_token();
+        let auth = Auth::start(&config.auth, &auth_tasks, &tracker).await?;
         let state = Arc::new(AppState {
+            auth: ArcSwap::new(auth),
             routes,
             metrics: Arc::new(Metrics::default()),
             server: ArcSwap::from_pointee(config.server.clone()),
@@ -158,6 +167,7 @@ impl Gateway {
             tracker,
             triggers,
             watcher,
+            auth_tasks,
         })
     }
 
@@ -187,17 +197,18 @@ impl Gateway {
     /// Serves until the shutdown token fires, applying reloads meanwhile.
     pub async fn run_until_stopped(self) {
         let Gateway {
-            mut config,
+            config,
             listener,
             admin,
             state,
-            mut supervisor,
+            supervisor,
             engine: _engine,
             shutdown,
             inner,
             tracker,
             mut triggers,
             watcher,
+            auth_tasks,
             ..
         } = self;
         let grace = config.server.shutdown_grace;
@@ -217,7 +228,15 @@ impl Gateway {
                 grace,
             ))
         });
-        let mut digest = Some(config.digest);
+        let mut control = Control {
+            digest: Some(config.digest),
+            config,
+            supervisor,
+            state,
+            auth_tasks,
+            inner: inner.clone(),
+            tracker: tracker.clone(),
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -225,17 +244,15 @@ impl Gateway {
                     // Validating a huge file takes a while; shutdown need not wait for it.
                     let outcome = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        outcome = reload::check(&config, &mut digest) => outcome,
+                        outcome = reload::check(&control.config, &mut control.digest) => outcome,
                     };
-                    if let Some(running) = apply(outcome, trigger, &mut supervisor, &state) {
-                        config = running;
-                    }
+                    control.apply(outcome, trigger).await;
                 }
             }
         }
         drop(watcher);
         info!("Shutting down.");
-        supervisor.shutdown();
+        control.supervisor.shutdown();
         let servers = futures::future::join(server, async {
             if let Some(admin) = admin {
                 let _ = admin.await;
@@ -253,40 +270,81 @@ impl Gateway {
     }
 }
 
-/// Runs what a reload found: an accepted config goes to the supervisor, and the route
-/// table and server settings the HTTP layer reads are swapped; a rejected one is
-/// recorded. Logs one line either way. Returns the config now running, if it changed.
-fn apply(
-    outcome: reload::Outcome,
-    trigger: Trigger,
-    supervisor: &mut Supervisor,
-    state: &AppState,
-) -> Option<Config> {
-    match outcome {
-        reload::Outcome::Unchanged => None,
-        reload::Outcome::Rejected(reason) => {
-            error!(
-                ?trigger,
-                "Config reload rejected; keeping the running config.\n{reason}"
-            );
-            state.metrics.reload_failed(reason);
-            None
+/// What the control loop changes when a reload is applied.
+struct Control {
+    config: Config,
+    /// The digest of the file last seen, so unchanged saves are skipped.
+    digest: Option<u64>,
+    supervisor: Supervisor,
+    state: Arc<AppState>,
+    auth_tasks: CancellationToken,
+    inner: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Control {
+    /// Runs what a reload found: an accepted config goes to the supervisor, access
+    /// control is rebuilt if `[auth]` changed, the route table and server settings the
+    /// HTTP layer reads are swapped, and open connections whose rules changed check
+    /// their credentials again; a rejected one is recorded. Logs one line either way.
+    async fn apply(&mut self, outcome: reload::Outcome, trigger: Trigger) {
+        let (config, refused) = match outcome {
+            reload::Outcome::Unchanged => return,
+            reload::Outcome::Rejected(reason) => return self.reject(trigger, reason),
+            reload::Outcome::Accepted { config, refused } => (*config, refused),
+        };
+        let auth_changed = config.auth != self.config.auth;
+        if auth_changed {
+            let tasks = self.inner.child_token();
+            match Auth::start(&config.auth, &tasks, &self.tracker).await {
+                Ok(auth) => {
+                    self.auth_tasks.cancel();
+                    self.auth_tasks = tasks;
+                    self.state.auth.store(auth);
+                }
+                Err(e) => {
+                    tasks.cancel();
+                    // Seen again on the next save or SIGHUP, once the keys are fixed.
+                    self.digest = None;
+                    let reason = format!("access control: {}", error_chain(&e));
+                    return self.reject(trigger, reason);
+                }
+            }
         }
-        reload::Outcome::Accepted { config, refused } => {
-            let applied = supervisor.apply(&config);
-            state.routes.store(Arc::new(supervisor.routes()));
-            state.server.store(Arc::new(config.server.clone()));
-            state.metrics.reload_ok();
-            info!(
-                ?trigger,
-                added = ?applied.added,
-                removed = ?applied.removed,
-                resubscribed = ?applied.resubscribed,
-                retuned = ?applied.retuned,
-                needs_restart = ?refused,
-                "Config reloaded."
-            );
-            Some(*config)
+        let before = self.state.routes.load_full();
+        let applied = self.supervisor.apply(&config);
+        let routes = self.supervisor.routes();
+        self.state.routes.store(Arc::new(routes.clone()));
+        self.state.server.store(Arc::new(config.server.clone()));
+        // After both swaps, so a connection that checks again sees the new rules.
+        for (path, route) in &routes {
+            let rules_changed = before.get(path).is_some_and(|old| {
+                old.config.public != route.config.public
+                    || old.config.authorize != route.config.authorize
+            });
+            if auth_changed || rules_changed {
+                route.hub.recheck();
+            }
         }
+        self.state.metrics.reload_ok();
+        info!(
+            ?trigger,
+            added = ?applied.added,
+            removed = ?applied.removed,
+            resubscribed = ?applied.resubscribed,
+            retuned = ?applied.retuned,
+            auth_changed,
+            needs_restart = ?refused,
+            "Config reloaded."
+        );
+        self.config = config;
+    }
+
+    fn reject(&self, trigger: Trigger, reason: String) {
+        error!(
+            ?trigger,
+            "Config reload rejected; keeping the running config.\n{reason}"
+        );
+        self.state.metrics.reload_failed(reason);
     }
 }

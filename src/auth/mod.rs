@@ -263,6 +263,13 @@ impl Auth {
         Ok(Some(Arc::new(credential)))
     }
 
+    /// Whether a caller with `credential` (already verified, or none) may open
+    /// `stream`: for listing the streams a caller may see.
+    pub fn allows(&self, stream: &StreamConfig, credential: Option<&Credential>) -> bool {
+        !self.protects(stream)
+            || credential.is_some_and(|c| authorized(stream.authorize.as_ref(), &c.claims).is_ok())
+    }
+
     /// Checks an open connection again, after the rules or keys changed: its token
     /// must still verify and be admitted.
     pub async fn recheck(

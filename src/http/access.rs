@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::conn::ConnInfo;
 use super::limits::IpSlot;
+use crate::auth::{Auth, Credential};
 use crate::telemetry::Metrics;
 pub use crate::telemetry::StreamEnd as End;
 
@@ -29,14 +30,15 @@ const SECRET_PARAMS: [&str; 8] = [
 ];
 
 /// `target` (a request's path and query) with the values of secret-looking query
-/// parameters replaced by `REDACTED`.
-pub fn redact(target: &str) -> Cow<'_, str> {
+/// parameters, and of the parameters `[auth]` reads tokens from, replaced by
+/// `REDACTED`.
+pub fn redact<'t>(target: &'t str, auth: &Auth) -> Cow<'t, str> {
     let Some((path, query)) = target.split_once('?') else {
         return Cow::Borrowed(target);
     };
     let secret = |name: &str| {
-        let name = name.to_ascii_lowercase();
-        SECRET_PARAMS.contains(&name.as_str())
+        let lower = name.to_ascii_lowercase();
+        SECRET_PARAMS.contains(&lower.as_str()) || auth.query_params().any(|p| p == name)
     };
     if !query
         .split('&')
@@ -72,14 +74,22 @@ pub struct Access {
     slot: Option<IpSlot>,
     /// On hyper's path, the connection, to tell a watchdog cut from a client leaving.
     conn: Option<Arc<ConnInfo>>,
+    /// The token's `sub`, when the client has a token.
+    sub: Option<Box<str>>,
 }
 
 impl Access {
-    pub fn new(route: Arc<str>, requested: &str, client: IpAddr, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        route: Arc<str>,
+        requested: &str,
+        client: IpAddr,
+        auth: &Auth,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Access {
             started: Instant::now(),
             route,
-            requested: redact(requested).into(),
+            requested: redact(requested, auth).into(),
             client,
             status: 200,
             bytes: 0,
@@ -88,12 +98,23 @@ impl Access {
             metrics,
             slot: None,
             conn: None,
+            sub: None,
         }
     }
 
     /// Watches `conn`, so a connection the watchdog cut ends as `send-timeout`.
     pub fn watch(&mut self, conn: Arc<ConnInfo>) {
         self.conn = Some(conn);
+    }
+
+    /// The configured path of the stream.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Records who the client is, from its token's `sub`.
+    pub fn identify(&mut self, credential: Option<&Credential>) {
+        self.sub = credential.and_then(|c| c.subject.clone()).map(Into::into);
     }
 
     /// Keeps the client address's slot until the stream is over.
@@ -136,6 +157,7 @@ impl Drop for Access {
             bytes = self.bytes,
             events = self.events,
             end = self.end.as_str(),
+            sub = self.sub.as_deref(),
             "Stream closed."
         );
     }
@@ -147,6 +169,8 @@ mod tests {
 
     #[test]
     fn secrets_in_query_strings_are_redacted() {
+        let none = Auth::none();
+        let redact = |t| redact(t, &none).into_owned();
         assert_eq!(redact("/a"), "/a");
         assert_eq!(redact("/a?status=open"), "/a?status=open");
         assert_eq!(

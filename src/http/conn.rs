@@ -85,7 +85,8 @@ pub(super) async fn refuse(mut socket: TcpStream, peer: SocketAddr, state: Arc<A
             limits::unavailable_response(&server, &cors)
         };
         if let Some(route) = route {
-            let mut access = Access::new(route, &target, client, Arc::clone(&metrics));
+            let auth = state.auth.load();
+            let mut access = Access::new(route, &target, client, &auth, Arc::clone(&metrics));
             access.set_status(if sse { 200 } else { 503 });
             access.end(End::Told(EndReason::Overloaded));
             access.wrote(answer.len());
@@ -545,6 +546,7 @@ mod tests {
             server: ArcSwap::from_pointee(config.server.clone()),
             config_path: "t.toml".into(),
             per_ip: Arc::default(),
+            auth: ArcSwap::new(crate::auth::Auth::none()),
         });
         let router = super::super::routes::router(Listener::Public, Arc::clone(&state));
         let stream = &config.streams[0];
@@ -563,6 +565,7 @@ mod tests {
                 target: "/a".into(),
                 last_event_id: None,
                 origin: None,
+                token: None,
                 client: addr.ip(),
                 trailing: 0,
             }),
@@ -578,6 +581,6 @@ mod tests {
         );
         let size = std::mem::size_of_val(&task);
         eprintln!("connection task: {size} bytes, of which serving a stream {serve}");
-        assert!(size <= 1152, "connection task is {size} bytes");
+        assert!(size <= 1216, "connection task is {size} bytes");
     }
 }

@@ -55,6 +55,9 @@ pub(super) fn cors(server: &ServerConfig, origin: Option<&[u8]>) -> Vec<(&'stati
     let origin = origin.and_then(|o| std::str::from_utf8(o).ok());
     let mut out = Vec::new();
     if let Some(allowed) = allowed_origin(server, origin).filter(|o| !o.contains(['\r', '\n'])) {
+        if server.cors_credentials {
+            out.push(("access-control-allow-credentials", "true".to_string()));
+        }
         out.push(("access-control-allow-origin", allowed));
     }
     if varies_by_origin(server) {

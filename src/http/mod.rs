@@ -18,6 +18,7 @@
 //! and close; event streams end because every hub sends `end` first.
 
 mod access;
+mod admission;
 mod conn;
 mod head;
 mod limits;

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::routes::{negotiate, AppState};
-use crate::config::{ClientErrors, Source};
+use crate::config::{AuthMode, ClientErrors, Source};
 use crate::hub::{Hub, NotReady};
 use crate::wire::Health;
 
@@ -58,25 +58,15 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// `/` on the public listener when an admin listener serves the full listing: the
-/// streams a client may open, without the operator's details.
-pub(super) async fn public_listing(State(state): State<Arc<AppState>>) -> Response {
-    let routes = state.routes.load();
-    let streams: Vec<serde_json::Value> = routes
-        .values()
-        .map(|r| {
-            json!({
-                "path": r.config.path.as_str(),
-                "event": r.config.event,
-                "key": r.config.key,
-            })
-        })
-        .collect();
-    (
-        [(header::VARY, "accept")],
-        axum::Json(json!({ "streams": streams })),
-    )
-        .into_response()
+/// Whom a listing is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Audience {
+    /// The admin listener: everything.
+    Operator,
+    /// The public listener: with access control on, only the streams the caller may
+    /// open, and not the config's state; `full` without an admin listener, else only
+    /// what a client needs (path, event name, key).
+    Public { full: bool },
 }
 
 fn millis(d: Duration) -> u64 {
@@ -84,12 +74,36 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// The stream listing: JSON, or a small page when the client asks for HTML.
-pub(super) async fn listing(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub(super) async fn listing(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    audience: Audience,
+) -> Response {
     let routes = state.routes.load();
+    let auth = state.auth.load_full();
+    let guarded = audience != Audience::Operator && auth.mode() == AuthMode::Jwt;
+    let credential = if guarded {
+        let token = auth.token(|name| headers.get(name).map(|v| v.as_bytes()), uri.query());
+        match token {
+            Some(token) => auth.verify(&token).await.ok(),
+            None => None,
+        }
+    } else {
+        None
+    };
     let streams: Vec<serde_json::Value> = routes
         .values()
+        .filter(|r| !guarded || auth.allows(&r.config, credential.as_ref()))
         .map(|r| {
             let c = &r.config;
+            if audience == (Audience::Public { full: false }) {
+                return json!({
+                    "path": c.path.as_str(),
+                    "event": c.event,
+                    "key": c.key,
+                });
+            }
             let (view, query) = match &c.source {
                 Source::View(v) => (Some(v.as_str()), None),
                 Source::Query(q) => (None, Some(q.as_str())),
@@ -107,6 +121,7 @@ pub(super) async fn listing(State(state): State<Arc<AppState>>, headers: HeaderM
                 "retry_ms": millis(c.retry),
                 "key": c.key,
                 "cluster": c.cluster,
+                "public": c.public,
                 "clients": r.hub.stats.clients.load(Ordering::Relaxed),
                 "ready": r.hub.is_ready(),
                 "ts": r.hub.state_ts().map(|t| t.to_string()),
@@ -116,14 +131,14 @@ pub(super) async fn listing(State(state): State<Arc<AppState>>, headers: HeaderM
         })
         .collect();
     let metrics = &state.metrics;
-    let body = json!({
-        "streams": streams,
-        "config": {
+    let mut body = json!({ "streams": streams });
+    if !guarded && audience != (Audience::Public { full: false }) {
+        body["config"] = json!({
             "path": state.config_path.display().to_string(),
             "last_reload_successful": metrics.reload_successful.load(Ordering::Relaxed),
             "last_reload_error": metrics.last_reload_error(),
-        },
-    });
+        });
+    }
     let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
     let vary = [(header::VARY, "accept")];
     match negotiate(accept, &["application/json", "text/html"]) {
@@ -159,7 +174,10 @@ pub(super) async fn listing(State(state): State<Arc<AppState>>, headers: HeaderM
         ));
     }
     page.push_str("</table>");
-    if let Some(err) = metrics.last_reload_error() {
+    if let Some(err) = metrics
+        .last_reload_error()
+        .filter(|_| body.get("config").is_some())
+    {
         page.push_str(&format!(
             "<h2>Last reload failed</h2><pre>{}</pre>",
             html_escape(&err)

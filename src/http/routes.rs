@@ -21,7 +21,8 @@ use rand::Rng;
 use super::access::{Access, End};
 use super::conn::ConnInfo;
 use super::limits::{self, PerIp};
-use super::{head, ops, Listener};
+use super::{admission, head, ops, Listener};
+use crate::auth::Auth;
 use crate::config::ServerConfig;
 use crate::route::SharedRoutes;
 use crate::telemetry::{Metrics, Refusal};
@@ -35,22 +36,30 @@ pub struct AppState {
     pub config_path: PathBuf,
     /// Open streams per client address.
     pub per_ip: Arc<PerIp>,
+    /// Access control; swapped when a reload changes `[auth]`.
+    pub auth: ArcSwap<Auth>,
 }
 
 /// The routes of one listener. The operator's routes are on the public listener only
 /// when there is no admin listener; the streams never are on the admin one.
 pub(super) fn router(kind: Listener, state: Arc<AppState>) -> Router {
     let admin_elsewhere = state.server.load().admin_listen.is_some();
-    let mut router = Router::new();
+    let audience = match kind {
+        Listener::Admin => ops::Audience::Operator,
+        Listener::Public => ops::Audience::Public {
+            full: !admin_elsewhere,
+        },
+    };
+    let listing = move |State(state): State<Arc<AppState>>, headers: HeaderMap, uri: Uri| {
+        ops::listing(state, headers, uri, audience)
+    };
+    let mut router = Router::new().route("/", get(listing));
     if kind == Listener::Admin || !admin_elsewhere {
         router = router
-            .route("/", get(ops::listing))
             .route("/metrics", get(ops::metrics))
             .route("/livez", get(ops::live))
             .route("/healthz", get(ops::live))
             .route("/readyz", get(ops::ready));
-    } else {
-        router = router.route("/", get(ops::public_listing));
     }
     let router = match kind {
         Listener::Public => router.fallback(stream),
@@ -151,9 +160,6 @@ async fn stream(
         )
             .into_response();
     }
-    if method == Method::HEAD {
-        return stream_response(Body::empty());
-    }
     let server = state.server.load_full();
     let client = limits::client_ip(
         conn.peer.ip(),
@@ -161,13 +167,35 @@ async fn stream(
         &server.trusted_proxies,
     );
     let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let token = state.auth.load().token(
+        |name| headers.get(name).map(HeaderValue::as_bytes),
+        uri.query(),
+    );
+    let admitted = admission::admit(&state, &route, token.as_deref()).await;
+    if method == Method::HEAD {
+        // The stream's headers and no stream: not a connection to log.
+        return match admitted {
+            Ok(_) => stream_response(Body::empty()),
+            Err(denial) => refused(denial),
+        };
+    }
     let mut access = Access::new(
         Arc::clone(&route.path),
         target,
         client,
+        &state.auth.load(),
         Arc::clone(&state.metrics),
     );
     access.watch(Arc::clone(&conn));
+    let credential = match admitted {
+        Ok(credential) => credential,
+        Err(denial) => {
+            access.set_status(denial.status());
+            access.end(End::Denied);
+            return refused(denial);
+        }
+    };
+    access.identify(credential.as_deref());
     let Some(slot) = state.per_ip.acquire(client, server.max_connections_per_ip) else {
         state.metrics.refused(Refusal::MaxConnectionsPerIp);
         access.end(End::Told(EndReason::Overloaded));
@@ -176,18 +204,19 @@ async fn stream(
     access.hold(slot);
     let resume = resume_from(&headers, &uri);
     let mut subscription = route.hub.subscribe(resume);
-    // Ending the response (not the socket) at `max_lifetime` lets the browser
-    // reconnect with its Last-Event-ID and resume without a snapshot.
-    let lifetime = server.max_lifetime.map(jittered);
+    // The response ends at `max_lifetime` (the browser reconnects with its
+    // Last-Event-ID and resumes) or, told so, at the token's expiry.
+    let deadline = admission::deadline(&server, credential.as_deref());
     let events = async_stream::stream! {
         let mut frames = Vec::new();
         let expiry = async {
-            match lifetime {
-                Some(life) => tokio::time::sleep(life).await,
+            match deadline {
+                Some((after, _)) => tokio::time::sleep(after).await,
                 None => std::future::pending().await,
             }
         };
         tokio::pin!(expiry);
+        let mut last = false;
         loop {
             tokio::select! {
                 more = subscription.next(&mut frames) => if !more {
@@ -197,10 +226,23 @@ async fn stream(
                     if frames.is_empty() {
                         break;
                     }
+                } else if subscription.take_recheck()
+                    && !admission::still_admitted(&state, access.route(), credential.as_deref()).await
+                {
+                    frames.push(EndReason::Forbidden.frame());
+                    access.end(End::Told(EndReason::Forbidden));
+                    last = true;
                 },
                 _ = &mut expiry => {
-                    access.end(End::Lifetime);
-                    break;
+                    let end = deadline.map_or(End::Lifetime, |(_, end)| end);
+                    access.end(end);
+                    match end {
+                        End::Told(reason) => {
+                            frames.push(reason.frame());
+                            last = true;
+                        }
+                        _ => break,
+                    }
                 }
             }
             access.queued(&frames);
@@ -208,9 +250,33 @@ async fn stream(
                 access.wrote(frame.len());
                 yield Ok::<Bytes, std::convert::Infallible>(frame);
             }
+            if last {
+                break;
+            }
         }
     };
     stream_response(Body::from_stream(events))
+}
+
+/// The answer to a request access control refused: `401` (with its challenge) or
+/// `403`, and a short JSON body that never echoes the token.
+fn refused(denial: crate::auth::Denial) -> Response {
+    let mut response = (
+        StatusCode::from_u16(denial.status()).unwrap_or(StatusCode::FORBIDDEN),
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        denial.body(),
+    )
+        .into_response();
+    if let Some(challenge) = denial.challenge() {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+    }
+    response
 }
 
 /// A stream response: the wire contract's headers around `body`.
@@ -258,6 +324,13 @@ fn cors(server: &ServerConfig, origin: Option<&HeaderValue>, response: &mut Head
     if let Some(value) = allowed_origin(server, origin).and_then(|a| HeaderValue::from_str(&a).ok())
     {
         response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        // Validation refuses `cors_credentials` with "*", so this is a listed origin.
+        if server.cors_credentials {
+            response.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
     }
     if varies_by_origin(server) {
         response.append(header::VARY, HeaderValue::from_static("origin"));

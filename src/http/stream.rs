@@ -23,8 +23,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use super::access::{Access, End};
-use super::routes::jittered;
-use super::{head, limits, AppState};
+use super::{admission, head, limits, AppState};
 use crate::route::Route;
 use crate::telemetry::Refusal;
 use crate::wire::{self, resume, EndReason};
@@ -39,6 +38,8 @@ pub(super) struct StreamRequest {
     pub target: Box<str>,
     pub last_event_id: Option<Box<[u8]>>,
     pub origin: Option<Box<[u8]>>,
+    /// The token from the first configured source that has one.
+    pub token: Option<Box<str>>,
     pub client: IpAddr,
     /// Bytes that came after the head.
     pub trailing: usize,
@@ -72,7 +73,13 @@ pub(super) fn classify(
             return None;
         }
         let server = state.server.load();
+        let token = state
+            .auth
+            .load()
+            .token(header, target.split_once('?').map(|(_, q)| q))
+            .map(|t| t.into());
         Some(Box::new(StreamRequest {
+            token,
             route,
             target: target.into(),
             last_event_id: header("last-event-id").map(Into::into),
@@ -98,10 +105,31 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
         Arc::clone(&request.route.path),
         &request.target,
         request.client,
+        &state.auth.load(),
         Arc::clone(&state.metrics),
     ));
+    // Boxed: verification's state is large and lives only while it runs.
+    let admitted = Box::pin(admission::admit(
+        state,
+        &request.route,
+        request.token.as_deref(),
+    ))
+    .await;
     let server = state.server.load_full();
     let cors = head::cors(&server, request.origin.as_deref());
+    let credential = match admitted {
+        Ok(credential) => credential,
+        Err(denial) => {
+            access.set_status(denial.status());
+            access.end(End::Denied);
+            let answer = admission::refusal(denial, &cors);
+            access.wrote(answer.len());
+            drop((request, server, cors));
+            Box::pin(answer_and_close(socket, answer)).await;
+            return;
+        }
+    };
+    access.identify(credential.as_deref());
     let Some(slot) = state
         .per_ip
         .acquire(request.client, server.max_connections_per_ip)
@@ -141,12 +169,15 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
     drop(cors);
     let mut subscription = request.route.hub.subscribe(resume);
     drop(request);
-    // Boxed, and only when configured: a timer is large next to the rest of the task.
-    let mut lifetime = server
-        .max_lifetime
-        .map(|life| Box::pin(tokio::time::sleep(jittered(life))));
+    // Boxed, and only when there is one: a timer is large next to the rest of the task.
+    let (mut deadline, at_deadline) = match admission::deadline(&server, credential.as_deref()) {
+        Some((after, end)) => (Some(Box::pin(tokio::time::sleep(after))), end),
+        None => (None, End::Lifetime),
+    };
     let send_timeout = server.send_timeout;
     drop(server);
+    // Set once the last frames (an `end`) are queued: close after writing them.
+    let mut last = false;
 
     // Reused for every wake-up, so a client allocates nothing per event.
     let mut frames = vec![Bytes::from(head)];
@@ -164,6 +195,12 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
                 if frames.is_empty() {
                     break;
                 }
+            } else if subscription.take_recheck()
+                && !Box::pin(admission::still_admitted(state, access.route(), credential.as_deref())).await
+            {
+                frames.push(EndReason::Forbidden.frame());
+                access.end(End::Told(EndReason::Forbidden));
+                last = true;
             },
             // The client sends nothing after its request; readable means it closed
             // or sent something, which is discarded up to a small cap.
@@ -186,13 +223,21 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
                 }
             }
             _ = async {
-                match lifetime.as_mut() {
+                match deadline.as_mut() {
                     Some(sleep) => sleep.await,
                     None => std::future::pending().await,
                 }
             } => {
-                access.end(End::Lifetime);
-                break;
+                access.end(at_deadline);
+                match at_deadline {
+                    // The client is told; it reconnects with a fresh token.
+                    End::Told(reason) => {
+                        frames.push(reason.frame());
+                        last = true;
+                    }
+                    // `max_lifetime`: the response just ends, and the browser resumes.
+                    _ => break,
+                }
             }
         }
         access.queued(&frames);
@@ -206,6 +251,9 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
                 tracing::debug!("Client accepted nothing for the send timeout; disconnecting.");
             }
             return;
+        }
+        if last {
+            break;
         }
     }
     // Let the final frames (such as `end`) drain before the socket closes.

@@ -76,11 +76,25 @@ const MAX_RESYNC_CHANGES: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct Stats {
     pub clients: AtomicUsize,
+    /// Requests refused by access control, by [`crate::auth::Denial::reason`] (in
+    /// the order of `DENIALS`).
+    pub denied: [AtomicU64; 4],
     pub batches: AtomicU64,
     pub lagged: AtomicU64,
     pub resets: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub last_ts: AtomicU64,
+}
+
+/// The reasons of [`Stats::denied`], in order.
+pub const DENIALS: [&str; 4] = ["missing", "invalid", "expired", "forbidden"];
+
+impl Stats {
+    pub fn denied(&self, reason: &str) {
+        if let Some(i) = DENIALS.iter().position(|r| *r == reason) {
+            self.denied[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// See the module documentation.
@@ -112,6 +126,7 @@ impl Hub {
                 status,
                 health: connecting,
                 end: None,
+                rechecks: 0,
             }),
             head: watch::Sender::new(0),
             stats: Stats::default(),
@@ -286,6 +301,14 @@ impl Hub {
             inner.push(Entry::Frame(Bytes::from_static(sse::KEEPALIVE)));
             self.notify(&inner);
         }
+    }
+
+    /// Asks every connected client to check its credentials against the current
+    /// rules (after a reload changed them).
+    pub fn recheck(&self) {
+        let mut inner = self.lock();
+        inner.rechecks = inner.rechecks.wrapping_add(1);
+        self.notify(&inner);
     }
 
     /// Ends every client stream with `event: end`.

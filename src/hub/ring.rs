@@ -57,6 +57,9 @@ pub(super) struct Inner {
     pub(super) status: Bytes,
     /// Why and with which frame the stream ended, once it has.
     pub(super) end: Option<(EndReason, Bytes)>,
+    /// Bumped when the rules that admit clients change: each client checks its
+    /// credentials again.
+    pub(super) rechecks: u32,
 }
 
 impl Inner {

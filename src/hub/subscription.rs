@@ -24,8 +24,10 @@ impl Hub {
         let mut pos;
         let ended;
         let resumed;
+        let checked;
         {
             let mut inner = hub.lock();
+            checked = inner.rechecks;
             resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
             first.push(inner.retry_frame.clone());
             first.extend(inner.degraded());
@@ -55,6 +57,8 @@ impl Hub {
             pos,
             ended,
             resumed,
+            checked,
+            recheck: false,
             first,
         }
     }
@@ -69,14 +73,19 @@ pub struct Subscription {
     ended: bool,
     /// Asked to resume before the stream had a state; cleared by its first snapshot.
     resumed: bool,
+    /// The hub's recheck count this client has acted on.
+    checked: u32,
+    /// The rules changed since the client last looked.
+    recheck: bool,
     /// Frames computed when the client subscribed, handed out first.
     first: Vec<Bytes>,
     guard: ClientGuard,
 }
 
 impl Subscription {
-    /// Waits until there is something to write and appends it to `out`. Returns false
-    /// once the stream has ended (after its `end` frame was handed out).
+    /// Waits until there is something to write, or the rules changed
+    /// ([`Subscription::take_recheck`]), and appends what to write to `out`. Returns
+    /// false once the stream has ended (after its `end` frame was handed out).
     pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
         if !self.first.is_empty() {
             out.append(&mut self.first);
@@ -90,12 +99,22 @@ impl Subscription {
             let mut inner = self.hub.lock();
             self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
             self.resumed &= inner.state.is_none();
+            if inner.rechecks != self.checked {
+                self.checked = inner.rechecks;
+                self.recheck = true;
+            }
             drop(inner);
-            if !out.is_empty() {
+            if !out.is_empty() || self.recheck {
                 return true;
             }
         }
         false
+    }
+
+    /// Whether the rules that admit clients changed since the last call: the caller
+    /// checks its credentials again.
+    pub fn take_recheck(&mut self) -> bool {
+        std::mem::take(&mut self.recheck)
     }
 
     /// Why the stream ended, once the hub has ended it.

@@ -26,16 +26,19 @@ pub enum StreamEnd {
     SentData,
     /// `max_lifetime` was reached.
     Lifetime,
+    /// Access control refused the request (`401` or `403`).
+    Denied,
     /// The gateway ended the stream on purpose, and told the client why.
     Told(EndReason),
 }
 
 impl StreamEnd {
-    pub const ALL: [StreamEnd; 9] = [
+    pub const ALL: [StreamEnd; 10] = [
         StreamEnd::ClientGone,
         StreamEnd::SendTimeout,
         StreamEnd::SentData,
         StreamEnd::Lifetime,
+        StreamEnd::Denied,
         StreamEnd::Told(EndReason::Removed),
         StreamEnd::Told(EndReason::Shutdown),
         StreamEnd::Told(EndReason::Overloaded),
@@ -49,6 +52,7 @@ impl StreamEnd {
             StreamEnd::SendTimeout => "send-timeout",
             StreamEnd::SentData => "client-sent-data",
             StreamEnd::Lifetime => "lifetime",
+            StreamEnd::Denied => "denied",
             StreamEnd::Told(reason) => reason.as_str(),
         }
     }
@@ -99,7 +103,7 @@ pub struct Metrics {
     refusals: [AtomicU64; 2],
     pub stall_disconnects: AtomicU64,
     /// Finished stream connections, by [`StreamEnd`].
-    pub stream_ends: [AtomicU64; 9],
+    pub stream_ends: [AtomicU64; 10],
 }
 
 impl Default for Metrics {
@@ -230,6 +234,16 @@ impl Metrics {
                 u64::from(h.readiness().is_ok())
             }),
         ];
+        let _ = writeln!(out, "# TYPE auth_denied_total counter");
+        for (path, hub) in streams {
+            for (reason, n) in crate::hub::DENIALS.iter().zip(&hub.stats.denied) {
+                let _ = writeln!(
+                    out,
+                    "auth_denied_total{{stream=\"{path}\",reason=\"{reason}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
         for (name, kind, get) in families {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for (path, hub) in streams {

@@ -1,0 +1,95 @@
+//! Access control as both responders apply it: admitting a request to a stream (and
+//! counting refusals), when an admitted connection must end (its token's expiry, or
+//! `max_lifetime`), the answer to a refused request, and checking an open connection
+//! again when the rules change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::routes::{jittered, AppState};
+use crate::auth::{Credential, Denial};
+use crate::config::ServerConfig;
+use crate::route::Route;
+use crate::telemetry::StreamEnd;
+use crate::wire::EndReason;
+
+/// Whether a request with `token` may open `route`; a refusal is counted on the
+/// stream.
+pub(super) async fn admit(
+    state: &AppState,
+    route: &Route,
+    token: Option<&str>,
+) -> Result<Option<Arc<Credential>>, Denial> {
+    let auth = state.auth.load_full();
+    let admitted = auth.admit(&route.config, token).await;
+    if let Err(denial) = &admitted {
+        route.hub.stats.denied(denial.reason());
+    }
+    admitted
+}
+
+/// When an admitted connection ends on its own, and why: `max_lifetime` (jittered),
+/// or its token's expiry, whichever comes first.
+pub(super) fn deadline(
+    server: &ServerConfig,
+    credential: Option<&Credential>,
+) -> Option<(Duration, StreamEnd)> {
+    let lifetime = server
+        .max_lifetime
+        .map(|l| (jittered(l), StreamEnd::Lifetime));
+    let expiry = credential.map(|c| (c.remaining(), StreamEnd::Told(EndReason::TokenExpired)));
+    match (lifetime, expiry) {
+        (Some(l), Some(e)) => Some(if e.0 <= l.0 { e } else { l }),
+        (l, e) => l.or(e),
+    }
+}
+
+/// Whether an open connection to the stream at `path` is still admitted under the
+/// current rules and keys. A stream no longer routed ends by itself (`removed`).
+pub(super) async fn still_admitted(
+    state: &AppState,
+    path: &str,
+    credential: Option<&Credential>,
+) -> bool {
+    let Some(route) = state.routes.load().get(path).cloned() else {
+        return true;
+    };
+    let auth = state.auth.load_full();
+    match auth.recheck(&route.config, credential).await {
+        Ok(()) => true,
+        Err(denial) => {
+            route.hub.stats.denied(denial.reason());
+            false
+        }
+    }
+}
+
+/// A refused request's whole answer for a raw socket: the status, the challenge of a
+/// `401`, a short JSON body, and the CORS headers.
+pub(super) fn refusal(denial: Denial, cors: &[(&str, String)]) -> Bytes {
+    let status = match denial.status() {
+        401 => "401 Unauthorized",
+        _ => "403 Forbidden",
+    };
+    let body = denial.body();
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if let Some(challenge) = denial.challenge() {
+        out.push_str("www-authenticate: ");
+        out.push_str(challenge);
+        out.push_str("\r\n");
+    }
+    for (name, value) in cors {
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    Bytes::from(out)
+}
