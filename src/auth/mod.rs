@@ -139,18 +139,20 @@ pub struct Credential {
     token: Box<str>,
     pub claims: Value,
     pub subject: Option<String>,
-    /// When the token stops being accepted: `exp` plus the leeway, seconds since the
-    /// epoch.
+    /// The last second the token is accepted in: `exp` plus the leeway, seconds since
+    /// the epoch.
     pub expires: u64,
 }
 
 impl Credential {
-    /// Time left until [`Credential::expires`].
+    /// Time left until the token stops verifying: `exp` is valid through its whole
+    /// second (validation refuses only once the clock is past it), so that is the
+    /// start of the next second.
     pub fn remaining(&self) -> Duration {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Duration::from_secs(self.expires.saturating_sub(now))
+            .unwrap_or_default();
+        Duration::from_secs(self.expires.saturating_add(1)).saturating_sub(now)
     }
 }
 

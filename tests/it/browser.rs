@@ -48,10 +48,21 @@ async fn page_server(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let page = PAGE.replace("GATEWAY", &format!("http://{gateway}"));
+    (addr, serve_page(listener, page, String::new()))
+}
+
+/// Serves `page` (with `headers`, each ending in CRLF) on `listener` and collects the
+/// page's reports (`POST /report`).
+fn serve_page(
+    listener: TcpListener,
+    page: String,
+    headers: String,
+) -> mpsc::UnboundedReceiver<Value> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let page = page.clone();
+            let headers = headers.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -94,7 +105,7 @@ async fn page_server(
                 let _ = s
                     .write_all(
                         format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                             body.len()
                         )
                         .as_bytes(),
@@ -103,7 +114,7 @@ async fn page_server(
             });
         }
     });
-    (addr, rx)
+    rx
 }
 
 /// Headless Chromium opening `page`; killed when the child is dropped.
@@ -349,4 +360,79 @@ async fn chromium_comes_back_after_an_overload_and_resumes() {
         .is_some_and(|n| n >= 1),
         "{metrics}"
     );
+}
+
+/// A page on another origin that opens a stream with `withCredentials`, so the browser
+/// sends the gateway the cookie it was given; and one without, which is refused.
+const COOKIE_PAGE: &str = r#"<!doctype html><meta charset=utf-8><title>cookie</title><script>
+const seen = { seq: 0, snapshots: [], rows: 0, plainState: null, plainErrors: 0 };
+const report = () => { seen.seq++; fetch("/report", { method: "POST", body: JSON.stringify(seen) }); };
+const es = new EventSource("GATEWAY/items", { withCredentials: true });
+es.addEventListener("snapshot", (e) => {
+  const d = JSON.parse(e.data); seen.snapshots.push(d.reason); seen.rows = d.changes.length; report();
+});
+const plain = new EventSource("GATEWAY/items");
+plain.onerror = () => { seen.plainErrors++; seen.plainState = plain.readyState; report(); };
+</script>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_authenticates_with_a_cookie_across_origins() {
+    if !have_chromium() {
+        return;
+    }
+    let page_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let page = page_listener.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "cookie-test-secret").expect("secret");
+    let gw = TestGateway::embedded(
+        &format!(
+            "cors_origins = [\"http://{page}\"]\ncors_credentials = true\n\
+             [auth]\nmode = \"jwt\"\ntoken_sources = [\"cookie:tailgate_token\"]\n\
+             [[auth.issuers]]\niss = \"https://idp.test/\"\naudience = [\"tailgate\"]\n\
+             algorithms = [\"HS256\"]\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+        crate::support::ITEMS_INIT,
+        ITEMS_STREAM,
+    )
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"iss": "https://idp.test/", "aud": "tailgate", "exp": exp, "sub": "c"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"cookie-test-secret").expect("key"),
+    )
+    .expect("token");
+    // The page's origin sets the cookie: same host, another port, so the browser
+    // sends it to the gateway when a request carries credentials.
+    let rx = serve_page(
+        page_listener,
+        COOKIE_PAGE.replace("GATEWAY", &format!("http://{}", gw.addr)),
+        format!("set-cookie: tailgate_token={token}; Path=/; HttpOnly; SameSite=Lax\r\n"),
+    );
+    let mut reports = Reports {
+        rx,
+        latest: Value::Null,
+    };
+    let (_browser, _profile) = chromium(page);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let latest = reports
+        .until(
+            "a snapshot over the cookie and a refusal without it",
+            deadline,
+            |r| {
+                r["snapshots"].as_array().is_some_and(|s| !s.is_empty())
+                    && r["plainErrors"].as_u64().unwrap_or(0) >= 1
+            },
+        )
+        .await;
+    assert_eq!(latest["snapshots"], serde_json::json!(["initial"]));
+    assert_eq!(latest["rows"], 2);
+    // A 401 closes an EventSource for good (readyState 2).
+    assert_eq!(latest["plainState"], 2, "{latest}");
 }

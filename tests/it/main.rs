@@ -1,5 +1,6 @@
 //! The integration tests: one binary, real engine, real sockets.
 
+mod auth;
 mod browser;
 mod cli;
 mod engine;

@@ -317,6 +317,42 @@ impl SseClient {
         Self::from_response(request(addr, path, headers).await)
     }
 
+    /// Requests `path` as the second request of a connection whose first was
+    /// `/healthz`, so hyper's path serves it rather than the event-stream fast path.
+    pub async fn connect_reused(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> SseClient {
+        use http_body_util::BodyExt;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let exchange = async {
+            let health = hyper::Request::get("/healthz")
+                .header("host", "x")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let health = send.send_request(health).await.expect("healthz");
+            health.into_body().collect().await.expect("body");
+            send.ready().await.expect("connection reusable");
+            let mut req = hyper::Request::get(path).header("host", "x");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            send.send_request(req.body(Empty::<Bytes>::new()).expect("request"))
+                .await
+                .expect("stream")
+        };
+        let resp = tokio::time::timeout(WAIT, exchange)
+            .await
+            .expect("both response heads in time");
+        SseClient::from_response(resp)
+    }
+
     /// Reads a response the test requested itself.
     pub fn from_response(resp: hyper::Response<Incoming>) -> SseClient {
         let status = resp.status().as_u16();
