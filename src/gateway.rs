@@ -313,17 +313,17 @@ impl Control {
         }
         let before = self.state.routes.load_full();
         let applied = self.supervisor.apply(&config);
-        let routes = self.supervisor.routes();
-        self.state.routes.store(Arc::new(routes.clone()));
+        let routes = Arc::new(self.supervisor.routes());
+        self.state.routes.store(Arc::clone(&routes));
         self.state.server.store(Arc::new(config.server.clone()));
         // After both swaps, so a connection that checks again sees the new rules.
-        for (path, route) in &routes {
+        for (path, route) in routes.iter() {
             let rules_changed = before.get(path).is_some_and(|old| {
                 old.config.public != route.config.public
                     || old.config.authorize != route.config.authorize
             });
             if auth_changed || rules_changed {
-                route.hub.recheck();
+                route.target.recheck();
             }
         }
         self.state.metrics.reload_ok();

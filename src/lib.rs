@@ -40,11 +40,13 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod feed;
 pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod reload;
 pub mod route;
+pub mod row;
 pub mod sse;
 pub mod supervisor;
 pub mod telemetry;

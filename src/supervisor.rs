@@ -1,31 +1,41 @@
-//! The set of running streams: one hub and one upstream task per configured path, and
-//! applying a new config as a per-stream diff. The route table it hands out is what
-//! the gateway publishes to the HTTP layer.
+//! The set of running streams and the sources that feed them: one upstream task per
+//! distinct subscription (view or query, key, cluster), one feed and one target (a hub,
+//! or a scoped stream's channels) per configured path; and applying a new config as a
+//! per-stream diff. The route table it hands out is what the gateway publishes to the
+//! HTTP layer.
 //!
-//! Each stream's upstream task runs under a child of the supervisor's cancellation token
-//! and in its task tracker. Removing or re-subscribing a stream cancels its task; a hub
-//! outlives re-subscriptions so clients stay connected. Everything stops when the root
-//! token is cancelled.
+//! Each source's task runs under a child of the supervisor's cancellation token and
+//! in its task tracker; a source whose last stream goes is cancelled. A stream's
+//! target outlives re-subscriptions (moving to another source), so clients stay
+//! connected. Everything stops when the root token is cancelled.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::config::{Config, StreamConfig, StreamPath};
+use crate::config::{ClientErrors, Config, StreamConfig, StreamPath};
+use crate::feed::{Feed, Partitioned, Target};
 use crate::hub::{Hub, Settings};
 use crate::route::{Route, Routes};
-use crate::upstream::{Policy, StreamTask, Target};
+use crate::upstream::{Command, Policy, SourceKey, SourceTask, Target as Upstream};
 use crate::wire::{EndReason, Reason};
 
 struct Running {
     route: Arc<Route>,
-    cancel: CancellationToken,
+    source: SourceKey,
     delay: watch::Sender<Duration>,
+}
+
+/// A running source: its task's mailbox and how many streams it feeds.
+struct Source {
+    commands: mpsc::UnboundedSender<Command>,
+    cancel: CancellationToken,
+    streams: usize,
 }
 
 /// What one application of a config changed.
@@ -47,9 +57,10 @@ impl Applied {
 }
 
 pub struct Supervisor {
-    target: Arc<Target>,
+    upstream: Arc<Upstream>,
     policy: Policy,
     streams: BTreeMap<StreamPath, Running>,
+    sources: HashMap<SourceKey, Source>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -58,14 +69,15 @@ impl Supervisor {
     /// Starts the streams of `config`.
     pub fn start(
         config: &Config,
-        target: Arc<Target>,
+        upstream: Arc<Upstream>,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) -> Supervisor {
         let mut sup = Supervisor {
-            target,
+            upstream,
             policy: Policy::from(&config.upstream),
             streams: BTreeMap::new(),
+            sources: HashMap::new(),
             cancel,
             tracker,
         };
@@ -75,15 +87,18 @@ impl Supervisor {
 
     /// The route table of the running streams.
     pub fn routes(&self) -> Routes {
-        self.streams
-            .iter()
-            .map(|(p, r)| (p.to_string(), Arc::clone(&r.route)))
-            .collect()
+        Routes::new(self.streams.values().map(|r| Arc::clone(&r.route)))
+    }
+
+    /// Upstream sessions the running streams share.
+    pub fn sources(&self) -> usize {
+        self.sources.len()
     }
 
     /// Brings the running streams in line with `config`'s streams.
     pub fn apply(&mut self, config: &Config) -> Applied {
         let mut applied = Applied::default();
+        let errors = config.server.client_errors;
         let wanted: BTreeMap<&StreamPath, &Arc<StreamConfig>> =
             config.streams.iter().map(|s| (&s.path, s)).collect();
 
@@ -95,81 +110,171 @@ impl Supervisor {
             .collect();
         for path in gone {
             if let Some(running) = self.streams.remove(&path) {
-                running.cancel.cancel();
-                running.route.hub.close(EndReason::Removed);
+                self.detach(&path, &running.source);
+                running.route.target.close(EndReason::Removed);
                 applied.removed.push(path.to_string());
             }
         }
 
         for (path, new) in wanted {
-            match self.streams.get_mut(path) {
-                None => {
-                    let hub = Hub::new(Settings::new(new, config.server.client_errors));
-                    let running = self.spawn(Arc::clone(new), hub, Reason::Initial);
-                    self.streams.insert(path.clone(), running);
-                    applied.added.push(path.to_string());
-                }
-                Some(running) if running.route.config == *new => {
-                    // Server-wide settings the hub encodes may still have changed.
-                    let settings = Settings::new(new, config.server.client_errors);
-                    running.route.hub.update_settings(settings);
-                }
-                Some(running) => {
-                    let hub = Arc::clone(&running.route.hub);
-                    hub.update_settings(Settings::new(new, config.server.client_errors));
-                    if running.route.config.upstream_differs(new) {
-                        running.cancel.cancel();
-                        let replacement = self.spawn(Arc::clone(new), hub, Reason::ConfigChanged);
-                        self.streams.insert(path.clone(), replacement);
-                        applied.resubscribed.push(path.to_string());
-                    } else {
-                        running.delay.send_replace(new.delay);
-                        running.route = Arc::new(Route {
-                            path: Arc::clone(&running.route.path),
-                            config: Arc::clone(new),
-                            hub,
-                        });
-                        applied.retuned.push(path.to_string());
+            let Some(running) = self.streams.get(path) else {
+                let target = target(new, errors);
+                let running = self.spawn(Arc::clone(new), target, Reason::Initial);
+                self.streams.insert(path.clone(), running);
+                applied.added.push(path.to_string());
+                continue;
+            };
+            let old = Arc::clone(&running.route.config);
+            let target = running.route.target.clone();
+            if *old == **new {
+                // Server-wide settings the hubs encode may still have changed.
+                retune(&target, new, errors);
+                continue;
+            }
+            let reshaped = old.shape_differs(new)
+                || old.is_scoped() != new.is_scoped()
+                || (new.is_scoped() && old.key.is_some() != new.key.is_some());
+            if reshaped {
+                // A plain stream keeps its hub and clients get a snapshot of the new
+                // shape; a scoped stream's channels cannot carry over, so its clients
+                // are told to reconnect and find their channel in the new one.
+                let plain_kept = matches!(target, Target::Plain(_)) && !new.is_scoped();
+                if let Some(running) = self.streams.remove(path) {
+                    self.detach(path, &running.source);
+                    if !plain_kept {
+                        running.route.target.close(EndReason::Reconfigured);
                     }
                 }
+                let target = if plain_kept {
+                    target
+                } else {
+                    self::target(new, errors)
+                };
+                if plain_kept {
+                    retune(&target, new, errors);
+                }
+                let running = self.spawn(Arc::clone(new), target, Reason::ConfigChanged);
+                self.streams.insert(path.clone(), running);
+                applied.resubscribed.push(path.to_string());
+            } else if old.upstream_differs(new) {
+                retune(&target, new, errors);
+                if let Some(running) = self.streams.remove(path) {
+                    self.detach(path, &running.source);
+                }
+                let running = self.spawn(Arc::clone(new), target, Reason::ConfigChanged);
+                self.streams.insert(path.clone(), running);
+                applied.resubscribed.push(path.to_string());
+            } else if let Some(running) = self.streams.get_mut(path) {
+                retune(&target, new, errors);
+                running.delay.send_replace(new.delay);
+                running.route = Arc::new(Route {
+                    path: Arc::clone(&running.route.path),
+                    config: Arc::clone(new),
+                    target,
+                });
+                applied.retuned.push(path.to_string());
             }
         }
-
         applied
     }
 
-    fn spawn(&self, config: Arc<StreamConfig>, hub: Arc<Hub>, reason: Reason) -> Running {
-        let cancel = self.cancel.child_token();
+    /// Starts feeding `config` from its source, starting the source if it is new.
+    fn spawn(&mut self, config: Arc<StreamConfig>, target: Target, reason: Reason) -> Running {
         let (delay, delay_rx) = watch::channel(config.delay);
-        let task = StreamTask {
-            stream: Arc::clone(&config),
-            target: Arc::clone(&self.target),
-            policy: self.policy.clone(),
-            hub: Arc::clone(&hub),
-            delay: delay_rx,
-            reason,
-        };
-        self.tracker.spawn(task.run(cancel.clone()));
+        let key = SourceKey::of(&config);
+        let feed = Feed::new(Arc::clone(&config), target.clone(), delay_rx, reason);
+        match self.sources.get_mut(&key) {
+            Some(source) => {
+                source.streams += 1;
+                if source
+                    .commands
+                    .send(Command::Attach(Box::new(feed)))
+                    .is_err()
+                {
+                    warn!(stream = %config.path, "Source task is gone; the stream waits for a restart.");
+                }
+            }
+            None => {
+                let (commands, commands_rx) = mpsc::unbounded_channel();
+                let cancel = self.cancel.child_token();
+                let task = SourceTask {
+                    key: key.clone(),
+                    target: Arc::clone(&self.upstream),
+                    policy: self.policy.clone(),
+                    feeds: vec![feed],
+                    commands: commands_rx,
+                };
+                self.tracker.spawn(task.run(cancel.clone()));
+                self.sources.insert(
+                    key.clone(),
+                    Source {
+                        commands,
+                        cancel,
+                        streams: 1,
+                    },
+                );
+            }
+        }
         Running {
             route: Arc::new(Route {
                 path: config.path.as_str().into(),
                 config,
-                hub,
+                target,
             }),
-            cancel,
+            source: key,
             delay,
+        }
+    }
+
+    /// Stops feeding the stream at `path` from `key`; a source left without streams
+    /// is stopped, which ends its upstream session.
+    fn detach(&mut self, path: &StreamPath, key: &SourceKey) {
+        let Some(source) = self.sources.get_mut(key) else {
+            return;
+        };
+        source.streams = source.streams.saturating_sub(1);
+        if source.streams == 0 {
+            source.cancel.cancel();
+            self.sources.remove(key);
+        } else {
+            let _ = source.commands.send(Command::Detach(path.clone()));
         }
     }
 
     /// Ends every client stream with `end` (reason `shutdown`) and stops the tasks.
     pub fn shutdown(&mut self) {
         for running in self.streams.values() {
-            running.route.hub.close(EndReason::Shutdown);
-            running.cancel.cancel();
+            running.route.target.close(EndReason::Shutdown);
+        }
+        for source in self.sources.values() {
+            source.cancel.cancel();
         }
         if self.streams.is_empty() {
             warn!("Shutdown with no streams configured.");
         }
+    }
+}
+
+/// A new stream's target: one hub, or a scoped stream's channels.
+fn target(config: &StreamConfig, errors: ClientErrors) -> Target {
+    let settings = Settings::new(config, errors);
+    if config.is_scoped() {
+        Target::Partitioned(Partitioned::new(
+            config.key.is_some(),
+            settings,
+            config.max_partitions,
+        ))
+    } else {
+        Target::Plain(Hub::new(settings))
+    }
+}
+
+/// Applies the settings that change without touching the upstream.
+fn retune(target: &Target, config: &StreamConfig, errors: ClientErrors) {
+    let settings = Settings::new(config, errors);
+    match target {
+        Target::Plain(hub) => hub.update_settings(settings),
+        Target::Partitioned(p) => p.update_settings(settings, config.max_partitions),
     }
 }
 
@@ -180,6 +285,17 @@ mod tests {
 
     fn config(streams: &str) -> Config {
         crate::config::parse(std::path::Path::new("/x/streams.toml"), streams).expect("valid")
+    }
+
+    fn route<'a>(routes: &'a Routes, path: &str) -> &'a Arc<Route> {
+        routes.get(path).expect("routed")
+    }
+
+    fn hub<'a>(routes: &'a Routes, path: &str) -> &'a Arc<Hub> {
+        match &route(routes, path).target {
+            Target::Plain(hub) => hub,
+            Target::Partitioned(_) => panic!("{path} is scoped"),
+        }
     }
 
     /// Frames a fresh subscriber of `hub` is handed at once.
@@ -206,7 +322,7 @@ mod tests {
         );
         // Nothing listens on port 1: the upstream tasks retry in the background.
         let target = Arc::new(
-            Target::new(&before.upstream, Some(([127, 0, 0, 1], 1).into())).expect("target"),
+            Upstream::new(&before.upstream, Some(([127, 0, 0, 1], 1).into())).expect("target"),
         );
         let cancel = CancellationToken::new();
         let mut sup = Supervisor::start(&before, target, cancel.clone(), TaskTracker::new());
@@ -237,25 +353,74 @@ mod tests {
         );
         let new = sup.routes();
         assert_eq!(
-            new.keys().collect::<Vec<_>>(),
+            new.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
             ["/new", "/requeried", "/same", "/tuned"]
         );
         // An unchanged stream keeps its route; changed ones keep their hub, so their
         // clients stay connected; the retuned one runs its new settings.
-        assert!(Arc::ptr_eq(&old["/same"], &new["/same"]));
+        assert!(Arc::ptr_eq(route(&old, "/same"), route(&new, "/same")));
         for path in ["/tuned", "/requeried"] {
-            assert!(Arc::ptr_eq(&old[path].hub, &new[path].hub), "{path}");
+            assert!(Arc::ptr_eq(hub(&old, path), hub(&new, path)), "{path}");
         }
-        assert_eq!(new["/tuned"].config.delay, Duration::from_secs(1));
-        assert!(frames(&new["/tuned"].hub)
+        assert_eq!(route(&new, "/tuned").config.delay, Duration::from_secs(1));
+        assert!(frames(hub(&new, "/tuned"))
             .await
             .starts_with("retry: 2000\n\n"));
         // The removed stream's clients are told so.
-        assert!(frames(&old["/gone"].hub)
+        assert!(frames(hub(&old, "/gone"))
             .await
             .contains("event: end\ndata: {\"reason\":\"removed\"}"));
         // The same config again changes nothing.
         assert!(sup.apply(&after).is_empty());
+        cancel.cancel();
+    }
+
+    /// Streams on the same view, key and cluster share one source, however many
+    /// there are and whatever their templates, filters and columns; a reload keeps
+    /// the sharing right as streams come, go and move.
+    #[tokio::test(start_paused = true)]
+    async fn streams_share_sources_across_reloads() {
+        let streams = |list: &[(&str, &str)]| {
+            config(
+                &list
+                    .iter()
+                    .map(|(p, rest)| format!("[[streams]]\npath = \"{p}\"\n{rest}\n"))
+                    .collect::<String>(),
+            )
+        };
+        let first = streams(&[
+            ("/all", "view = \"orders\""),
+            ("/by/{customer}", "view = \"orders\""),
+            ("/slim", "view = \"orders\"\ncolumns = [\"id\"]"),
+            ("/keyed", "view = \"orders\"\nkey = [\"id\"]"),
+            ("/other", "view = \"sensors\""),
+        ]);
+        let upstream = Arc::new(
+            Upstream::new(&first.upstream, Some(([127, 0, 0, 1], 1).into())).expect("target"),
+        );
+        let cancel = CancellationToken::new();
+        let mut sup = Supervisor::start(&first, upstream, cancel.clone(), TaskTracker::new());
+        // orders (diff), orders (keyed), sensors.
+        assert_eq!(sup.sources(), 3);
+        assert!(matches!(
+            route(&sup.routes(), "/by/{customer}").target,
+            Target::Partitioned(_)
+        ));
+        let second = streams(&[
+            ("/all", "view = \"orders\""),
+            (
+                "/by/{customer}",
+                "view = \"orders\"\nfilters = [\"status\"]",
+            ),
+            ("/keyed", "view = \"sensors\"\nkey = [\"id\"]"),
+            ("/other", "view = \"sensors\""),
+        ]);
+        sup.apply(&second);
+        // orders (diff), sensors (keyed), sensors (diff).
+        assert_eq!(sup.sources(), 3);
+        let third = streams(&[("/other", "view = \"sensors\"")]);
+        sup.apply(&third);
+        assert_eq!(sup.sources(), 1);
         cancel.cancel();
     }
 }

@@ -81,6 +81,12 @@ pub enum EndReason {
     TokenExpired,
     /// The rules no longer allow this client the stream.
     Forbidden,
+    /// A scoped stream's shape changed on reload (its template's columns, filters,
+    /// columns or scope): reconnect, resuming, to the new one.
+    Reconfigured,
+    /// A scoped stream cannot take clients yet (its relation is not described, or
+    /// lacks a column it needs): come back after the `retry` delay.
+    Unavailable,
 }
 
 impl EndReason {
@@ -91,6 +97,8 @@ impl EndReason {
             EndReason::Overloaded => "overloaded",
             EndReason::TokenExpired => "token-expired",
             EndReason::Forbidden => "forbidden",
+            EndReason::Reconfigured => "reconfigured",
+            EndReason::Unavailable => "unavailable",
         }
     }
 
@@ -213,7 +221,7 @@ pub fn resume(header: Option<&[u8]>, query: Option<&str>) -> Resume {
 fn query_bytes(query: &str, name: &str) -> Option<Vec<u8>> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
+        (k == name).then(|| percent_decode(v, true))
     })
 }
 
@@ -237,7 +245,9 @@ fn parse_id(id: &[u8]) -> Resume {
         .map_or(Resume::Invalid, Resume::After)
 }
 
-fn percent_decode(s: &str) -> Vec<u8> {
+/// `%XX` escapes decoded (a malformed one is kept as it is), and in a query
+/// (`plus_is_space`) `+` read as a space.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Vec<u8> {
     let hex = |c: u8| (c as char).to_digit(16);
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -253,7 +263,11 @@ fn percent_decode(s: &str) -> Vec<u8> {
                 i += 3;
             }
             None => {
-                out.push(if b[i] == b'+' { b' ' } else { b[i] });
+                out.push(if plus_is_space && b[i] == b'+' {
+                    b' '
+                } else {
+                    b[i]
+                });
                 i += 1;
             }
         }

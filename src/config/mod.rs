@@ -210,6 +210,13 @@ pub struct ScheduledWrite {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamPath(String);
 
+impl From<&str> for StreamPath {
+    /// A path as written: validation is what makes a configured one.
+    fn from(path: &str) -> StreamPath {
+        StreamPath(path.to_string())
+    }
+}
+
 impl StreamPath {
     pub fn as_str(&self) -> &str {
         &self.0
@@ -223,7 +230,7 @@ impl fmt::Display for StreamPath {
 }
 
 /// What a stream subscribes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {
     View(String),
     Query(String),
@@ -253,12 +260,54 @@ pub struct StreamConfig {
     pub public: bool,
     /// What a token must hold to open the stream (with `[auth] mode = "jwt"`).
     pub authorize: Option<Authorize>,
+    /// The path's `{name}` parameters, in order: columns a client picks its
+    /// partition by.
+    pub params: Vec<String>,
+    /// Columns a client may filter on with its query string.
+    pub filters: Vec<String>,
+    /// The only columns ever sent; all of them when unset.
+    pub columns: Option<Vec<String>>,
+    /// The column a token's claim always restricts.
+    pub scope: Option<Scope>,
+    /// Channels (distinct partition and filter sets with clients) a scoped stream
+    /// may hold at once.
+    pub max_partitions: usize,
+}
+
+/// `scope = { column, claim }`: the rows a client sees are those whose `column`
+/// equals its token's claim at the JSON Pointer `claim` (one of them, for an array).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub column: String,
+    pub claim: String,
 }
 
 impl StreamConfig {
     /// True when a change of `other` needs a new upstream subscription.
     pub fn upstream_differs(&self, other: &StreamConfig) -> bool {
         self.source != other.source || self.key != other.key || self.cluster != other.cluster
+    }
+
+    /// True when `other` splits or shapes rows differently, so clients' channels
+    /// cannot carry over.
+    pub fn shape_differs(&self, other: &StreamConfig) -> bool {
+        self.params != other.params
+            || self.filters != other.filters
+            || self.columns != other.columns
+            || self.scope != other.scope
+    }
+
+    /// Whether clients see a part of the view: a template, query filters or a scope.
+    pub fn is_scoped(&self) -> bool {
+        !self.params.is_empty() || !self.filters.is_empty() || self.scope.is_some()
+    }
+
+    /// The columns rows are partitioned by: the template's parameters, then the
+    /// scope's column.
+    pub fn partition_columns(&self) -> Vec<String> {
+        let mut cols = self.params.clone();
+        cols.extend(self.scope.as_ref().map(|s| s.column.clone()));
+        cols
     }
 }
 

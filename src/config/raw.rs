@@ -70,6 +70,7 @@ pub(super) struct RawDefaults {
     pub(super) history_bytes: Option<Spanned<i64>>,
     pub(super) client_queue: Option<Spanned<i64>>,
     pub(super) authorize: Option<Spanned<RawAuthorize>>,
+    pub(super) max_partitions: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +89,17 @@ pub(super) struct RawStream {
     pub(super) client_queue: Option<Spanned<i64>>,
     pub(super) public: Option<Spanned<bool>>,
     pub(super) authorize: Option<Spanned<RawAuthorize>>,
+    pub(super) filters: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) columns: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) scope: Option<Spanned<RawScope>>,
+    pub(super) max_partitions: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawScope {
+    pub(super) column: Spanned<String>,
+    pub(super) claim: Spanned<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -207,6 +207,7 @@ impl RawConfig {
         });
         let defaults = StreamDefaults {
             authorize: default_authorize,
+            max_partitions: count(p, &d.max_partitions, 10_000, "max_partitions"),
             delay: duration(p, &d.delay, Duration::ZERO),
             retry: duration(p, &d.retry, Duration::from_secs(15)),
             event: event_name(p, &d.event, "update"),
@@ -237,6 +238,7 @@ impl RawConfig {
 
 pub(super) struct StreamDefaults {
     authorize: Option<Authorize>,
+    max_partitions: usize,
     delay: Duration,
     retry: Duration,
     event: String,
@@ -261,18 +263,46 @@ pub(super) fn validate_stream(
         p.at(path_at, format!("path {path:?} is reserved by the gateway"));
     } else if path.len() > 1 && path.ends_with('/') {
         p.at(path_at, format!("path {path:?} must not end with `/`"));
-    } else if !path
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
-    {
-        p.at(
-            path_at,
-            format!("path {path:?} may only hold letters, digits and `/-_.~`"),
-        );
     } else if path.contains("//") {
         p.at(path_at, format!("path {path:?} has an empty segment"));
     }
-    if !seen.insert(path.clone()) {
+    // Each segment is literal (`/-_.~`, letters, digits) or a whole `{name}`.
+    let mut params: Vec<String> = Vec::new();
+    let mut offset = 0;
+    for segment in path.split('/') {
+        let at = path_at + 1 + offset;
+        offset += segment.len() + 1;
+        if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            if !is_identifier(name) || is_reserved_word(name) {
+                p.at(
+                    at,
+                    format!("path parameter {{{name}}} must be a plain column name"),
+                );
+            } else if params.iter().any(|n| n == name) {
+                p.at(at, format!("path parameter {{{name}}} appears twice"));
+            } else {
+                params.push(name.to_string());
+            }
+        } else if !segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+        {
+            p.at(
+                at,
+                format!(
+                    "path {path:?} may only hold letters, digits, `/-_.~` and whole `{{name}}` segments"
+                ),
+            );
+        }
+    }
+    // Templates that differ only in their parameters' names would match the same
+    // requests.
+    let shape = path
+        .split('/')
+        .map(|seg| if seg.starts_with('{') { "{}" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/");
+    if !seen.insert(shape) {
         p.at(path_at, format!("duplicate path {path:?}"));
     }
 
@@ -405,7 +435,94 @@ pub(super) fn validate_stream(
         None if public => None,
         None => d.authorize.clone(),
     };
+    let names = |p: &mut Problems<'_>,
+                 list: &Option<Spanned<Vec<Spanned<String>>>>,
+                 what: &str|
+     -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for name in list.iter().flat_map(|l| l.get_ref()) {
+            let n = name.get_ref();
+            if !is_identifier(n) || is_reserved_word(n) {
+                p.at(
+                    name.span().start,
+                    format!("{what} {n:?} is not a plain column name"),
+                );
+            } else if out.contains(n) {
+                p.at(name.span().start, format!("{what} {n:?} is listed twice"));
+            } else {
+                out.push(n.clone());
+            }
+        }
+        out
+    };
+    let filters = names(p, &s.filters, "filter column");
+    for (f, name) in filters
+        .iter()
+        .zip(s.filters.iter().flat_map(|l| l.get_ref()))
+    {
+        if params.contains(f) {
+            p.at(
+                name.span().start,
+                format!("filter column {f:?} is already a path parameter"),
+            );
+        }
+    }
+    let columns = s.columns.as_ref().map(|list| {
+        if list.get_ref().is_empty() {
+            p.at(list.span().start, "`columns` must name at least one column");
+        }
+        let cols = names(p, &s.columns, "column");
+        for k in key.iter().flatten() {
+            if !cols.contains(k) {
+                p.at(
+                    list.span().start,
+                    format!("`columns` must include the key column {k:?}"),
+                );
+            }
+        }
+        cols
+    });
+    let scope = s.scope.as_ref().map(|sc| {
+        let raw = sc.get_ref();
+        let column = raw.column.get_ref();
+        if !is_identifier(column) || is_reserved_word(column) {
+            p.at(
+                raw.column.span().start,
+                format!("scope column {column:?} is not a plain column name"),
+            );
+        } else if params.contains(column) {
+            p.at(
+                raw.column.span().start,
+                format!("scope column {column:?} is already a path parameter"),
+            );
+        }
+        let claim = raw.claim.get_ref();
+        if !(claim.is_empty() || claim.starts_with('/')) {
+            p.at(
+                raw.claim.span().start,
+                format!("scope claim {claim:?} must be a JSON Pointer such as \"/tenant\""),
+            );
+        }
+        if mode == AuthMode::None {
+            p.at(sc.span().start, "`scope` needs `[auth] mode = \"jwt\"`");
+        } else if public {
+            p.at(
+                sc.span().start,
+                "a scoped stream cannot be `public`: its scope comes from a token",
+            );
+        }
+        Scope {
+            column: column.clone(),
+            claim: claim.clone(),
+        }
+    });
+    let max_partitions = count(p, &s.max_partitions, d.max_partitions, "max_partitions");
     let stream = StreamConfig {
+        params,
+        filters,
+        columns,
+        scope,
+        max_partitions,
         public,
         authorize,
         path: StreamPath(path),

@@ -25,7 +25,7 @@ pub(super) async fn admit(
     let auth = state.auth.load_full();
     let admitted = auth.admit(&route.config, token).await;
     if let Err(denial) = &admitted {
-        route.hub.stats.denied(denial.reason());
+        route.target.denied(denial.reason());
     }
     admitted
 }
@@ -60,7 +60,7 @@ pub(super) async fn still_admitted(
     match auth.recheck(&route.config, credential).await {
         Ok(()) => true,
         Err(denial) => {
-            route.hub.stats.denied(denial.reason());
+            route.target.denied(denial.reason());
             false
         }
     }
@@ -69,16 +69,25 @@ pub(super) async fn still_admitted(
 /// A refused request's whole answer for a raw socket: the status, the challenge of a
 /// `401`, a short JSON body, and the CORS headers.
 pub(super) fn refusal(denial: Denial, cors: &[(&str, String)]) -> Bytes {
-    let status = match denial.status() {
-        401 => "401 Unauthorized",
-        _ => "403 Forbidden",
-    };
-    let body = denial.body();
+    raw_json(denial.status(), denial.body(), denial.challenge(), cors)
+}
+
+/// A short JSON answer for a raw socket, closing the connection after it.
+pub(super) fn raw_json(
+    status: u16,
+    body: &str,
+    challenge: Option<&str>,
+    cors: &[(&str, String)],
+) -> Bytes {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
     let mut out = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
-    if let Some(challenge) = denial.challenge() {
+    if let Some(challenge) = challenge {
         out.push_str("www-authenticate: ");
         out.push_str(challenge);
         out.push_str("\r\n");

@@ -76,13 +76,17 @@ pub(super) async fn refuse(mut socket: TcpStream, peer: SocketAddr, state: Arc<A
     {
         metrics.refused(Refusal::MaxConnections);
         let path = target.split('?').next().unwrap_or("/");
-        let route = state.routes.load().get(path).map(|r| Arc::clone(&r.path));
+        let route = state
+            .routes
+            .load()
+            .find(path)
+            .map(|f| Arc::clone(&f.route.path));
         // A stream request that takes the event stream is told to come back later.
         let sse = route.is_some() && wants_events;
         let answer = if sse {
-            limits::overload_response(&server, &cors)
+            limits::overload_response(&server, &cors, EndReason::Overloaded)
         } else {
-            limits::unavailable_response(&server, &cors)
+            limits::unavailable_response(&server, &cors, EndReason::Overloaded)
         };
         if let Some(route) = route {
             let auth = state.auth.load();
@@ -553,15 +557,18 @@ mod tests {
         let route = Arc::new(Route {
             path: stream.path.as_str().into(),
             config: Arc::clone(stream),
-            hub: crate::hub::Hub::new(crate::hub::Settings::new(
+            target: crate::feed::Target::Plain(crate::hub::Hub::new(crate::hub::Settings::new(
                 stream,
                 crate::config::ClientErrors::Full,
-            )),
+            ))),
         });
         let serve = stream::serve_size(
             TcpStream::connect(addr).await.expect("connect"),
             Box::new(stream::StreamRequest {
-                route,
+                found: crate::route::Found {
+                    route,
+                    params: Vec::new(),
+                },
                 target: "/a".into(),
                 last_event_id: None,
                 origin: None,

@@ -105,18 +105,20 @@ pub(super) fn retry_delay(server: &ServerConfig) -> Duration {
 }
 
 /// The body of the overload answer to an event-stream request: when to come back,
-/// and why the stream ends.
-pub(super) fn overload_events(server: &ServerConfig) -> [Bytes; 2] {
-    [
-        sse::retry(retry_delay(server).as_millis()),
-        EndReason::Overloaded.frame(),
-    ]
+/// and why the stream ends (`overloaded`, or `unavailable` for a scoped stream that
+/// cannot take clients yet).
+pub(super) fn overload_events(server: &ServerConfig, reason: EndReason) -> [Bytes; 2] {
+    [sse::retry(retry_delay(server).as_millis()), reason.frame()]
 }
 
 /// The whole overload answer to an event-stream request, for a raw socket:
 /// `200` with the stream headers, then [`overload_events`]; the connection closes
 /// after it.
-pub(super) fn overload_response(server: &ServerConfig, cors: &[(&str, String)]) -> Bytes {
+pub(super) fn overload_response(
+    server: &ServerConfig,
+    cors: &[(&str, String)],
+    reason: EndReason,
+) -> Bytes {
     let mut out = BytesMut::with_capacity(256);
     out.put_slice(b"HTTP/1.1 200 OK\r\nconnection: close\r\n");
     for (name, value) in wire::STREAM_HEADERS
@@ -130,14 +132,18 @@ pub(super) fn overload_response(server: &ServerConfig, cors: &[(&str, String)]) 
         out.put_slice(b"\r\n");
     }
     out.put_slice(b"\r\n");
-    for frame in overload_events(server) {
+    for frame in overload_events(server, reason) {
         out.put_slice(&frame);
     }
     out.freeze()
 }
 
 /// The `503` for a request that is not an event stream.
-pub(super) fn unavailable_response(server: &ServerConfig, cors: &[(&str, String)]) -> Bytes {
+pub(super) fn unavailable_response(
+    server: &ServerConfig,
+    cors: &[(&str, String)],
+    reason: EndReason,
+) -> Bytes {
     let secs = retry_delay(server).as_secs().max(1);
     let mut out = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {secs}\r\nconnection: close\r\n"
@@ -148,7 +154,7 @@ pub(super) fn unavailable_response(server: &ServerConfig, cors: &[(&str, String)
         out.push_str(value);
         out.push_str("\r\n");
     }
-    let body = "{\"error\":\"overloaded\"}\n";
+    let body = format!("{{\"error\":\"{}\"}}\n", reason.as_str());
     out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
     Bytes::from(out)
 }

@@ -12,7 +12,8 @@ use serde_json::json;
 
 use super::routes::{negotiate, AppState};
 use crate::config::{AuthMode, ClientErrors, Source};
-use crate::hub::{Hub, NotReady};
+use crate::feed::Target;
+use crate::hub::NotReady;
 use crate::wire::Health;
 
 /// `/livez` (and `/healthz`): the process is up.
@@ -30,7 +31,7 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
         || state.server.load().client_errors == ClientErrors::Full;
     let not_ready: Vec<serde_json::Value> = routes
         .iter()
-        .filter_map(|(path, route)| match route.hub.readiness() {
+        .filter_map(|(path, route)| match route.target.readiness() {
             Ok(()) => None,
             Err(NotReady::NoSnapshot) => Some(json!({"stream": path, "reason": "no snapshot yet"})),
             Err(NotReady::Upstream(error)) => Some(json!({
@@ -102,13 +103,17 @@ pub(super) async fn listing(
                     "path": c.path.as_str(),
                     "event": c.event,
                     "key": c.key,
+                    "params": c.params,
+                    "filters": c.filters,
+                    "columns": c.columns,
                 });
             }
+            let figures = r.target.figures();
             let (view, query) = match &c.source {
                 Source::View(v) => (Some(v.as_str()), None),
                 Source::Query(q) => (None, Some(q.as_str())),
             };
-            let (upstream, error) = match r.hub.health() {
+            let (upstream, error) = match r.target.health() {
                 Health::Streaming => ("streaming", None),
                 Health::Reconnecting { error } => ("reconnecting", Some(error)),
             };
@@ -122,9 +127,15 @@ pub(super) async fn listing(
                 "key": c.key,
                 "cluster": c.cluster,
                 "public": c.public,
-                "clients": r.hub.stats.clients.load(Ordering::Relaxed),
-                "ready": r.hub.is_ready(),
-                "ts": r.hub.state_ts().map(|t| t.to_string()),
+                "params": c.params,
+                "filters": c.filters,
+                "columns": c.columns,
+                "scope": c.scope.as_ref().map(|s| json!({"column": s.column, "claim": s.claim})),
+                "max_partitions": c.is_scoped().then_some(c.max_partitions),
+                "channels": figures.channels,
+                "clients": figures.clients,
+                "ready": r.target.state_ts().is_some(),
+                "ts": r.target.state_ts().map(|t| t.to_string()),
                 "upstream": upstream,
                 "error": error,
             })
@@ -203,9 +214,9 @@ fn html_escape(s: &str) -> String {
 /// `/metrics`: the Prometheus text exposition.
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let routes = state.routes.load();
-    let streams: Vec<(&str, &Hub)> = routes
+    let streams: Vec<(&str, &Target)> = routes
         .iter()
-        .map(|(path, route)| (path.as_str(), route.hub.as_ref()))
+        .map(|(path, route)| (path.as_str(), &route.target))
         .collect();
     let text = state.metrics.render(&streams);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

@@ -21,7 +21,7 @@ use rand::Rng;
 use super::access::{Access, End};
 use super::conn::ConnInfo;
 use super::limits::{self, PerIp};
-use super::{admission, head, ops, Listener};
+use super::{admission, head, ops, scope, Listener};
 use crate::auth::Auth;
 use crate::config::ServerConfig;
 use crate::route::SharedRoutes;
@@ -118,7 +118,7 @@ async fn conformance(
 
 /// The answer to a CORS preflight: the methods and headers a stream request may use.
 fn preflight(state: &AppState, path: &str) -> Response {
-    let known = path == "/" || state.routes.load().contains_key(path);
+    let known = path == "/" || state.routes.load().find(path).is_some();
     if !known {
         return (StatusCode::NOT_FOUND, "no such stream\n").into_response();
     }
@@ -149,9 +149,10 @@ async fn stream(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let Some(route) = state.routes.load().get(uri.path()).cloned() else {
+    let Some(found) = state.routes.load().find(uri.path()) else {
         return (StatusCode::NOT_FOUND, "no such stream\n").into_response();
     };
+    let route = Arc::clone(&found.route);
     if method != Method::GET && method != Method::HEAD {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -174,8 +175,16 @@ async fn stream(
     let admitted = admission::admit(&state, &route, token.as_deref()).await;
     if method == Method::HEAD {
         // The stream's headers and no stream: not a connection to log.
+        let auth = state.auth.load();
         return match admitted {
-            Ok(_) => stream_response(Body::empty()),
+            Ok(credential) => match scope::check(&found, uri.query(), credential.as_deref(), &auth)
+            {
+                Ok(()) => stream_response(Body::empty()),
+                Err(refused) => {
+                    refused.note(&route, &state.metrics);
+                    refused_scope(&server, &headers, refused, None)
+                }
+            },
             Err(denial) => refused(denial),
         };
     }
@@ -196,14 +205,27 @@ async fn stream(
         }
     };
     access.identify(credential.as_deref());
+    let hub = match scope::channel(
+        &found,
+        uri.query(),
+        credential.as_deref(),
+        &state.auth.load(),
+    ) {
+        Ok(hub) => hub,
+        Err(refused) => {
+            access.end(refused.note(&route, &state.metrics));
+            return refused_scope(&server, &headers, refused, Some(access));
+        }
+    };
     let Some(slot) = state.per_ip.acquire(client, server.max_connections_per_ip) else {
         state.metrics.refused(Refusal::MaxConnectionsPerIp);
         access.end(End::Told(EndReason::Overloaded));
-        return overloaded(&server, &headers, access);
+        return overloaded(&server, &headers, Some(access), EndReason::Overloaded);
     };
     access.hold(slot);
     let resume = resume_from(&headers, &uri);
-    let mut subscription = route.hub.subscribe(resume);
+    let mut subscription = hub.subscribe(resume);
+    drop((hub, found));
     // The response ends at `max_lifetime` (the browser reconnects with its
     // Last-Event-ID and resumes) or, told so, at the token's expiry.
     let deadline = admission::deadline(&server, credential.as_deref());
@@ -290,23 +312,59 @@ fn stream_response(body: Body) -> Response {
     response
 }
 
-/// The overload answer: the event stream that sends the browser away for a while, or
-/// `503` with `Retry-After` for anything else.
-fn overloaded(server: &ServerConfig, headers: &HeaderMap, mut access: Access) -> Response {
+/// The answer to a request a scoped stream refused: `400` or `403` with a short JSON
+/// body, or the overload answer.
+fn refused_scope(
+    server: &ServerConfig,
+    headers: &HeaderMap,
+    refused: scope::Refused,
+    mut access: Option<Access>,
+) -> Response {
+    match refused.answer() {
+        Ok(status) => {
+            if let Some(access) = access.as_mut() {
+                access.set_status(status);
+            }
+            (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                refused.body(),
+            )
+                .into_response()
+        }
+        Err(reason) => overloaded(server, headers, access, reason),
+    }
+}
+
+/// The overload answer: the event stream that sends the browser away for a while
+/// (ending with `reason`), or `503` with `Retry-After` for anything else.
+fn overloaded(
+    server: &ServerConfig,
+    headers: &HeaderMap,
+    mut access: Option<Access>,
+    reason: EndReason,
+) -> Response {
     let accept = headers.get(header::ACCEPT).map(HeaderValue::as_bytes);
     if head::wants_event_stream(accept) {
-        let frames = limits::overload_events(server);
-        access.queued(&frames);
+        let frames = limits::overload_events(server, reason);
         let body: Vec<u8> = frames.concat();
-        access.wrote(body.len());
+        if let Some(access) = access.as_mut() {
+            access.queued(&frames);
+            access.wrote(body.len());
+        }
         return stream_response(Body::from(body));
     }
-    access.set_status(503);
+    if let Some(access) = access.as_mut() {
+        access.set_status(503);
+    }
     let secs = limits::retry_delay(server).as_secs().max(1);
     (
         StatusCode::SERVICE_UNAVAILABLE,
         [(header::RETRY_AFTER, secs.to_string())],
-        axum::Json(serde_json::json!({"error": "overloaded"})),
+        axum::Json(serde_json::json!({"error": reason.as_str()})),
     )
         .into_response()
 }

@@ -23,8 +23,8 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use super::access::{Access, End};
-use super::{admission, head, limits, AppState};
-use crate::route::Route;
+use super::{admission, head, limits, scope, AppState};
+use crate::route::Found;
 use crate::telemetry::Refusal;
 use crate::wire::{self, resume, EndReason};
 
@@ -33,7 +33,8 @@ const MAX_TRAILING: usize = 1024;
 
 /// What the fast path needs from a parsed request head.
 pub(super) struct StreamRequest {
-    pub route: Arc<Route>,
+    /// The stream, and a template's values.
+    pub found: Found,
     /// The path and query as requested.
     pub target: Box<str>,
     pub last_event_id: Option<Box<[u8]>>,
@@ -61,7 +62,7 @@ pub(super) fn classify(
         }
         let target = req.path?;
         let path = target.split('?').next().unwrap_or(target);
-        let route = state.routes.load().get(path).cloned()?;
+        let found = state.routes.load().find(path)?;
         let header = |name: &str| head::header(req, name);
         // hyper's side answers what the fast path does not serve: a missing Host (400),
         // a request with a body (413), and a browser navigating (the page).
@@ -80,7 +81,7 @@ pub(super) fn classify(
             .map(|t| t.into());
         Some(Box::new(StreamRequest {
             token,
-            route,
+            found,
             target: target.into(),
             last_event_id: header("last-event-id").map(Into::into),
             origin: header("origin").map(Into::into),
@@ -102,7 +103,7 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
     // Boxed: the record lives as long as the connection but is touched once per write,
     // and inline it would grow every connection task.
     let mut access = Box::new(Access::new(
-        Arc::clone(&request.route.path),
+        Arc::clone(&request.found.route.path),
         &request.target,
         request.client,
         &state.auth.load(),
@@ -111,7 +112,7 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
     // Boxed: verification's state is large and lives only while it runs.
     let admitted = Box::pin(admission::admit(
         state,
-        &request.route,
+        &request.found.route,
         request.token.as_deref(),
     ))
     .await;
@@ -130,13 +131,36 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
         }
     };
     access.identify(credential.as_deref());
+    let query = request.target.split_once('?').map(|(_, q)| q);
+    let hub = match scope::channel(
+        &request.found,
+        query,
+        credential.as_deref(),
+        &state.auth.load(),
+    ) {
+        Ok(hub) => hub,
+        Err(refused) => {
+            access.end(refused.note(&request.found.route, &state.metrics));
+            let answer = match refused.answer() {
+                Ok(status) => {
+                    access.set_status(status);
+                    admission::raw_json(status, &refused.body(), None, &cors)
+                }
+                Err(reason) => limits::overload_response(&server, &cors, reason),
+            };
+            access.wrote(answer.len());
+            drop((request, server, cors, refused));
+            Box::pin(answer_and_close(socket, answer)).await;
+            return;
+        }
+    };
     let Some(slot) = state
         .per_ip
         .acquire(request.client, server.max_connections_per_ip)
     else {
         state.metrics.refused(Refusal::MaxConnectionsPerIp);
         access.end(End::Told(EndReason::Overloaded));
-        let answer = limits::overload_response(&server, &cors);
+        let answer = limits::overload_response(&server, &cors, EndReason::Overloaded);
         access.wrote(answer.len());
         drop((request, server, cors));
         // Boxed: a rare path, kept out of every connection task's size.
@@ -167,8 +191,8 @@ pub(super) async fn serve(socket: TcpStream, request: Box<StreamRequest>, state:
     }
     head.push_str("\r\n");
     drop(cors);
-    let mut subscription = request.route.hub.subscribe(resume);
-    drop(request);
+    let mut subscription = hub.subscribe(resume);
+    drop((request, hub));
     // Boxed, and only when there is one: a timer is large next to the rest of the task.
     let (mut deadline, at_deadline) = match admission::deadline(&server, credential.as_deref()) {
         Some((after, end)) => (Some(Box::pin(tokio::time::sleep(after))), end),

@@ -103,10 +103,22 @@ pub struct Hub {
     /// Carries the ring's head sequence; clients wait on it.
     head: watch::Sender<u64>,
     pub stats: Stats,
+    /// A scoped stream's clock: the timestamp its partitions are at. A channel hub
+    /// hears only of timestamps that touched it; the others pass on this clock.
+    clock: Option<Arc<AtomicU64>>,
 }
 
 impl Hub {
     pub fn new(settings: Settings) -> Arc<Hub> {
+        Self::build(settings, None)
+    }
+
+    /// A hub whose state is also at every timestamp `clock` reaches.
+    pub fn with_clock(settings: Settings, clock: Arc<AtomicU64>) -> Arc<Hub> {
+        Self::build(settings, Some(clock))
+    }
+
+    fn build(settings: Settings, clock: Option<Arc<AtomicU64>>) -> Arc<Hub> {
         let connecting = Health::Reconnecting {
             error: "connecting".into(),
         };
@@ -130,6 +142,7 @@ impl Hub {
             }),
             head: watch::Sender::new(0),
             stats: Stats::default(),
+            clock,
         })
     }
 
@@ -137,7 +150,15 @@ impl Hub {
     /// panic while holding it cannot leave the ring half-updated in a way that matters
     /// more than losing the stream, so poisoning is ignored.
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(clock) = &self.clock {
+            let ts = clock.load(Ordering::Relaxed);
+            if inner.state.is_some() && ts > inner.state_ts {
+                inner.state_ts = ts;
+                inner.state_changed();
+            }
+        }
+        inner
     }
 
     fn notify(&self, inner: &Inner) {

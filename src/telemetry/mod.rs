@@ -1,7 +1,8 @@
 //! Logging (`log`) and the process-wide counters behind `/metrics` and `GET /`.
 //!
-//! Per-stream figures live on each hub ([`crate::hub::Stats`]); this module renders them
-//! next to the gateway's own counters in the Prometheus text format.
+//! Per-stream figures live on each hub ([`crate::hub::Stats`]) and are summed over a
+//! scoped stream's channels ([`crate::feed::Figures`]); this module renders them next
+//! to the gateway's own counters in the Prometheus text format.
 
 mod log;
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::hub::Hub;
+use crate::feed::{Figures, Target};
 use crate::wire::{EndReason, Health};
 
 /// Why a stream connection ended, as the access log and the metrics tell it.
@@ -28,22 +29,27 @@ pub enum StreamEnd {
     Lifetime,
     /// Access control refused the request (`401` or `403`).
     Denied,
+    /// A scoped stream's parameter or filter was refused (`400`).
+    BadRequest,
     /// The gateway ended the stream on purpose, and told the client why.
     Told(EndReason),
 }
 
 impl StreamEnd {
-    pub const ALL: [StreamEnd; 10] = [
+    pub const ALL: [StreamEnd; 13] = [
         StreamEnd::ClientGone,
         StreamEnd::SendTimeout,
         StreamEnd::SentData,
         StreamEnd::Lifetime,
         StreamEnd::Denied,
+        StreamEnd::BadRequest,
         StreamEnd::Told(EndReason::Removed),
         StreamEnd::Told(EndReason::Shutdown),
         StreamEnd::Told(EndReason::Overloaded),
         StreamEnd::Told(EndReason::TokenExpired),
         StreamEnd::Told(EndReason::Forbidden),
+        StreamEnd::Told(EndReason::Reconfigured),
+        StreamEnd::Told(EndReason::Unavailable),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +59,7 @@ impl StreamEnd {
             StreamEnd::SentData => "client-sent-data",
             StreamEnd::Lifetime => "lifetime",
             StreamEnd::Denied => "denied",
+            StreamEnd::BadRequest => "bad-request",
             StreamEnd::Told(reason) => reason.as_str(),
         }
     }
@@ -70,21 +77,35 @@ pub enum Refusal {
     MaxConnections,
     /// The client address holds `max_connections_per_ip` streams.
     MaxConnectionsPerIp,
+    /// A scoped stream holds `max_partitions` channels.
+    MaxPartitions,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::MaxConnectionsPerIp];
+    const ALL: [Refusal; 3] = [
+        Refusal::MaxConnections,
+        Refusal::MaxConnectionsPerIp,
+        Refusal::MaxPartitions,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Refusal::MaxConnections => "max_connections",
             Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+            Refusal::MaxPartitions => "max_partitions",
         }
     }
 }
 
-/// A per-stream metric: name, Prometheus type, and how to read it off a hub.
-type Family = (&'static str, &'static str, fn(&Hub) -> u64);
+/// A stream's figures with its upstream's state, read once per scrape.
+struct Reading {
+    figures: Figures,
+    up: bool,
+    ready: bool,
+}
+
+/// A per-stream metric: name, Prometheus type, and how to read it off a reading.
+type Family = (&'static str, &'static str, fn(&Reading) -> u64);
 
 /// Gateway-wide counters.
 #[derive(Debug)]
@@ -100,10 +121,10 @@ pub struct Metrics {
     /// Over-limit connections being answered right now.
     pub refusing: AtomicUsize,
     /// Requests answered with the overload answer, by [`Refusal`].
-    refusals: [AtomicU64; 2],
+    refusals: [AtomicU64; 3],
     pub stall_disconnects: AtomicU64,
     /// Finished stream connections, by [`StreamEnd`].
-    pub stream_ends: [AtomicU64; 10],
+    pub stream_ends: [AtomicU64; 13],
 }
 
 impl Default for Metrics {
@@ -159,8 +180,8 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of the gateway's counters and of `streams`
-    /// (configured path, hub).
-    pub fn render<'a>(&self, streams: &[(&'a str, &'a Hub)]) -> String {
+    /// (configured path, target).
+    pub fn render(&self, streams: &[(&str, &Target)]) -> String {
         let mut out = String::new();
         let r = Ordering::Relaxed;
         single(
@@ -208,46 +229,43 @@ impl Metrics {
                 .map(|e| e.as_str())
                 .zip(&self.stream_ends),
         );
-        let families: [Family; 8] = [
-            ("sse_clients", "gauge", |h| {
-                h.stats.clients.load(Ordering::Relaxed) as u64
+        let readings: Vec<(&str, Reading)> = streams
+            .iter()
+            .map(|(path, target)| {
+                let reading = Reading {
+                    figures: target.figures(),
+                    up: matches!(target.health(), Health::Streaming),
+                    ready: target.readiness().is_ok(),
+                };
+                (*path, reading)
+            })
+            .collect();
+        let families: [Family; 9] = [
+            ("sse_clients", "gauge", |s| s.figures.clients),
+            ("sse_batches_total", "counter", |s| s.figures.batches),
+            ("sse_lagged_total", "counter", |s| s.figures.lagged),
+            ("upstream_errors_total", "counter", |s| {
+                s.figures.upstream_errors
             }),
-            ("sse_batches_total", "counter", |h| {
-                h.stats.batches.load(Ordering::Relaxed)
-            }),
-            ("sse_lagged_total", "counter", |h| {
-                h.stats.lagged.load(Ordering::Relaxed)
-            }),
-            ("upstream_errors_total", "counter", |h| {
-                h.stats.upstream_errors.load(Ordering::Relaxed)
-            }),
-            ("sse_resets_total", "counter", |h| {
-                h.stats.resets.load(Ordering::Relaxed)
-            }),
-            ("upstream_last_ts", "gauge", |h| {
-                h.stats.last_ts.load(Ordering::Relaxed)
-            }),
-            ("upstream_up", "gauge", |h| {
-                u64::from(matches!(h.health(), Health::Streaming))
-            }),
-            ("stream_ready", "gauge", |h| {
-                u64::from(h.readiness().is_ok())
-            }),
+            ("sse_resets_total", "counter", |s| s.figures.resets),
+            ("upstream_last_ts", "gauge", |s| s.figures.last_ts),
+            ("upstream_up", "gauge", |s| u64::from(s.up)),
+            ("stream_ready", "gauge", |s| u64::from(s.ready)),
+            ("stream_channels", "gauge", |s| s.figures.channels),
         ];
         let _ = writeln!(out, "# TYPE auth_denied_total counter");
-        for (path, hub) in streams {
-            for (reason, n) in crate::hub::DENIALS.iter().zip(&hub.stats.denied) {
+        for (path, reading) in &readings {
+            for (reason, n) in crate::hub::DENIALS.iter().zip(&reading.figures.denied) {
                 let _ = writeln!(
                     out,
-                    "auth_denied_total{{stream=\"{path}\",reason=\"{reason}\"}} {}",
-                    n.load(Ordering::Relaxed)
+                    "auth_denied_total{{stream=\"{path}\",reason=\"{reason}\"}} {n}"
                 );
             }
         }
         for (name, kind, get) in families {
             let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (path, hub) in streams {
-                let _ = writeln!(out, "{name}{{stream=\"{path}\"}} {}", get(hub));
+            for (path, reading) in &readings {
+                let _ = writeln!(out, "{name}{{stream=\"{path}\"}} {}", get(reading));
             }
         }
         out

@@ -8,7 +8,9 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::SimpleQueryRow;
 
-use crate::hub::Change;
+use std::sync::Arc;
+
+use crate::row::{Row, SourceChange};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -57,7 +59,7 @@ pub enum Decoded {
     Progress(u64),
     Data {
         ts: u64,
-        change: Change,
+        change: SourceChange,
     },
     /// Materialize found several rows for one key at `ts`; the key's value is undefined.
     KeyViolation {
@@ -68,20 +70,20 @@ pub enum Decoded {
     KeyedDiff {
         ts: u64,
         key: Box<str>,
-        row: Box<str>,
+        row: Arc<Row>,
         diff: i64,
     },
 }
 
 /// One timestamp's diff rows of a keyed stream: (key, row, diff).
-pub type KeyedDiffs = Vec<(Box<str>, Box<str>, i64)>;
+pub type KeyedDiffs = Vec<(Box<str>, Arc<Row>, i64)>;
 
 /// What one timestamp's diff rows of one key amount to, following Materialize's
 /// ENVELOPE UPSERT rules: a lone insert or a retraction-insertion pair is an upsert, a
 /// lone retraction a delete, and anything else a key violation (`Err`).
-pub fn upserts(rows: KeyedDiffs) -> Vec<Result<Change, Box<str>>> {
+pub fn upserts(rows: KeyedDiffs) -> Vec<Result<SourceChange, Box<str>>> {
     let mut order: Vec<Box<str>> = Vec::new();
-    let mut by_key: std::collections::HashMap<Box<str>, Vec<(Box<str>, i64)>> =
+    let mut by_key: std::collections::HashMap<Box<str>, Vec<(Arc<Row>, i64)>> =
         std::collections::HashMap::new();
     for (key, row, diff) in rows {
         let entry = by_key.entry(key.clone()).or_insert_with(|| {
@@ -95,14 +97,14 @@ pub fn upserts(rows: KeyedDiffs) -> Vec<Result<Change, Box<str>>> {
         .map(|key| {
             let rows = by_key.remove(&key).unwrap_or_default();
             match rows.as_slice() {
-                [(row, 1)] => Ok(Change::Upsert {
+                [(row, 1)] => Ok(SourceChange::Upsert {
                     key,
-                    row: Some(row.clone()),
+                    row: Some(Arc::clone(row)),
                 }),
-                [(_, -1)] => Ok(Change::Upsert { key, row: None }),
-                [(_, -1), (row, 1)] | [(row, 1), (_, -1)] => Ok(Change::Upsert {
+                [(_, -1)] => Ok(SourceChange::Upsert { key, row: None }),
+                [(_, -1), (row, 1)] | [(row, 1), (_, -1)] => Ok(SourceChange::Upsert {
                     key,
-                    row: Some(row.clone()),
+                    row: Some(Arc::clone(row)),
                 }),
                 _ => Err(key),
             }
@@ -266,19 +268,19 @@ impl Layout {
             let diff = diff()?;
             return Ok(Decoded::KeyedDiff {
                 ts,
-                key: self.object(&self.key, &get)?,
-                row: self.object(&self.row, &get)?,
+                key: self.object(&self.key, &get)?.json,
+                row: Arc::new(self.object(&self.row, &get)?),
                 diff,
             });
         }
         let change = if self.keyed {
-            let key = self.object(&self.key, &get)?;
+            let key = self.object(&self.key, &get)?.json;
             match op {
-                Some("upsert") => Change::Upsert {
+                Some("upsert") => SourceChange::Upsert {
                     key,
-                    row: Some(self.object(&self.row, &get)?),
+                    row: Some(Arc::new(self.object(&self.row, &get)?)),
                 },
-                Some("delete") => Change::Upsert { key, row: None },
+                Some("delete") => SourceChange::Upsert { key, row: None },
                 Some("key_violation") => return Ok(Decoded::KeyViolation { ts, key }),
                 other => {
                     return Err(DecodeError::Value {
@@ -289,26 +291,29 @@ impl Layout {
             }
         } else {
             let diff = diff()?;
-            Change::Diff {
-                row: self.object(&self.row, &get)?,
+            SourceChange::Diff {
+                row: Arc::new(self.object(&self.row, &get)?),
                 diff,
             }
         };
         Ok(Decoded::Data { ts, change })
     }
 
+    /// The JSON object of `cols`, with the span of each value.
     fn object<'r>(
         &self,
         cols: &[Col],
         get: &impl Fn(usize) -> Result<Option<&'r str>, DecodeError>,
-    ) -> Result<Box<str>, DecodeError> {
+    ) -> Result<Row, DecodeError> {
         let mut out = String::with_capacity(16 * cols.len() + 2);
+        let mut spans = Vec::with_capacity(cols.len());
         out.push('{');
         for (i, c) in cols.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
             out.push_str(&c.prefix);
+            let start = out.len();
             match get(c.index)? {
                 None => out.push_str("null"),
                 Some(text) => {
@@ -318,9 +323,13 @@ impl Layout {
                     })?
                 }
             }
+            spans.push((start as u32, out.len() as u32));
         }
         out.push('}');
-        Ok(out.into_boxed_str())
+        Ok(Row {
+            json: out.into_boxed_str(),
+            spans: spans.into_boxed_slice(),
+        })
     }
 }
 
@@ -482,7 +491,13 @@ mod tests {
 
     #[test]
     fn diff_rows_pair_into_upserts_like_materialize() {
-        let r = |k: &str, v: &str, d: i64| (Box::from(k), Box::from(v), d);
+        let row = |v: &str| {
+            Arc::new(Row {
+                json: v.into(),
+                spans: Box::new([]),
+            })
+        };
+        let r = |k: &str, v: &str, d: i64| (Box::from(k), row(v), d);
         let got = upserts(vec![
             r("1", "a2", 1),
             r("1", "a1", -1),
@@ -494,15 +509,15 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Ok(Change::Upsert {
+                Ok(SourceChange::Upsert {
                     key: "1".into(),
-                    row: Some("a2".into())
+                    row: Some(row("a2"))
                 }),
-                Ok(Change::Upsert {
+                Ok(SourceChange::Upsert {
                     key: "2".into(),
-                    row: Some("b".into())
+                    row: Some(row("b"))
                 }),
-                Ok(Change::Upsert {
+                Ok(SourceChange::Upsert {
                     key: "3".into(),
                     row: None
                 }),

@@ -1,16 +1,20 @@
-//! The upstream side of one stream: a dedicated connection running
-//! `BEGIN; DECLARE c CURSOR FOR SUBSCRIBE ... WITH (PROGRESS)` and a `FETCH ALL c` loop.
+//! The upstream side: one source per distinct subscription (view or query, key and
+//! cluster), a dedicated connection running
+//! `BEGIN; DECLARE c CURSOR FOR SUBSCRIBE ... WITH (PROGRESS)` and a `FETCH ALL c` loop,
+//! feeding every stream on it.
 //!
 //! Rows are grouped by `mz_timestamp`; a timestamp is complete once a progress row
-//! passes it. Complete timestamps go through the delay window into the hub. When the
+//! passes it. Complete timestamps go to every stream's feed (`feed`), which applies
+//! its own delay window, shape and partitions. When the
 //! link fails (error, closed socket, or no row at all for `progress_timeout`, which
 //! reveals a half-open link since progress rows keep coming when nothing changes), the
 //! task reconnects with capped, jittered exponential backoff and resumes with
 //! `AS OF <frontier - 1>` and `SNAPSHOT = false`, so clients see no gap. If the upstream
-//! no longer holds that timestamp, it reads a fresh snapshot and the hub sends clients
-//! only the difference.
+//! no longer holds that timestamp, it reads a fresh snapshot and the feeds send clients
+//! only the difference. A stream attached to a running source makes it read a fresh
+//! snapshot the same way.
 //!
-//! [`StreamTask::run`] is one tokio task per stream; it stops when its cancellation
+//! [`SourceTask::run`] is one tokio task per source; it stops when its cancellation
 //! token fires, dropping the connection (which ends the upstream subscription).
 
 mod connect;
@@ -20,12 +24,11 @@ mod sql;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_util::sync::CancellationToken;
@@ -34,9 +37,10 @@ use tracing::{debug, info, warn};
 pub use connect::{ConnectError, Target};
 use decode::{DecodeError, Decoded, Layout};
 
-use crate::config::{StreamConfig, UpstreamConfig};
-use crate::hub::{Change, Hub, State};
-use crate::wire::{Health, Reason};
+use crate::config::{Source, StreamConfig, StreamPath, UpstreamConfig};
+use crate::feed::{Feed, SourceState};
+use crate::row::{Columns, SourceChange};
+use crate::wire::Health;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -105,25 +109,48 @@ impl From<&UpstreamConfig> for Policy {
     }
 }
 
-/// Everything one stream's upstream task needs.
-pub struct StreamTask {
-    pub stream: Arc<StreamConfig>,
-    pub target: Arc<Target>,
-    pub policy: Policy,
-    pub hub: Arc<Hub>,
-    /// The delay window; it can change on reload without restarting the task.
-    pub delay: watch::Receiver<Duration>,
-    /// Reason sent with the first snapshot this task loads into an already-ready hub.
-    pub reason: Reason,
+/// What a source subscribes to. Streams with equal keys share one subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub source: Source,
+    pub key: Option<Vec<String>>,
+    pub cluster: Option<String>,
 }
 
-/// What the task must do with the next subscription's output.
+impl SourceKey {
+    pub fn of(stream: &StreamConfig) -> SourceKey {
+        SourceKey {
+            source: stream.source.clone(),
+            key: stream.key.clone(),
+            cluster: stream.cluster.clone(),
+        }
+    }
+}
+
+/// A change to the streams a running source feeds.
+pub enum Command {
+    /// Feed another stream: the source reads a fresh snapshot for it (the others
+    /// get only what changed, normally nothing).
+    Attach(Box<Feed>),
+    /// Stop feeding the stream at this path.
+    Detach(StreamPath),
+}
+
+/// One upstream subscription and the streams it feeds: see the module documentation.
+pub struct SourceTask {
+    pub key: SourceKey,
+    pub target: Arc<Target>,
+    pub policy: Policy,
+    pub feeds: Vec<Feed>,
+    pub commands: mpsc::UnboundedReceiver<Command>,
+}
+
+/// What the next subscription must read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Build a state from scratch and load it as a snapshot.
-    Snapshot(Reason),
-    /// Build a state from scratch and send clients only the difference.
-    Resync,
-    /// Changes continue the hub's state.
+    /// A snapshot, from scratch: new feeds load it, live ones get the difference.
+    Snapshot,
+    /// Changes after the frontier: every feed is live.
     Live,
 }
 
@@ -132,16 +159,29 @@ struct Progress {
     phase: Phase,
     /// Everything below this timestamp has been received.
     frontier: Option<u64>,
-    coalescer: Coalescer,
 }
 
-impl StreamTask {
+/// Why a session ended without an error to report.
+enum Ended {
+    /// The subscription completed (a constant relation).
+    Completed,
+    /// A stream was attached: read a fresh snapshot at once.
+    Restart,
+}
+
+impl SourceTask {
+    /// The source's name in logs and its sessions' application name: its first
+    /// stream's path.
+    fn name(&self) -> StreamPath {
+        self.feeds
+            .first()
+            .map_or_else(|| StreamPath::from("(none)"), |f| f.stream.path.clone())
+    }
+
     pub async fn run(mut self, cancel: CancellationToken) {
-        let path = self.stream.path.clone();
         let mut progress = Progress {
-            phase: Phase::Snapshot(self.reason),
+            phase: Phase::Snapshot,
             frontier: None,
-            coalescer: Coalescer::default(),
         };
         let mut attempt: u32 = 0;
         loop {
@@ -149,50 +189,86 @@ impl StreamTask {
                 _ = cancel.cancelled() => return,
                 r = self.session(&mut progress, &mut attempt) => r,
             };
+            // What delay windows hold is complete; an outage must not hold it back.
+            for feed in &mut self.feeds {
+                feed.flush();
+            }
             let error = match result {
-                Ok(()) => {
-                    // The subscription completed (a constant relation): nothing more will
-                    // come, so keep the state and wait for cancellation.
-                    info!(stream = %path, "Upstream subscription completed.");
-                    cancel.cancelled().await;
-                    return;
+                Ok(Ended::Restart) => continue,
+                Ok(Ended::Completed) => {
+                    // Nothing more will come: keep the state, but still follow the
+                    // streams attached or detached until cancelled.
+                    info!(source = %self.name(), "Upstream subscription completed.");
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            Some(command) = self.commands.recv() => {
+                                if self.command(command) {
+                                    progress.phase = Phase::Snapshot;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    continue;
                 }
                 Err(e) => e,
             };
-            // What the coalescer holds is complete; an outage must not hold it back.
-            progress.coalescer.flush(&self.hub);
-            if error.is_history_lost() && matches!(progress.phase, Phase::Live) {
-                warn!(stream = %path, error = %error, "Upstream no longer holds our timestamp; resynchronising from a fresh snapshot.");
-                progress.phase = Phase::Resync;
+            if error.is_history_lost() && progress.phase == Phase::Live {
+                warn!(source = %self.name(), error = %error, "Upstream no longer holds our timestamp; resynchronising from a fresh snapshot.");
+                progress.phase = Phase::Snapshot;
                 progress.frontier = None;
                 continue;
             }
             let text = crate::error::error_chain(&error);
-            warn!(stream = %path, error = %text, attempt, "Upstream lost; reconnecting.");
-            self.hub
-                .stats
-                .upstream_errors
-                .fetch_add(1, Ordering::Relaxed);
-            self.hub.set_health(Health::Reconnecting { error: text });
+            warn!(source = %self.name(), error = %text, attempt, "Upstream lost; reconnecting.");
+            for feed in &self.feeds {
+                feed.upstream_error();
+                feed.set_health(Health::Reconnecting {
+                    error: text.clone(),
+                });
+            }
             let pause = backoff(&self.policy, attempt);
             attempt = attempt.saturating_add(1);
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+            let wake = tokio::time::Instant::now() + pause;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until(wake) => break,
+                    Some(command) = self.commands.recv() => {
+                        if self.command(command) {
+                            progress.phase = Phase::Snapshot;
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// One connection's life. Returns `Ok` only if the subscription completed.
+    /// Applies a command; true when a feed was attached (it needs a snapshot).
+    fn command(&mut self, command: Command) -> bool {
+        match command {
+            Command::Attach(feed) => {
+                self.feeds.push(*feed);
+                true
+            }
+            Command::Detach(path) => {
+                self.feeds.retain(|f| f.stream.path != path);
+                false
+            }
+        }
+    }
+
+    /// One connection's life.
     async fn session(
         &mut self,
         progress: &mut Progress,
         attempt: &mut u32,
-    ) -> Result<(), UpstreamError> {
-        let stream = Arc::clone(&self.stream);
+    ) -> Result<Ended, UpstreamError> {
+        let key = self.key.clone();
         let (client, conn) = self
             .target
-            .connect(&stream.path, self.policy.connect_timeout)
+            .connect(&self.name(), self.policy.connect_timeout)
             .await?;
         // The connection task ends when the link does; aborting it on exit closes the
         // socket even if a query is still waiting.
@@ -206,14 +282,14 @@ impl StreamTask {
             .try_get(0)
             .map_err(query_err("reading mz_version()"))?;
         let legacy = is_legacy(&version).ok_or_else(|| UpstreamError::Version(version.clone()))?;
-        if let Some(cluster) = &stream.cluster {
+        if let Some(cluster) = &key.cluster {
             client
                 .batch_execute(&sql::set_cluster(cluster))
                 .await
                 .map_err(query_err("setting the cluster"))?;
         }
         let described = client
-            .prepare(&sql::describe(&stream.source))
+            .prepare(&sql::describe(&key.source))
             .await
             .map_err(query_err("describing the relation"))?;
         let relation: Vec<(String, tokio_postgres::types::Type)> = described
@@ -221,21 +297,28 @@ impl StreamTask {
             .iter()
             .map(|c| (c.name().to_string(), c.type_().clone()))
             .collect();
+        let columns = Columns {
+            names: relation.iter().map(|(n, _)| n.clone()).collect(),
+            types: relation.iter().map(|(_, t)| t.clone()).collect(),
+        };
+        for feed in &mut self.feeds {
+            feed.columns(&columns);
+        }
 
         let resume_at = match progress.phase {
             Phase::Live => progress.frontier.map(|f| f.saturating_sub(1)),
-            _ => None,
+            Phase::Snapshot => None,
         };
-        let subscribe = sql::subscribe(&stream, legacy, resume_at);
-        debug!(stream = %stream.path, sql = %subscribe, "Subscribing.");
+        let subscribe = sql::subscribe(&key.source, key.key.as_deref(), legacy, resume_at);
+        debug!(source = %self.name(), sql = %subscribe, "Subscribing.");
         client
             .batch_execute(&sql::declare(&subscribe))
             .await
             .map_err(query_err("declaring the subscription"))?;
 
         let mut layout: Option<Layout> = None;
-        let mut building = State::empty(stream.key.is_some());
-        let mut pending: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
+        let mut building = SourceState::empty(key.key.is_some());
+        let mut pending: BTreeMap<u64, Vec<SourceChange>> = BTreeMap::new();
         let mut keyed_diffs: BTreeMap<u64, decode::KeyedDiffs> = BTreeMap::new();
         let mut announced = false;
 
@@ -244,7 +327,7 @@ impl StreamTask {
         };
         let mut in_flight = fetch();
         loop {
-            let deadline = progress.coalescer.deadline;
+            let deadline = self.feeds.iter().filter_map(Feed::deadline).min();
             let messages = tokio::select! {
                 r = tokio::time::timeout(self.policy.progress_timeout, &mut in_flight) => match r {
                     Err(_) => return Err(UpstreamError::Silent(self.policy.progress_timeout)),
@@ -252,7 +335,19 @@ impl StreamTask {
                 },
                 _ = &mut conn.0 => return Err(UpstreamError::Closed),
                 _ = sleep_until(deadline) => {
-                    progress.coalescer.flush(&self.hub);
+                    let now = Instant::now();
+                    for feed in &mut self.feeds {
+                        if feed.deadline().is_some_and(|d| d <= now) {
+                            feed.flush();
+                        }
+                    }
+                    continue;
+                }
+                Some(command) = self.commands.recv() => {
+                    if self.command(command) {
+                        progress.phase = Phase::Snapshot;
+                        return Ok(Ended::Restart);
+                    }
                     continue;
                 }
             };
@@ -265,8 +360,8 @@ impl StreamTask {
                         layout = Some(Layout::new(
                             &names,
                             &relation,
-                            stream.key.as_deref(),
-                            legacy && stream.key.is_some(),
+                            key.key.as_deref(),
+                            legacy && key.key.is_some(),
                             self.policy.max_row_bytes,
                         )?);
                     }
@@ -300,12 +395,14 @@ impl StreamTask {
                                 if !announced {
                                     announced = true;
                                     *attempt = 0;
-                                    self.hub.set_health(Health::Streaming);
+                                    for feed in &self.feeds {
+                                        feed.set_health(Health::Streaming);
+                                    }
                                     // Materialize opens with a progress row at the AS OF
                                     // time, before the snapshot rows stamped with it; that
                                     // row closes nothing.
                                     let opening = pending.range(..frontier).next().is_none();
-                                    if opening && !matches!(progress.phase, Phase::Live) {
+                                    if opening && progress.phase == Phase::Snapshot {
                                         continue;
                                     }
                                 }
@@ -324,27 +421,31 @@ impl StreamTask {
             if rows == 0 {
                 // FETCH without a timeout returns no rows only once the subscription ended.
                 self.close_timestamps(progress, &mut building, &mut pending, u64::MAX);
-                progress.coalescer.flush(&self.hub);
-                return Ok(());
+                for feed in &mut self.feeds {
+                    feed.flush();
+                }
+                return Ok(Ended::Completed);
             }
         }
     }
 
     /// The change for a key whose value is undefined (several rows at one timestamp):
     /// drop it and say so, but keep streaming; the next clean upsert restores it.
-    fn key_violation(&self, key: Box<str>) -> Change {
-        warn!(stream = %self.stream.path, key = %key, "Key violation in the upstream's output.");
-        self.hub
-            .warn(format!("key violation: several rows for key {key}"));
-        Change::Upsert { key, row: None }
+    fn key_violation(&self, key: Box<str>) -> SourceChange {
+        warn!(source = %self.name(), key = %key, "Key violation in the upstream's output.");
+        for feed in &self.feeds {
+            feed.warn(format!("key violation: several rows for key {key}"));
+        }
+        SourceChange::Upsert { key, row: None }
     }
 
-    /// Hands every timestamp below `frontier` to the hub (or to the state being built).
+    /// Hands every timestamp below `frontier` to the feeds (or to the state being
+    /// built).
     fn close_timestamps(
-        &self,
+        &mut self,
         progress: &mut Progress,
-        building: &mut State,
-        pending: &mut BTreeMap<u64, Vec<Change>>,
+        building: &mut SourceState,
+        pending: &mut BTreeMap<u64, Vec<SourceChange>>,
         frontier: u64,
     ) {
         // A resumed subscription opens with a progress row at its AS OF time, which is
@@ -357,68 +458,25 @@ impl StreamTask {
         progress.frontier = Some(frontier);
         let at = frontier.saturating_sub(1);
         match progress.phase {
-            Phase::Snapshot(_) | Phase::Resync => {
+            Phase::Snapshot => {
                 for change in closed.values().flatten() {
                     building.apply(change);
                 }
-                let state = std::mem::replace(building, State::empty(self.stream.key.is_some()));
-                match progress.phase {
-                    Phase::Snapshot(reason) => self.hub.load_snapshot(at, state, reason),
-                    _ => {
-                        progress.coalescer.flush(&self.hub);
-                        self.hub.resync(at, state);
-                    }
+                let state = std::mem::replace(building, SourceState::empty(self.key.key.is_some()));
+                for feed in &mut self.feeds {
+                    feed.load(at, &state);
                 }
                 progress.phase = Phase::Live;
             }
             Phase::Live => {
-                let delay = *self.delay.borrow();
-                for (ts, changes) in closed {
-                    progress.coalescer.push(&self.hub, delay, ts, changes);
+                for feed in &mut self.feeds {
+                    for (ts, changes) in &closed {
+                        feed.push(*ts, changes);
+                    }
+                    feed.progress(at);
                 }
-                progress.coalescer.progress(&self.hub, at);
             }
         }
-    }
-}
-
-/// Folds complete timestamps into one event per delay window.
-#[derive(Default)]
-struct Coalescer {
-    changes: Vec<Change>,
-    min_ts: u64,
-    /// The last closed timestamp; a flushed event's id.
-    closed: u64,
-    deadline: Option<Instant>,
-}
-
-impl Coalescer {
-    fn push(&mut self, hub: &Hub, delay: Duration, ts: u64, changes: Vec<Change>) {
-        if delay.is_zero() && self.changes.is_empty() {
-            hub.publish(ts, ts, &changes);
-            return;
-        }
-        if self.changes.is_empty() {
-            self.min_ts = ts;
-            self.deadline = Some(Instant::now() + delay);
-        }
-        self.changes.extend(changes);
-    }
-
-    fn progress(&mut self, hub: &Hub, closed: u64) {
-        self.closed = closed;
-        if self.changes.is_empty() {
-            hub.advance(closed);
-        }
-    }
-
-    fn flush(&mut self, hub: &Hub) {
-        self.deadline = None;
-        if self.changes.is_empty() {
-            return;
-        }
-        let changes = std::mem::take(&mut self.changes);
-        hub.publish(self.min_ts, self.closed.max(self.min_ts), &changes);
     }
 }
 
@@ -499,96 +557,5 @@ mod tests {
                 "attempt {attempt}: always {first:?}"
             );
         }
-    }
-
-    fn change(n: i64) -> Change {
-        Change::Diff {
-            row: format!("{{\"n\":{n}}}").into(),
-            diff: 1,
-        }
-    }
-
-    /// Reads what a subscriber of `hub` has been sent so far: (event, id) pairs.
-    async fn sent(sub: &mut crate::hub::Subscription) -> Vec<(String, Option<String>)> {
-        let mut frames = Vec::new();
-        while let Ok(true) =
-            tokio::time::timeout(Duration::from_millis(1), sub.next(&mut frames)).await
-        {}
-        let mut parser = crate::sse::Parser::new();
-        let mut items = Vec::new();
-        for f in &frames {
-            parser.feed(f, &mut items);
-        }
-        items
-            .into_iter()
-            .filter_map(|i| match i {
-                crate::sse::Item::Event(e) if e.event != "status" => Some((e.event, e.id)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn hub() -> Arc<Hub> {
-        let config = crate::config::parse(
-            std::path::Path::new("s.toml"),
-            "[[streams]]\npath = \"/a\"\nview = \"v\"\n",
-        )
-        .expect("valid");
-        let hub = Hub::new(crate::hub::Settings::new(
-            &config.streams[0],
-            crate::config::ClientErrors::Full,
-        ));
-        hub.load_snapshot(1, State::empty(false), Reason::Initial);
-        hub
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn without_a_delay_each_timestamp_is_published_at_once() {
-        let hub = hub();
-        let mut sub = hub.subscribe(crate::wire::Resume::After(1));
-        let mut c = Coalescer::default();
-        c.push(&hub, Duration::ZERO, 5, vec![change(5)]);
-        c.progress(&hub, 5);
-        assert_eq!(c.deadline, None);
-        assert_eq!(
-            sent(&mut sub).await,
-            vec![("update".into(), Some("5".into()))]
-        );
-    }
-
-    /// With a delay, every timestamp closed within the window goes out as one event
-    /// when the window (opened by the first change) ends, with the last closed id.
-    #[tokio::test(start_paused = true)]
-    async fn a_delay_window_coalesces_timestamps_into_one_event() {
-        let hub = hub();
-        let mut sub = hub.subscribe(crate::wire::Resume::After(1));
-        let delay = Duration::from_secs(1);
-        let mut c = Coalescer::default();
-        let opened = Instant::now();
-        c.push(&hub, delay, 5, vec![change(5)]);
-        c.progress(&hub, 5);
-        assert_eq!(c.deadline, Some(opened + delay));
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        c.push(&hub, delay, 7, vec![change(7)]);
-        c.progress(&hub, 9);
-        // The window is the first change's: a later change does not extend it.
-        assert_eq!(c.deadline, Some(opened + delay));
-        assert!(
-            sent(&mut sub).await.is_empty(),
-            "nothing before the window ends"
-        );
-        sleep_until(c.deadline).await;
-        assert_eq!(Instant::now(), opened + delay);
-        c.flush(&hub);
-        assert_eq!(
-            sent(&mut sub).await,
-            vec![("update".into(), Some("9".into()))]
-        );
-        assert_eq!(hub.state_ts(), Some(9));
-        // An empty window flushes nothing, and progress alone moves the state on.
-        c.flush(&hub);
-        c.progress(&hub, 12);
-        assert!(sent(&mut sub).await.is_empty());
-        assert_eq!(hub.state_ts(), Some(12));
     }
 }

@@ -1,7 +1,7 @@
 //! Every SQL statement the gateway sends upstream is built here, from the validated
 //! config only: no request value ever reaches SQL.
 
-use crate::config::{Source, StreamConfig};
+use crate::config::Source;
 
 /// The relation as it appears after `SUBSCRIBE`.
 fn relation(source: &Source) -> String {
@@ -26,13 +26,18 @@ pub fn set_cluster(cluster: &str) -> String {
     format!("SET cluster = {cluster}")
 }
 
-/// The SUBSCRIBE (or TAIL, before v0.27) statement for a stream, resuming after
+/// The SUBSCRIBE (or TAIL, before v0.27) statement of a source, resuming after
 /// `resume_at` without a snapshot when given.
-pub fn subscribe(stream: &StreamConfig, legacy: bool, resume_at: Option<u64>) -> String {
+pub fn subscribe(
+    source: &Source,
+    key: Option<&[String]>,
+    legacy: bool,
+    resume_at: Option<u64>,
+) -> String {
     let mut sql = String::new();
     sql.push_str(if legacy { "TAIL " } else { "SUBSCRIBE " });
-    sql.push_str(&relation(&stream.source));
-    if let (false, Some(key)) = (legacy, &stream.key) {
+    sql.push_str(&relation(source));
+    if let (false, Some(key)) = (legacy, key) {
         sql.push_str(" ENVELOPE UPSERT (KEY (");
         sql.push_str(&key.join(", "));
         sql.push_str("))");
@@ -64,41 +69,27 @@ pub const VERSION: &str = "SELECT mz_version()";
 mod tests {
     use super::*;
 
-    fn stream(source: Source, key: Option<Vec<String>>) -> StreamConfig {
-        let mut s = crate::config::parse(
-            std::path::Path::new("s.toml"),
-            "[[streams]]\npath = \"/a\"\nview = \"v\"\n",
-        )
-        .expect("valid")
-        .streams[0]
-            .as_ref()
-            .clone();
-        s.source = source;
-        s.key = key;
-        s
-    }
-
     #[test]
     fn statements() {
-        let s = stream(Source::View("v".into()), None);
-        assert_eq!(subscribe(&s, false, None), "SUBSCRIBE v WITH (PROGRESS)");
+        let v = Source::View("v".into());
         assert_eq!(
-            subscribe(&s, true, Some(41)),
+            subscribe(&v, None, false, None),
+            "SUBSCRIBE v WITH (PROGRESS)"
+        );
+        assert_eq!(
+            subscribe(&v, None, true, Some(41)),
             "TAIL v WITH (PROGRESS, SNAPSHOT = false) AS OF 41"
         );
-        let k = stream(
-            Source::Query("SELECT a, b FROM t".into()),
-            Some(vec!["a".into()]),
-        );
+        let q = Source::Query("SELECT a, b FROM t".into());
         assert_eq!(
-            subscribe(&k, false, None),
+            subscribe(&q, Some(&["a".to_string()]), false, None),
             "SUBSCRIBE (SELECT a, b FROM t) ENVELOPE UPSERT (KEY (a)) WITH (PROGRESS)"
         );
-        let c = stream(Source::Query("SELECT 1 -- one".into()), None);
+        let c = Source::Query("SELECT 1 -- one".into());
         assert_eq!(
-            subscribe(&c, false, None),
+            subscribe(&c, None, false, None),
             "SUBSCRIBE (SELECT 1 -- one\n) WITH (PROGRESS)"
         );
-        assert_eq!(describe(&s.source), "SELECT * FROM v");
+        assert_eq!(describe(&v), "SELECT * FROM v");
     }
 }
