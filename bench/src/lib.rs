@@ -15,7 +15,10 @@
 //! | `src/bin/loadgen.rs` | the load client (N SSE connections, JSON report) |
 //! | `src/bin/k0.rs` | the ceiling: encode once, `try_write` to every socket |
 //! | `src/bin/naive_axum.rs` | tokio broadcast + `BroadcastStream` + axum `Sse` |
-//! | `src/bin/suite.rs` | starts contenders, runs scenarios, writes `results/` |
+//! | `src/bin/suite/main.rs` | starts contenders, runs scenarios, writes `results/` |
+//! | `src/bin/suite/charts.rs` | the fan-out and idle charts, from the runs just measured |
+//! | `src/bin/suite/views.rs` | the views scenario: 1,000 streams in one process |
+//! | `src/bin/suite/auth.rs` | the auth scenario: the connect storm with JWT auth on and off |
 //! | `tutorial/app.py` | the tutorial's FastAPI + sse-starlette pattern |
 //! | `run` | the one command |
 
