@@ -8,15 +8,24 @@
 //! | `src/sse.rs` | the load client's response head, chunked-body decoder and event-stream parser |
 //! | `src/measure.rs` | ticks in payloads, latency histogram, per-client accounting |
 //! | `src/sys.rs` | clocks, `/proc` samples, sockets on rotating 127.x source addresses |
+//! | `src/chart.rs` | SVG line charts of measured results (plotters, no fonts needed) |
+//! | `src/jwt.rs` | HS256 tokens for the auth scenario |
+//! | `src/probe.rs` | one-shot HTTP GETs (`/readyz`, the listing) and a timestamping event-stream watcher |
 //! | `src/lib.rs` | `tick_json` and `Schedule`: the payload and tick clock of every synthetic producer |
 //! | `src/bin/loadgen.rs` | the load client (N SSE connections, JSON report) |
 //! | `src/bin/k0.rs` | the ceiling: encode once, `try_write` to every socket |
 //! | `src/bin/naive_axum.rs` | tokio broadcast + `BroadcastStream` + axum `Sse` |
-//! | `src/bin/suite.rs` | starts contenders, runs scenarios, writes `results/` |
+//! | `src/bin/suite/main.rs` | starts contenders, runs scenarios, writes `results/` |
+//! | `src/bin/suite/charts.rs` | the fan-out and idle charts, from the runs just measured |
+//! | `src/bin/suite/views.rs` | the views scenario: 1,000 streams in one process |
+//! | `src/bin/suite/auth.rs` | the auth scenario: the connect storm with JWT auth on and off |
 //! | `tutorial/app.py` | the tutorial's FastAPI + sse-starlette pattern |
 //! | `run` | the one command |
 
+pub mod chart;
+pub mod jwt;
 pub mod measure;
+pub mod probe;
 pub mod sse;
 pub mod sys;
 

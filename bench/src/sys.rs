@@ -126,6 +126,35 @@ pub fn slab_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// The fields of `/proc/<pid>/smaps_rollup` in kB (`Rss`, `Pss`, `Anonymous`,
+/// `Private_Dirty`, ...), plus `Threads` from `/proc/<pid>/status`.
+pub fn memory_breakdown(pid: u32) -> io::Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = parse_kb_fields(&std::fs::read_to_string(format!(
+        "/proc/{pid}/smaps_rollup"
+    ))?);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    if let Some(t) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+    {
+        out.insert("Threads".into(), t);
+    }
+    Ok(out)
+}
+
+/// `Name:   123 kB` lines into a map; other lines are skipped.
+fn parse_kb_fields(text: &str) -> std::collections::BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let mut parts = rest.split_whitespace();
+            let v = parts.next()?.parse().ok()?;
+            (parts.next() == Some("kB")).then(|| (name.trim().to_string(), v))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +172,18 @@ mod tests {
         let a = sample(None).unwrap();
         assert!(a.rss_kb > 0 && a.fds > 0 && a.at_us > 0);
         assert!(sample(Some(u32::MAX)).is_err());
+    }
+
+    #[test]
+    fn memory_breakdown_reads_smaps_rollup() {
+        let m = parse_kb_fields(
+            "5599e000-7ffd0000 ---p 00000000 00:00 0  [rollup]\nRss:  1200 kB\nAnonymous:   800 kB\nTHPeligible: 0\n",
+        );
+        assert_eq!(m.get("Rss"), Some(&1200));
+        assert_eq!(m.get("Anonymous"), Some(&800));
+        assert_eq!(m.len(), 2);
+        let me = memory_breakdown(std::process::id()).unwrap();
+        assert!(me["Rss"] > 0 && me["Threads"] >= 1);
     }
 
     #[test]

@@ -57,9 +57,18 @@ struct Args {
     /// The server's pid, sampled for CPU and RSS.
     #[arg(long)]
     server_pid: Vec<u32>,
-    /// Also sample the server's RSS when this many clients are connected (RSS slope).
+    /// Also sample the server's RSS when this many clients are connected (repeat for
+    /// several checkpoints on the way up; RSS slope, RSS chart). Once any is given, the
+    /// RSS with all clients connected is sampled too.
     #[arg(long)]
-    rss_at: Option<usize>,
+    rss_at: Vec<usize>,
+    /// A header sent on every request, `Name: value` (repeat for several).
+    #[arg(long, value_parser = header_line)]
+    header: Vec<String>,
+    /// A file of header lines, `Name: value`, one per connection: client i sends line i
+    /// (modulo the number of lines), e.g. its own `Authorization: Bearer <token>`.
+    #[arg(long)]
+    header_file: Option<std::path::PathBuf>,
     /// Quiet seconds before each RSS checkpoint.
     #[arg(long, default_value_t = 2.0)]
     settle: f64,
@@ -83,6 +92,39 @@ struct Args {
     /// Write the JSON report here instead of stdout.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+}
+
+/// A request header line: `Name: value`, with a token name and no CR, LF or NUL.
+fn header_line(line: &str) -> Result<String, String> {
+    let (name, value) = line
+        .split_once(':')
+        .ok_or_else(|| format!("{line:?}: expected `Name: value`"))?;
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    if value.contains(['\r', '\n', '\0']) {
+        return Err(format!("the value of {name} holds CR, LF or NUL"));
+    }
+    Ok(format!("{name}: {}", value.trim()))
+}
+
+/// The per-connection header lines of `--header-file` (blank lines skipped).
+fn header_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            header_line(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if lines.is_empty() {
+        bail!("{}: no header lines", path.display());
+    }
+    Ok(lines)
 }
 
 /// `--publish-url`: where nchan's publisher listens.
@@ -244,10 +286,16 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     } else {
         0.0
     };
+    // Each RSS checkpoint may wait up to the connect timeout and then settles.
+    let checkpoints = if args.rss_at.is_empty() {
+        0
+    } else {
+        args.rss_at.len() + 1
+    };
     let hard_end = start
         + Duration::from_secs_f64(
-            ramp + args.connect_timeout
-                + 2.0 * args.settle
+            ramp + args.connect_timeout * (1 + checkpoints) as f64
+                + (checkpoints.max(2) as f64) * args.settle
                 + args.warmup
                 + args.duration
                 + args.drain
@@ -267,22 +315,47 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     }
 
     let mut rss_points = Vec::new();
+    // Shared, so a client's request does not copy them.
+    let common: Rc<str> = args
+        .header
+        .iter()
+        .map(|h| format!("{h}\r\n"))
+        .collect::<String>()
+        .into();
+    let own: Vec<Rc<str>> = match &args.header_file {
+        Some(p) => header_file(p)?
+            .into_iter()
+            .map(|h| format!("{h}\r\n").into())
+            .collect(),
+        None => Vec::new(),
+    };
     let settle = Duration::from_secs_f64(args.settle);
+    // Time spent at checkpoints; the ramp resumes at its rate after each one instead
+    // of catching up in a burst.
+    let mut paused = Duration::ZERO;
     for i in 0..n {
-        if args.rss_at == Some(i) && i > 0 {
-            wait_settled(&shared, i, Instant::now() + connect_timeout).await;
+        if i > 0 && args.rss_at.contains(&i) {
+            let t = Instant::now();
+            wait_settled(&shared, i, t + connect_timeout).await;
             sleep(settle).await;
             let c = shared.borrow().connected;
             rss_points.push((c, rss_sum(&args.server_pid)));
+            paused += t.elapsed();
         }
         if args.connect_rate > 0.0 {
-            sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate)).await;
+            sleep_until(start + paused + Duration::from_secs_f64(i as f64 / args.connect_rate))
+                .await;
         }
         let path = args.path[i % args.path.len()].clone();
+        let headers = Headers {
+            common: common.clone(),
+            own: (!own.is_empty()).then(|| own[i % own.len()].clone()),
+        };
         tokio::task::spawn_local(client(
             i,
             args.addr,
             path,
+            headers,
             sys::source_addr(args.src_net, i),
             connect_timeout,
             shared.clone(),
@@ -290,7 +363,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         ));
     }
     wait_settled(&shared, n, Instant::now() + connect_timeout).await;
-    if args.rss_at.is_some() {
+    if !args.rss_at.is_empty() {
         sleep(settle).await;
         let c = shared.borrow().connected;
         rss_points.push((c, rss_sum(&args.server_pid)));
@@ -398,10 +471,18 @@ async fn wait_settled(shared: &Rc<RefCell<Shared>>, n: usize, deadline: Instant)
     }
 }
 
+/// Header lines (each ending in CRLF) one client sends after the fixed ones.
+struct Headers {
+    common: Rc<str>,
+    own: Option<Rc<str>>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn client(
     i: usize,
     addr: SocketAddr,
     path: String,
+    headers: Headers,
     src: std::net::Ipv4Addr,
     connect_timeout: Duration,
     shared: Rc<RefCell<Shared>>,
@@ -419,8 +500,11 @@ async fn client(
         Err(_) => return shared.borrow_mut().fail("connect: timeout".into()),
     };
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{}{}\r\n",
+        headers.common,
+        headers.own.as_deref().unwrap_or("")
     );
+    drop(headers);
     if let Err(e) = stream.write_all(req.as_bytes()).await {
         return shared.borrow_mut().fail(format!("write: {e}"));
     }
@@ -628,6 +712,33 @@ async fn feeder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_lines_need_a_name_and_a_clean_value() {
+        assert_eq!(
+            header_line("Authorization:  Bearer abc ").unwrap(),
+            "Authorization: Bearer abc"
+        );
+        assert_eq!(header_line("X-A:").unwrap(), "X-A: ");
+        assert!(header_line("no colon").is_err());
+        assert!(header_line(": empty name").is_err());
+        assert!(header_line("Bad Name: x").is_err());
+        assert!(header_line("X: a\r\nInjected: b").is_err());
+        let dir = std::env::temp_dir().join(format!("loadgen-hf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("h.txt");
+        std::fs::write(&p, "Authorization: Bearer a\n\nAuthorization: Bearer b\n").unwrap();
+        assert_eq!(
+            header_file(&p).unwrap(),
+            ["Authorization: Bearer a", "Authorization: Bearer b"]
+        );
+        std::fs::write(&p, "Authorization: Bearer a\nbroken\n").unwrap();
+        let e = header_file(&p).unwrap_err().to_string();
+        assert!(e.contains(":2:"), "{e}");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(header_file(&p).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn publish_urls_need_an_address_and_get_a_path() {

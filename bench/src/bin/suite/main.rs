@@ -21,10 +21,15 @@ use serde_json::{json, Value};
 
 use tailgate_bench::{sys, PAD};
 
+mod auth;
+mod charts;
+mod views;
+
 #[derive(Parser, Debug, Clone)]
 #[command(about = "tailgate's side-by-side benchmark suite")]
 struct Args {
-    /// Scenario to run (repeat): idle, storm, fanout, light, overload, economy, tutorial, all.
+    /// Scenario to run (repeat): idle, storm, fanout, light, overload, economy, tutorial,
+    /// views, auth, all.
     #[arg(long, default_value = "all")]
     scenario: Vec<String>,
     /// A 10-second fan-out check of tailgate against k0 (CI): no nginx, no Python;
@@ -51,10 +56,23 @@ struct Args {
     /// Tutorial client counts tried when looking for its saturation point (10 ticks/s).
     #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000")]
     tutorial_clients: Vec<usize>,
-    /// Interleaved repetitions of each fan-out and light-load run (A B A B ...); their
-    /// median (the mean of two) is what the goals use.
+    /// Interleaved repetitions of each fan-out, light-load, views and auth run
+    /// (A B A B ...); their median (the mean of two) is what the goals use.
     #[arg(long, default_value_t = 2)]
     reps: usize,
+    /// Clients of the fan-out runs (smaller for a short development run).
+    #[arg(long, default_value_t = 5000)]
+    fanout_clients: usize,
+    /// Clients of the idle runs; RSS is also read at 2,500, 5,000, 9,500 and 14,000 of
+    /// 19,000 (scaled to this count) on the way up.
+    #[arg(long, default_value_t = 19_000)]
+    idle_clients: usize,
+    /// Clients connecting at once in the storm and auth scenarios.
+    #[arg(long, default_value_t = 10_000)]
+    storm_clients: usize,
+    /// Streams (one view each) of the views scenario.
+    #[arg(long, default_value_t = 1000)]
+    views_streams: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -88,6 +106,8 @@ struct Spec {
     /// Streams (tailgate only; clients spread round-robin).
     streams: usize,
     client_queue: Option<usize>,
+    /// tailgate only: JWT auth on, with this HS256 secret in its environment.
+    auth_secret: Option<String>,
 }
 
 impl Spec {
@@ -97,6 +117,7 @@ impl Spec {
             rate,
             streams: 1,
             client_queue: None,
+            auth_secret: None,
         }
     }
 }
@@ -124,8 +145,11 @@ struct Load {
     warmup: f64,
     duration: f64,
     drain: f64,
-    rss_at: Option<usize>,
+    /// Client counts at which loadgen also reads the server's RSS (then also at the end).
+    rss_at: Vec<usize>,
     connect_timeout: f64,
+    /// One request header line per client (`--header-file`).
+    header_file: Option<PathBuf>,
 }
 
 impl Load {
@@ -136,8 +160,9 @@ impl Load {
             warmup: 2.0,
             duration,
             drain: 2.0,
-            rss_at: None,
+            rss_at: Vec::new(),
             connect_timeout: 30.0,
+            header_file: None,
         }
     }
 
@@ -148,6 +173,23 @@ impl Load {
         } else {
             0.0
         }
+    }
+
+    /// The longest loadgen may take (its own deadline, with its 2 s settles at RSS
+    /// checkpoints) plus a margin.
+    fn bound(&self) -> f64 {
+        let checkpoints = if self.rss_at.is_empty() {
+            0
+        } else {
+            self.rss_at.len() + 1
+        };
+        self.ramp()
+            + self.connect_timeout * (1 + checkpoints) as f64
+            + 2.0 * checkpoints.max(2) as f64
+            + self.warmup
+            + self.duration
+            + self.drain
+            + 30.0
     }
 }
 
@@ -240,7 +282,7 @@ impl Run {
 }
 
 /// What a goal's ratio must be.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Limit {
     AtMost(f64),
     Below(f64),
@@ -249,6 +291,8 @@ enum Limit {
     Exactly(f64),
     /// A count that must be 0 (no anchor: the ratio is the value); an unreadable one fails.
     Zero,
+    /// Reported, not judged: no limit has been set for this ratio yet.
+    Report,
 }
 
 impl Limit {
@@ -262,6 +306,7 @@ impl Limit {
         };
         let unknown = value.is_nan() || anchor.is_nan();
         let pass = match self {
+            Limit::Report => None,
             Limit::Zero => Some(value == 0.0),
             Limit::Exactly(x) => Some(ratio == x),
             _ if unknown => None,
@@ -281,8 +326,24 @@ impl std::fmt::Display for Limit {
             Limit::AtLeast(x) => write!(f, ">= {x}"),
             Limit::Exactly(x) => write!(f, "= {x}"),
             Limit::Zero => write!(f, "= 0"),
+            Limit::Report => write!(f, "none yet"),
         }
     }
+}
+
+/// A scenario's own figures that do not fit the loadgen runs table (the views
+/// scenario's startup, memory and reload times): rendered as a markdown table and kept
+/// in the JSON results.
+#[derive(Serialize, Clone, Default)]
+struct Table {
+    scenario: String,
+    title: String,
+    columns: Vec<String>,
+    rows: Vec<Vec<Value>>,
+    /// Said under the table.
+    notes: Vec<String>,
+    /// Everything measured, for the JSON results only.
+    detail: Value,
 }
 
 /// One goal: value / anchor against a limit.
@@ -309,6 +370,7 @@ struct Suite {
     pin: bool,
     runs: Vec<Run>,
     goals: Vec<Goal>,
+    tables: Vec<Table>,
     skipped: Vec<String>,
 }
 
@@ -341,6 +403,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         pin,
         runs: Vec::new(),
         goals: Vec::new(),
+        tables: Vec::new(),
         skipped: Vec::new(),
         args: args.clone(),
     };
@@ -364,6 +427,8 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             ("overload", Suite::overload),
             ("economy", Suite::economy),
             ("tutorial", Suite::tutorial),
+            ("views", Suite::views),
+            ("auth", Suite::auth),
         ] {
             if want(name) {
                 let before = loadavg();
@@ -400,7 +465,13 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         "tailgate_commit": tailgate_commit(&args.tailgate),
         "load_average_per_scenario": scenario_load,
     });
-    let doc = json!({ "machine": machine, "goals": s.goals, "runs": s.runs, "skipped": s.skipped });
+    let doc = json!({
+        "machine": machine,
+        "goals": s.goals,
+        "runs": s.runs,
+        "tables": s.tables,
+        "skipped": s.skipped,
+    });
     let name = if args.smoke {
         format!("smoke-{date}.json")
     } else {
@@ -410,7 +481,30 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         out_dir.join(&name),
         serde_json::to_string_pretty(&doc)? + "\n",
     )?;
-    let md = markdown(&machine, &s.goals, &s.runs, &s.skipped);
+    // The charts, from the runs just measured; a full run also refreshes the stable
+    // `latest-*.svg` copies that bench/README.md embeds.
+    let mut charts = Vec::new();
+    if !args.smoke {
+        for (name, chart) in charts::from_runs(&s.runs) {
+            let dated = out_dir.join(format!("{date}-{name}.svg"));
+            match chart.write_svg(&dated) {
+                Ok(()) => {
+                    if all {
+                        std::fs::copy(&dated, out_dir.join(format!("latest-{name}.svg")))?;
+                    }
+                    charts.push(
+                        dated
+                            .file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .to_string(),
+                    );
+                }
+                Err(e) => s.skipped.push(format!("chart {name}: {e:#}")),
+            }
+        }
+    }
+    let md = markdown(&machine, &s.goals, &s.runs, &s.tables, &charts, &s.skipped);
     // A subset run does not replace the full table.
     let md_name = if args.smoke {
         "smoke.md".to_string()
@@ -643,6 +737,9 @@ impl Suite {
                 if let Some(q) = spec.client_queue {
                     write!(toml, "[defaults]\nclient_queue = {q}\n\n")?;
                 }
+                if spec.auth_secret.is_some() {
+                    toml.push_str(auth::AUTH_TOML);
+                }
                 server.paths.clear();
                 for i in 0..spec.streams {
                     let path = if spec.streams == 1 {
@@ -659,14 +756,18 @@ impl Suite {
                 let cfg = dir.join("tailgate.toml");
                 std::fs::write(&cfg, toml)?;
                 let log = std::fs::File::create(dir.join("tailgate.log"))?;
-                let child = self
-                    .pinned("0", &self.args.tailgate.clone())
-                    .arg("--config")
+                let mut cmd = self.pinned("0", &self.args.tailgate.clone());
+                cmd.arg("--config")
                     .arg(&cfg)
                     .env("RUST_LOG", "info")
                     .env("NO_COLOR", "1")
+                    .env_remove(auth::SECRET_ENV)
                     .stdout(Stdio::null())
-                    .stderr(log)
+                    .stderr(log);
+                if let Some(secret) = &spec.auth_secret {
+                    cmd.env(auth::SECRET_ENV, secret);
+                }
+                let child = cmd
                     .spawn()
                     .with_context(|| format!("starting {}", self.args.tailgate.display()))?;
                 server.pids.push(child.id());
@@ -876,8 +977,11 @@ impl Suite {
         for p in &server.pids {
             cmd.arg("--server-pid").arg(p.to_string());
         }
-        if let Some(n) = load.rss_at {
+        for n in &load.rss_at {
             cmd.arg("--rss-at").arg(n.to_string());
+        }
+        if let Some(f) = &load.header_file {
+            cmd.arg("--header-file").arg(f);
         }
         if let Some(u) = &server.publish_url {
             cmd.arg("--publish-url")
@@ -892,13 +996,7 @@ impl Suite {
                 .arg(rate.to_string());
         }
         // loadgen's own deadline (two 2 s settles included) plus a margin.
-        let bound = load.ramp()
-            + load.connect_timeout
-            + 4.0
-            + load.warmup
-            + load.duration
-            + load.drain
-            + 30.0;
+        let bound = load.bound();
         let child = cmd.spawn().context("starting loadgen")?;
         Ok((child, out, bound))
     }
@@ -960,6 +1058,24 @@ impl Suite {
         let server = self.start(spec)?;
         let mut extra = BTreeMap::new();
         extra.insert("rss_idle_kb".into(), json!(server.rss_idle_kb));
+        if scenario == "auth" {
+            extra.insert(
+                "auth".into(),
+                json!(if spec.auth_secret.is_some() {
+                    "jwt"
+                } else {
+                    "none"
+                }),
+            );
+            if load.header_file.is_some() {
+                extra.insert("tokens".into(), json!("one per client"));
+            }
+            // Before the storm: is a request without a token refused?
+            extra.extend(auth::probe_statuses(
+                server.port,
+                load.header_file.as_deref(),
+            ));
+        }
         let result = (|| {
             let (child, out, bound) = self.loadgen(&server, load, spec.rate)?;
             if scenario == "economy" {
@@ -1057,8 +1173,9 @@ impl Suite {
             warmup: 1.0,
             duration: 6.0,
             drain: 1.0,
-            rss_at: None,
+            rss_at: Vec::new(),
             connect_timeout: 10.0,
+            header_file: None,
         };
         let tg = self.measure("smoke", &Spec::new(Kind::Tailgate, 10.0), &load)?;
         let k0 = self.measure("smoke", &Spec::new(Kind::K0, 10.0), &load)?;
@@ -1084,7 +1201,7 @@ impl Suite {
     }
 
     fn fanout(&mut self) -> anyhow::Result<()> {
-        let n = 5000;
+        let n = self.args.fanout_clients;
         let load = Load::steady(n, 6.0);
         let rates = self.args.rates.clone();
         let reps = self.args.reps.max(1);
@@ -1250,15 +1367,18 @@ impl Suite {
     }
 
     fn idle(&mut self) -> anyhow::Result<()> {
+        let n = self.args.idle_clients;
         let load = Load {
-            clients: 19_000,
+            clients: n,
             connect_rate: 2000.0,
             warmup: 1.0,
             duration: 10.0,
             drain: 0.5,
-            rss_at: Some(9_500),
+            rss_at: idle_checkpoints(n),
             connect_timeout: 30.0,
+            header_file: None,
         };
+        let half = idle_checkpoints(n)[2];
         let mut slope = BTreeMap::new();
         let mut tg_run = None;
         for kind in [Kind::Tailgate, Kind::NaiveAxum, Kind::Nchan] {
@@ -1266,11 +1386,9 @@ impl Suite {
             let Some(r) = self.measure_or_skip(&what, "idle", &Spec::new(kind, 0.0), &load) else {
                 continue;
             };
-            // (connected clients, server RSS kB) at 9,500 and at 19,000 clients.
-            let (c1, m1) = (r.f("rss_points.0.0"), r.f("rss_points.0.1"));
-            let (c2, m2) = (r.f("rss_points.1.0"), r.f("rss_points.1.1"));
-            if c2 > c1 {
-                let s = (m2 - m1) / (c2 - c1);
+            // (connected clients, server RSS kB) at each checkpoint: the slope is taken
+            // from the one at half the clients to the last, with all of them connected.
+            if let Some(s) = rss_slope(&r.report["rss_points"], half) {
                 slope.insert(kind, s);
                 if let Some(last) = self.runs.last_mut() {
                     last.extra.insert("rss_slope_kb_per_conn".into(), json!(s));
@@ -1284,7 +1402,7 @@ impl Suite {
             Some(r) => {
                 self.goal(
                     "idle",
-                    "clients connected and held (19,000)",
+                    &format!("clients connected and held ({})", thousands(n)),
                     Some((r.f("connected") - r.f("disconnects"), r.f("clients"))),
                     Limit::AtLeast(1.0),
                     "clients",
@@ -1304,7 +1422,12 @@ impl Suite {
         for (kind, limit) in [(Kind::NaiveAxum, 0.75), (Kind::Nchan, 0.35)] {
             self.goal(
                 "idle",
-                &format!("RSS per connection vs {} (slope 9.5k -> 19k)", kind.name()),
+                &format!(
+                    "RSS per connection vs {} (slope {} -> {})",
+                    kind.name(),
+                    thousands(half),
+                    thousands(n)
+                ),
                 slope
                     .get(&Kind::Tailgate)
                     .copied()
@@ -1317,16 +1440,23 @@ impl Suite {
         Ok(())
     }
 
-    fn storm(&mut self) -> anyhow::Result<()> {
-        let load = Load {
-            clients: 10_000,
+    /// All clients connect at once, then a short window (storm and auth).
+    fn storm_load(&self) -> Load {
+        Load {
+            clients: self.args.storm_clients,
             connect_rate: 0.0,
             warmup: 0.5,
             duration: 3.0,
             drain: 0.5,
-            rss_at: None,
+            rss_at: Vec::new(),
             connect_timeout: 40.0,
-        };
+            header_file: None,
+        }
+    }
+
+    fn storm(&mut self) -> anyhow::Result<()> {
+        let load = self.storm_load();
+        let n = load.clients;
         let mut all = BTreeMap::new();
         for kind in [Kind::Tailgate, Kind::Nchan, Kind::NaiveAxum] {
             let what = format!("storm/{}", kind.name());
@@ -1349,7 +1479,10 @@ impl Suite {
         match all.get(&Kind::Nchan) {
             Some(nc) => self.goal(
                 "storm",
-                "time until all 10,000 hold their first event vs nchan",
+                &format!(
+                    "time until all {} hold their first event vs nchan",
+                    thousands(n)
+                ),
                 Some((
                     tg.f("first_event_since_start.max_ms"),
                     nc.f("first_event_since_start.max_ms"),
@@ -1557,6 +1690,45 @@ impl Suite {
     }
 }
 
+/// Where the idle runs also read the server's RSS: 2,500, 5,000, 9,500 and 14,000
+/// of 19,000 clients, scaled to `n` (the slope goal starts at the third, half of `n`).
+fn idle_checkpoints(n: usize) -> Vec<usize> {
+    [2_500, 5_000, 9_500, 14_000]
+        .iter()
+        .map(|c| (c * n / 19_000).max(1))
+        .collect()
+}
+
+/// RSS per connection (kB) from loadgen's `rss_points` ([connected, rss_kb] pairs):
+/// from the point whose client count is nearest `from` to the last point.
+fn rss_slope(points: &Value, from: usize) -> Option<f64> {
+    let pts: Vec<(f64, f64)> = points
+        .as_array()?
+        .iter()
+        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+        .collect();
+    let &(c2, m2) = pts.last()?;
+    let &(c1, m1) = pts[..pts.len() - 1].iter().min_by(|a, b| {
+        (a.0 - from as f64)
+            .abs()
+            .total_cmp(&(b.0 - from as f64).abs())
+    })?;
+    (c2 > c1).then(|| (m2 - m1) / (c2 - c1))
+}
+
+/// 19000 as "19,000".
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn which(prog: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
@@ -1582,7 +1754,14 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -> String {
+fn markdown(
+    machine: &Value,
+    goals: &[Goal],
+    runs: &[Run],
+    tables: &[Table],
+    charts: &[String],
+    skipped: &[String],
+) -> String {
     let mut md = String::new();
     let m = |k: &str| machine[k].to_string().trim_matches('"').to_string();
     let _ = writeln!(md, "# tailgate benchmark results\n");
@@ -1629,6 +1808,7 @@ fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -
         let result = match g.pass {
             Some(true) => "pass",
             Some(false) => "**FAIL**",
+            None if g.limit == Limit::Report.to_string() && !g.value.is_nan() => "reported",
             None => "n/a",
         };
         let _ = writeln!(
@@ -1645,6 +1825,56 @@ fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -
             g.note
         );
     }
+    if !charts.is_empty() {
+        let _ = writeln!(md, "\n## Charts\n");
+        for c in charts {
+            let _ = writeln!(md, "![{c}]({c})\n");
+        }
+    }
+    for t in tables {
+        let _ = writeln!(md, "\n## {}: {}\n", t.scenario, t.title);
+        let _ = writeln!(md, "| {} |", t.columns.join(" | "));
+        let _ = writeln!(md, "|{}", "---|".repeat(t.columns.len()));
+        for row in &t.rows {
+            let cells: Vec<String> = row
+                .iter()
+                .map(|v| match v {
+                    Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                    Value::Number(_) => fmt_num(v.as_f64().unwrap_or(f64::NAN)),
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".into(),
+                    other => other.to_string(),
+                })
+                .collect();
+            let _ = writeln!(md, "| {} |", cells.join(" | "));
+        }
+        for n in &t.notes {
+            let _ = writeln!(md, "\n{n}");
+        }
+    }
+    // Scenarios without load runs (views) have only their own tables.
+    if !runs.is_empty() {
+        runs_table(&mut md, runs);
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(md, "\n## Skipped\n");
+        for s in skipped {
+            let _ = writeln!(md, "- {s}");
+        }
+    }
+    if !runs.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nLatency = receive time − the tick's `sent_ms` (ms clock, same host), over ticks sent inside the window. \
+             Delivered = ticks sent inside the window that reached each connected client, / (ticks produced × clients). \
+             Server CPU and RSS: /proc of the server process(es) over the window (nchan: its worker; tutorial: uvicorn + engine)."
+        );
+    }
+    md
+}
+
+/// The runs table: each loadgen run's absolute figures.
+fn runs_table(md: &mut String, runs: &[Run]) {
     let _ = writeln!(md, "\n## Runs (absolute figures)\n");
     let _ = writeln!(
         md,
@@ -1708,19 +1938,6 @@ fn markdown(machine: &Value, goals: &[Goal], runs: &[Run], skipped: &[String]) -
             extra.join("; ")
         );
     }
-    if !skipped.is_empty() {
-        let _ = writeln!(md, "\n## Skipped\n");
-        for s in skipped {
-            let _ = writeln!(md, "- {s}");
-        }
-    }
-    let _ = writeln!(
-        md,
-        "\nLatency = receive time − the tick's `sent_ms` (ms clock, same host), over ticks sent inside the window. \
-         Delivered = ticks sent inside the window that reached each connected client, / (ticks produced × clients). \
-         Server CPU and RSS: /proc of the server process(es) over the window (nchan: its worker; tutorial: uvicorn + engine)."
-    );
-    md
 }
 
 #[cfg(test)]
@@ -1751,6 +1968,81 @@ mod tests {
         assert_eq!(Limit::AtMost(0.75).to_string(), "<= 0.75");
         assert_eq!(Limit::AtLeast(10.0).to_string(), ">= 10");
         assert_eq!(Limit::Zero.to_string(), "= 0");
+    }
+
+    #[test]
+    fn a_reported_ratio_is_not_judged() {
+        assert_eq!(Limit::Report.judge(12.0, 10.0), (1.2, None));
+        assert_eq!(Limit::Report.to_string(), "none yet");
+        let g = Goal {
+            scenario: "auth".into(),
+            goal: "storm".into(),
+            value: 12.0,
+            anchor: 10.0,
+            ratio: 1.2,
+            limit: Limit::Report.to_string(),
+            pass: None,
+            unit: "ms".into(),
+            note: String::new(),
+        };
+        let md = markdown(&json!({}), &[g], &[], &[], &[], &[]);
+        assert!(md.contains("| none yet | reported |"), "{md}");
+        assert!(!md.contains("## Runs"), "no load runs, no runs table");
+    }
+
+    #[test]
+    fn tables_and_charts_are_in_the_markdown() {
+        let t = Table {
+            scenario: "views".into(),
+            title: "1,000 views in one process".into(),
+            columns: vec!["streams".into(), "ready s".into(), "ok".into(), "x".into()],
+            rows: vec![vec![json!(1000), json!(1.6094), json!("yes"), json!(null)]],
+            notes: vec!["A note.".into()],
+            detail: json!({}),
+        };
+        let md = markdown(&json!({}), &[], &[], &[t], &["d-fanout.svg".into()], &[]);
+        assert!(md.contains("![d-fanout.svg](d-fanout.svg)"));
+        assert!(md.contains("## views: 1,000 views in one process"));
+        assert!(
+            md.contains(
+                "| streams | ready s | ok | x |\n|---|---|---|---|\n| 1000 | 1.609 | yes | - |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("\nA note.\n"));
+    }
+
+    #[test]
+    fn idle_checkpoints_scale_and_the_slope_starts_at_half() {
+        assert_eq!(idle_checkpoints(19_000), vec![2_500, 5_000, 9_500, 14_000]);
+        assert_eq!(idle_checkpoints(1_000), vec![131, 263, 500, 736]);
+        let pts = json!([
+            [2500, 20000],
+            [5000, 25000],
+            [9490, 30000],
+            [14000, 40000],
+            [19000, 50500]
+        ]);
+        // From the point nearest 9,500 to the last one.
+        assert_eq!(
+            rss_slope(&pts, 9_500),
+            Some((50500.0 - 30000.0) / (19000.0 - 9490.0))
+        );
+        assert_eq!(rss_slope(&json!([[9500, 1]]), 9_500), None);
+        assert_eq!(rss_slope(&json!([]), 9_500), None);
+        // The old shape (9,500 and the end) still works.
+        assert_eq!(
+            rss_slope(&json!([[9500, 100], [19000, 195]]), 9_500),
+            Some(0.01)
+        );
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(19_000), "19,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 
     #[test]
