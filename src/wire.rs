@@ -126,6 +126,15 @@ pub enum Health {
     Reconnecting { error: String },
 }
 
+impl Health {
+    /// A new stream's health, before its first connection.
+    pub fn connecting() -> Health {
+        Health::Reconnecting {
+            error: "connecting".into(),
+        }
+    }
+}
+
 /// The `status` event for `health`, with the error text `errors` allows.
 pub fn status_frame(health: &Health, errors: ClientErrors) -> Bytes {
     let data = match health {

@@ -504,3 +504,56 @@ fn auth_configs_are_validated_for_safety() {
         "{bad_pointer:?}"
     );
 }
+
+#[test]
+fn scoped_streams_are_read_and_their_mistakes_placed() {
+    let c = check(
+        "[auth]\nmode = \"jwt\"\n[[auth.issuers]]\niss = \"i\"\naudience = [\"a\"]\n\
+         algorithms = [\"HS256\"]\nsecret_env = \"S\"\n\
+         [defaults]\nmax_partitions = 50\n\
+         [[streams]]\npath = \"/orders/{customer_id}/by/{region}\"\nview = \"orders\"\n\
+         key = [\"id\"]\nfilters = [\"status\"]\ncolumns = [\"id\", \"status\"]\n\
+         scope = { column = \"tenant\", claim = \"/org/id\" }\n",
+    )
+    .expect("valid");
+    let s = &c.streams[0];
+    assert_eq!(s.params, ["customer_id", "region"]);
+    assert_eq!(s.filters, ["status"]);
+    assert_eq!(s.partition_columns(), ["customer_id", "region", "tenant"]);
+    assert_eq!(s.max_partitions, 50);
+    assert!(s.is_scoped());
+
+    let problems = check(
+        "[[streams]]\npath = \"/a/{1x}/{b}/{b}/c{d}\"\nview = \"v\"\n\
+         filters = [\"b\", \"s\", \"s\", \"a b\"]\nkey = [\"k\"]\ncolumns = [\"x\"]\n\
+         scope = { column = \"t\", claim = \"tenant\" }\nmax_partitions = 0\n\
+         [[streams]]\npath = \"/a/{other}/{b}/{b2}/c{d}\"\nview = \"v\"\n\
+         [[streams]]\npath = \"/z/{q}\"\nview = \"v\"\n\
+         [[streams]]\npath = \"/z/{r}\"\nview = \"v\"\n",
+    )
+    .expect_err("invalid");
+    let messages: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}:{} {}", p.line, p.column, p.message))
+        .collect();
+    let has = |at: &str, needle: &str| {
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with(at) && m.contains(needle)),
+            "no {at} {needle:?} in {messages:#?}"
+        )
+    };
+    has("2:12 ", "{1x} must be a plain column name");
+    has("2:21 ", "{b} appears twice");
+    has("2:25 ", "may only hold letters");
+    has("4:12 ", "\"b\" is already a path parameter");
+    has("4:22 ", "\"s\" is listed twice");
+    has("4:27 ", "\"a b\" is not a plain column name");
+    has("6:11 ", "must include the key column \"k\"");
+    has("7:33 ", "must be a JSON Pointer");
+    has("7:9 ", "`scope` needs `[auth] mode = \"jwt\"`");
+    has("8:18 ", "max_partitions");
+    has("10:29 ", "may only hold letters");
+    has("16:8 ", "another template matches the same requests");
+}

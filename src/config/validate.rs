@@ -303,7 +303,14 @@ pub(super) fn validate_stream(
         .collect::<Vec<_>>()
         .join("/");
     if !seen.insert(shape) {
-        p.at(path_at, format!("duplicate path {path:?}"));
+        if params.is_empty() {
+            p.at(path_at, format!("duplicate path {path:?}"));
+        } else {
+            p.at(
+                path_at,
+                format!("duplicate path {path:?}: another template matches the same requests"),
+            );
+        }
     }
 
     let source = match (&s.view, &s.query) {

@@ -115,11 +115,7 @@ impl Target {
     pub fn readiness(&self) -> Result<(), NotReady> {
         match self {
             Target::Plain(hub) => hub.readiness(),
-            Target::Partitioned(p) => match (p.ts(), p.health()) {
-                (None, _) => Err(NotReady::NoSnapshot),
-                (Some(_), Health::Reconnecting { error }) => Err(NotReady::Upstream(error)),
-                (Some(_), Health::Streaming) => Ok(()),
-            },
+            Target::Partitioned(p) => crate::hub::readiness(p.ts().is_some(), &p.health()),
         }
     }
 

@@ -158,9 +158,7 @@ impl Partitioned {
                 resolved: None,
                 settings,
                 max_channels,
-                health: Health::Reconnecting {
-                    error: "connecting".into(),
-                },
+                health: Health::connecting(),
                 ts: None,
                 partitions: HashMap::new(),
                 key_part: HashMap::new(),

@@ -33,7 +33,11 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
         .iter()
         .filter_map(|(path, route)| match route.target.readiness() {
             Ok(()) => None,
-            Err(NotReady::NoSnapshot) => Some(json!({"stream": path, "reason": "no snapshot yet"})),
+            Err(NotReady::NoSnapshot(error)) => Some(json!({
+                "stream": path,
+                "reason": "no snapshot yet",
+                "error": error.map(|e| if detail { e } else { crate::wire::GENERIC_ERROR.to_string() }),
+            })),
             Err(NotReady::Upstream(error)) => Some(json!({
                 "stream": path,
                 "reason": "upstream reconnecting",

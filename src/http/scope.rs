@@ -151,7 +151,7 @@ fn channel_key(
     for ((name, raw), (_, kind)) in found.params.iter().zip(&resolved.parts) {
         let text = std::str::from_utf8(raw).map_err(|_| Refused::bad(name, "is not UTF-8"))?;
         let value = kind.parse(text).map_err(|e| Refused::bad(name, e))?;
-        template.push((name.as_str(), value));
+        template.push(value);
     }
     let filter = filters(config.filters.as_slice(), &resolved, query, auth)?;
     let Some(scope) = &config.scope else {
@@ -159,17 +159,13 @@ fn channel_key(
     };
     let (_, kind) = resolved.parts[resolved.parts.len() - 1];
     let allowed = scope_values(credential, &scope.claim, kind)?;
-    // A template value or filter on the scope's own column must be inside the scope:
-    // neither the path nor the query widens it.
-    let outside = template
-        .iter()
-        .filter(|(name, _)| *name == scope.column)
-        .any(|(_, v)| !allowed.contains(v))
-        || resolved
-            .filters
-            .get(&scope.column)
-            .and_then(|(col, _)| filter.get(col))
-            .is_some_and(|values| !values.is_subset(&allowed));
+    // A filter on the scope's own column must stay inside the scope: the query never
+    // widens it. (Validation refuses a template parameter on that column.)
+    let outside = resolved
+        .filters
+        .get(&scope.column)
+        .and_then(|(col, _)| filter.get(col))
+        .is_some_and(|values| !values.is_subset(&allowed));
     if outside {
         return Err(Refused::OutOfScope("a value outside the token's scope"));
     }
@@ -181,14 +177,9 @@ fn channel_key(
 }
 
 /// A partition key: the template's values, then the scope's value.
-fn join(template: &[(&str, Box<str>)], scope: Option<&str>) -> Box<str> {
+fn join(template: &[Box<str>], scope: Option<&str>) -> Box<str> {
     let mut key = String::new();
-    for (n, v) in template
-        .iter()
-        .map(|(_, v)| v.as_ref())
-        .chain(scope)
-        .enumerate()
-    {
+    for (n, v) in template.iter().map(AsRef::as_ref).chain(scope).enumerate() {
         if n > 0 {
             key.push('\0');
         }

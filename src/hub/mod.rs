@@ -62,10 +62,24 @@ impl Settings {
 /// Why a stream is not ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotReady {
-    /// The first snapshot has not arrived yet.
-    NoSnapshot,
+    /// The first snapshot has not arrived yet; the upstream's error, if it has one.
+    NoSnapshot(Option<String>),
     /// The upstream is down, with its error.
     Upstream(String),
+}
+
+/// Whether a stream with (or without) its first snapshot and this health serves its
+/// view live. Without a snapshot, an error (other than not having connected yet) is
+/// named too: a stream whose relation lacks a column never gets one.
+pub fn readiness(has_state: bool, health: &Health) -> Result<(), NotReady> {
+    match (has_state, health) {
+        (false, Health::Reconnecting { error }) if *health != Health::connecting() => {
+            Err(NotReady::NoSnapshot(Some(error.clone())))
+        }
+        (false, _) => Err(NotReady::NoSnapshot(None)),
+        (true, Health::Reconnecting { error }) => Err(NotReady::Upstream(error.clone())),
+        (true, Health::Streaming) => Ok(()),
+    }
 }
 
 /// Upper bound on the number of changes a resync sends as an ordinary update; larger
@@ -119,9 +133,7 @@ impl Hub {
     }
 
     fn build(settings: Settings, clock: Option<Arc<AtomicU64>>) -> Arc<Hub> {
-        let connecting = Health::Reconnecting {
-            error: "connecting".into(),
-        };
+        let connecting = Health::connecting();
         let status = wire::status_frame(&connecting, settings.client_errors);
         Arc::new(Hub {
             inner: Mutex::new(Inner {
@@ -193,11 +205,7 @@ impl Hub {
     /// upstream is streaming. `Err` says why not.
     pub fn readiness(&self) -> Result<(), NotReady> {
         let inner = self.lock();
-        match (&inner.state, &inner.health) {
-            (None, _) => Err(NotReady::NoSnapshot),
-            (Some(_), Health::Reconnecting { error }) => Err(NotReady::Upstream(error.clone())),
-            (Some(_), Health::Streaming) => Ok(()),
-        }
+        readiness(inner.state.is_some(), &inner.health)
     }
 
     /// The timestamp of the published state, if any.

@@ -8,5 +8,6 @@ mod faults;
 mod gateway;
 mod ops;
 mod reload;
+mod scoped;
 mod support;
 mod tls;
