@@ -1,6 +1,6 @@
 //! The HTTP side: a listener with a deep backlog, one task per connection, the
 //! event-stream fast path (`stream`), and hyper with the axum routers (`routes`) for
-//! everything else.
+//! everything else, including the pages a browser gets (`pages`).
 //!
 //! The accept loop is ours rather than `axum::serve` for four reasons: the listen
 //! backlog (tokio's default is 128); a connection cap whose answer keeps browsers
@@ -23,6 +23,7 @@ mod conn;
 mod head;
 mod limits;
 mod ops;
+mod pages;
 mod routes;
 mod stream;
 
