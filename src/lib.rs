@@ -21,7 +21,8 @@
 //!
 //! - [`gateway`]: wiring: the engine, the listener, the supervisor, the HTTP server,
 //!   the reload loop and shutdown.
-//! - [`http`]: the listener, connection deadlines, the event-stream fast path, handlers.
+//! - [`http`]: the listener, connection deadlines, the event-stream fast path, handlers,
+//!   and the pages and browser client the gateway serves (`clients/js/` compiled in).
 //! - [`reload`]: file watching, SIGHUP, the fallback poll, and checking a new file.
 //! - [`supervisor`]: the running streams; applies a new config as a per-stream diff.
 //! - [`route`]: the route table the HTTP layer reads, and the heartbeat task.

@@ -21,7 +21,17 @@ pub const DEFAULT_EVENT: &str = "update";
 /// Names a stream cannot use for its update events.
 pub const RESERVED_EVENTS: [&str; 3] = [SNAPSHOT, STATUS, END];
 /// Paths the gateway serves itself.
-pub const RESERVED_PATHS: [&str; 3] = ["/", "/metrics", "/healthz"];
+pub const RESERVED_PATHS: [&str; 5] = ["/", "/metrics", "/healthz", "/livez", "/readyz"];
+/// The gateway's own routes (its scripts, pages and the like) live under this prefix.
+pub const OWN_PREFIX: &str = "/_tailgate";
+
+/// Whether `path` is the gateway's: one of [`RESERVED_PATHS`], [`OWN_PREFIX`] or under it.
+pub fn is_reserved_path(path: &str) -> bool {
+    RESERVED_PATHS.contains(&path)
+        || path
+            .strip_prefix(OWN_PREFIX)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
 
 /// The headers of every stream response, on both response paths.
 pub const STREAM_HEADERS: [(&str, &str); 3] = [
@@ -287,6 +297,23 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gateways_own_paths_are_reserved() {
+        for path in [
+            "/",
+            "/metrics",
+            "/livez",
+            "/_tailgate",
+            "/_tailgate/x",
+            "/_tailgate/a/b",
+        ] {
+            assert!(is_reserved_path(path), "{path}");
+        }
+        for path in ["/_tailgates", "/a/_tailgate", "/sensors", "/_tailgate_x"] {
+            assert!(!is_reserved_path(path), "{path}");
+        }
+    }
 
     #[test]
     fn ids_are_parsed_strictly() {

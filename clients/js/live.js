@@ -147,18 +147,19 @@ export function mountIndex(element, streams) {
   const items = streams.map((s) => {
     const params = s.params ?? [...s.path.matchAll(/\{([^}]+)\}/g)].map((m) => m[1]);
     const filters = s.filters ?? [];
+    // The public listing beside an admin listener has only path, event and key.
     const meta = [
-      s.view ? `view ${s.view}` : `query ${s.query}`,
+      s.view ? `view ${s.view}` : s.query && `query ${s.query}`,
       s.event && `event ${s.event}`,
       s.key?.length && `key ${s.key.join(", ")}`,
-      `${s.clients ?? 0} ${s.clients === 1 ? "client" : "clients"}`,
+      s.clients != null && `${s.clients} ${s.clients === 1 ? "client" : "clients"}`,
     ].filter(Boolean);
     const [tone, text] = s.upstream === "reconnecting" ? ["warn", "upstream reconnecting"] : ["ok", "streaming"];
     const title = params.length ? el("code", {}, s.path) : el("a", { href: s.path }, el("code", {}, s.path));
     return el(
       "li",
       {},
-      el("div", { class: "tg-head" }, title, el("span", { class: "tg-status", "data-tone": tone }, text)),
+      el("div", { class: "tg-head" }, title, s.upstream ? el("span", { class: "tg-status", "data-tone": tone }, text) : ""),
       el("div", { class: "tg-meta" }, meta.join(" · ")),
       s.error ? el("div", { class: "tg-problem" }, s.error) : "",
       params.length || filters.length ? openForm(doc, s.path, params, filters) : "",
@@ -322,4 +323,6 @@ const CSS = `
 .tg-form{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center}
 .tg-form input{font:inherit;padding:.15rem .4rem;width:10rem}
 .tg-form input:user-invalid{border-color:#d33}
+.tg-nav{margin-bottom:0}
+.tg-notice pre{white-space:pre-wrap;background:#fde0e0;color:#8f1d1d;padding:.6rem .8rem;border-radius:4px}
 `;

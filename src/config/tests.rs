@@ -345,6 +345,7 @@ fn secrets_never_sit_in_the_url() {
 fn reserved_and_malformed_names_are_rejected() {
     for (line, needle) in [
         ("path = \"/\"\nview = \"v\"", "reserved"),
+        ("path = \"/_tailgate/x\"\nview = \"v\"", "reserved"),
         ("path = \"x\"\nview = \"v\"", "start with"),
         ("path = \"/a\"\nview = \"v; DROP TABLE t\"", "relation name"),
         (

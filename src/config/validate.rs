@@ -14,7 +14,7 @@ use super::problems::Problems;
 use super::raw::{RawConfig, RawStream};
 use super::sql::{is_identifier, is_relation_name, is_reserved_word, read_only_query};
 use super::*;
-use crate::wire::{RESERVED_EVENTS, RESERVED_PATHS};
+use crate::wire::{is_reserved_path, RESERVED_EVENTS};
 
 impl RawConfig {
     pub(super) fn validate(self, path: &Path, p: &mut Problems<'_>) -> Option<Config> {
@@ -259,7 +259,7 @@ pub(super) fn validate_stream(
     let path = s.path.get_ref().clone();
     if !path.starts_with('/') {
         p.at(path_at, format!("path {path:?} must start with `/`"));
-    } else if RESERVED_PATHS.contains(&path.as_str()) {
+    } else if is_reserved_path(&path) {
         p.at(path_at, format!("path {path:?} is reserved by the gateway"));
     } else if path.len() > 1 && path.ends_with('/') {
         p.at(path_at, format!("path {path:?} must not end with `/`"));

@@ -1,7 +1,8 @@
 //! The HTTP side: a listener with a deep backlog, one task per connection, the
 //! event-stream fast path (`stream`), and hyper with the axum routers (`routes`) for
-//! everything else. Both serve a stream the same way: access control (`admission`),
-//! then the hub a client reads (`scope`: a scoped stream's channel).
+//! everything else, including the pages a browser gets (`pages`). Both serve a
+//! stream the same way: access control (`admission`), then the hub a client reads
+//! (`scope`: a scoped stream's channel).
 //!
 //! The accept loop is ours rather than `axum::serve` for four reasons: the listen
 //! backlog (tokio's default is 128); a connection cap whose answer keeps browsers
@@ -24,6 +25,7 @@ mod conn;
 mod head;
 mod limits;
 mod ops;
+mod pages;
 mod routes;
 mod scope;
 mod stream;

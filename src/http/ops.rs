@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::pages;
 use super::routes::{negotiate, AppState};
 use crate::config::{AuthMode, ClientErrors, Source};
 use crate::feed::Target;
@@ -78,13 +79,27 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The stream listing: JSON, or a small page when the client asks for HTML.
+/// The stream listing: JSON, or for a browser the index page, which renders this JSON.
 pub(super) async fn listing(
     state: Arc<AppState>,
     headers: HeaderMap,
     uri: Uri,
     audience: Audience,
 ) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let vary = [(header::VARY, "accept")];
+    match negotiate(accept, &["application/json", "text/html"]) {
+        Some(0) => {}
+        Some(_) => return pages::index(&headers),
+        None => {
+            return (
+                StatusCode::NOT_ACCEPTABLE,
+                vary,
+                "the listing is application/json or text/html\n",
+            )
+                .into_response()
+        }
+    }
     let routes = state.routes.load();
     let auth = state.auth.load_full();
     let guarded = audience != Audience::Operator && auth.mode() == AuthMode::Jwt;
@@ -154,65 +169,7 @@ pub(super) async fn listing(
             "last_reload_error": metrics.last_reload_error(),
         });
     }
-    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
-    let vary = [(header::VARY, "accept")];
-    match negotiate(accept, &["application/json", "text/html"]) {
-        Some(0) => return (vary, axum::Json(body)).into_response(),
-        Some(_) => {}
-        None => {
-            return (
-                StatusCode::NOT_ACCEPTABLE,
-                vary,
-                "the listing is application/json or text/html\n",
-            )
-                .into_response()
-        }
-    }
-    let mut page = String::from(
-        "<!doctype html><meta charset=utf-8><title>tailgate</title>\
-         <style>body{font:14px system-ui;margin:2em}td,th{padding:.3em .8em;text-align:left}</style>\
-         <h1>tailgate streams</h1><table><tr><th>path</th><th>source</th><th>event</th><th>clients</th><th>upstream</th></tr>",
-    );
-    for s in &streams {
-        let path = html_escape(s["path"].as_str().unwrap_or_default());
-        let source = html_escape(
-            s["view"]
-                .as_str()
-                .or_else(|| s["query"].as_str())
-                .unwrap_or_default(),
-        );
-        page.push_str(&format!(
-            "<tr><td><a href=\"{path}\">{path}</a></td><td><code>{source}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            html_escape(s["event"].as_str().unwrap_or_default()),
-            s["clients"],
-            html_escape(s["upstream"].as_str().unwrap_or_default()),
-        ));
-    }
-    page.push_str("</table>");
-    if let Some(err) = metrics
-        .last_reload_error()
-        .filter(|_| body.get("config").is_some())
-    {
-        page.push_str(&format!(
-            "<h2>Last reload failed</h2><pre>{}</pre>",
-            html_escape(&err)
-        ));
-    }
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::VARY, "accept"),
-        ],
-        page,
-    )
-        .into_response()
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    (vary, axum::Json(body)).into_response()
 }
 
 /// `/metrics`: the Prometheus text exposition.

@@ -21,7 +21,7 @@ use rand::Rng;
 use super::access::{Access, End};
 use super::conn::ConnInfo;
 use super::limits::{self, PerIp};
-use super::{admission, head, ops, scope, Listener};
+use super::{admission, head, ops, pages, scope, Listener};
 use crate::auth::Auth;
 use crate::config::ServerConfig;
 use crate::route::SharedRoutes;
@@ -53,7 +53,8 @@ pub(super) fn router(kind: Listener, state: Arc<AppState>) -> Router {
     let listing = move |State(state): State<Arc<AppState>>, headers: HeaderMap, uri: Uri| {
         ops::listing(state, headers, uri, audience)
     };
-    let mut router = Router::new().route("/", get(listing));
+    // The pages' files on both listeners: the admin listener's index page needs them.
+    let mut router = Router::new().route("/", get(listing)).merge(pages::files());
     if kind == Listener::Admin || !admin_elsewhere {
         router = router
             .route("/metrics", get(ops::metrics))
@@ -160,6 +161,10 @@ async fn stream(
             "streams are read with GET\n",
         )
             .into_response();
+    }
+    // A browser navigating to the stream gets its live page (static; it holds no data).
+    if let Some(page) = pages::for_stream(&headers) {
+        return page;
     }
     let server = state.server.load_full();
     let client = limits::client_ip(

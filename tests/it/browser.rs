@@ -13,9 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::support::devtools::{have_chromium, CHROMIUM};
 use crate::support::{items_truth, TestGateway, ITEMS_STREAM, WAIT};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
 
 const PAGE: &str = r#"<!doctype html><meta charset=utf-8><title>tailgate</title><script>
 const rows = new Map();
@@ -53,7 +52,7 @@ async fn page_server(
 
 /// Serves `page` (with `headers`, each ending in CRLF) on `listener` and collects the
 /// page's reports (`POST /report`).
-fn serve_page(
+pub(crate) fn serve_page(
     listener: TcpListener,
     page: String,
     headers: String,
@@ -118,7 +117,7 @@ fn serve_page(
 }
 
 /// Headless Chromium opening `page`; killed when the child is dropped.
-fn chromium(page: std::net::SocketAddr) -> (tokio::process::Child, tempfile::TempDir) {
+pub(crate) fn chromium(page: std::net::SocketAddr) -> (tokio::process::Child, tempfile::TempDir) {
     let profile = tempfile::tempdir().expect("profile dir");
     let browser = tokio::process::Command::new(CHROMIUM)
         .args([
@@ -143,31 +142,17 @@ fn chromium(page: std::net::SocketAddr) -> (tokio::process::Child, tempfile::Tem
     (browser, profile)
 }
 
-/// Whether Chromium is there; a missing one fails the test unless explicitly skipped.
-fn have_chromium() -> bool {
-    if std::path::Path::new(CHROMIUM).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("TAILGATE_SKIP_BROWSER").is_some_and(|v| v == "1"),
-        "{CHROMIUM} is missing: install Chromium (.ci/run does), \
-         or set TAILGATE_SKIP_BROWSER=1 to skip this test"
-    );
-    eprintln!("{CHROMIUM} missing and TAILGATE_SKIP_BROWSER=1: skipping");
-    false
-}
-
 /// The page's reports, newest first.
-struct Reports {
-    rx: mpsc::UnboundedReceiver<Value>,
+pub(crate) struct Reports {
+    pub(crate) rx: mpsc::UnboundedReceiver<Value>,
     /// The report with the highest `seq` so far (`Null` before the first).
-    latest: Value,
+    pub(crate) latest: Value,
 }
 
 impl Reports {
     /// Reads reports until the newest satisfies `done`, failing the test at `deadline`.
     /// Reports older than the latest (they overtook each other) are dropped.
-    async fn until(
+    pub(crate) async fn until(
         &mut self,
         what: &str,
         deadline: tokio::time::Instant,
@@ -189,7 +174,7 @@ impl Reports {
 }
 
 /// The page's rows, canonicalised like the test's truth.
-fn page_rows(report: &Value) -> Vec<(String, i64)> {
+pub(crate) fn page_rows(report: &Value) -> Vec<(String, i64)> {
     let mut rows: HashMap<String, i64> = HashMap::new();
     for entry in report["rows"].as_array().into_iter().flatten() {
         let row: Value =

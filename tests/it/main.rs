@@ -7,6 +7,7 @@ mod engine;
 mod faults;
 mod gateway;
 mod ops;
+mod pages;
 mod reload;
 mod scoped;
 mod support;

@@ -117,6 +117,16 @@ async fn readiness_follows_the_first_snapshot_and_the_upstream() {
     let full: Value = serde_json::from_str(&full).expect("json");
     assert_eq!(full["streams"][0]["view"], "items_v");
     assert!(full.get("config").is_some());
+    // Both listeners' index pages, and the files they load.
+    for listener in [addr, admin] {
+        let (status, page) = get(listener, "/", &[("accept", "text/html")]).await;
+        assert_eq!(status, 200);
+        assert!(page.contains("/_tailgate/index-page.js"), "{page}");
+        for file in ["index-page.js", "live.js", "tailgate.js"] {
+            let path = format!("/_tailgate/{file}");
+            assert_eq!(get(listener, &path, &[]).await.0, 200, "{listener} {path}");
+        }
+    }
     let mut client = SseClient::connect(addr, "/items", &[]).await;
     assert_eq!(client.status, 200);
     client.next_data_event(WAIT).await;

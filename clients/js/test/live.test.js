@@ -164,3 +164,10 @@ test("an empty index says so", () => {
   mountIndex(doc.body, []);
   assert.equal(doc.body.all("p")[0].textContent, "No streams are configured.");
 });
+
+test("an entry of the public listing shows what it has: path, event and key", () => {
+  const doc = fakeDocument();
+  mountIndex(doc.body, [{ path: "/sensors", event: "new_message", key: null }]);
+  assert.ok(doc.body.texts().includes("event new_message"));
+  assert.ok(!doc.body.texts().some((t) => /undefined|client|streaming/.test(t)), doc.body.texts().join("|"));
+});

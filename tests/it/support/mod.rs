@@ -2,6 +2,7 @@
 //! with the crate's spec parser, a model client that applies events, and waiting for
 //! conditions under a timeout.
 
+pub mod devtools;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -300,6 +301,27 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16
         .expect("body")
         .to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A GET with `headers`, body collected: the status, the response headers and the body.
+pub async fn get_full(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, String) {
+    let resp = request(addr, path, headers).await;
+    let status = resp.status().as_u16();
+    let response_headers = resp.headers().clone();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        response_headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// An SSE client over real HTTP, parsing with the crate's spec parser.
