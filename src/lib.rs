@@ -45,6 +45,7 @@ pub mod feed;
 pub mod gateway;
 pub mod http;
 pub mod hub;
+pub mod mux;
 pub mod reload;
 pub mod route;
 pub mod row;

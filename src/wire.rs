@@ -100,6 +100,16 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    pub const ALL: [EndReason; 7] = [
+        EndReason::Removed,
+        EndReason::Shutdown,
+        EndReason::Overloaded,
+        EndReason::TokenExpired,
+        EndReason::Forbidden,
+        EndReason::Reconfigured,
+        EndReason::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Removed => "removed",

@@ -151,6 +151,8 @@ pub struct ServerConfig {
     /// Send `Access-Control-Allow-Credentials: true` to the listed origins, so pages
     /// on them can authenticate with a cookie.
     pub cors_credentials: bool,
+    /// Streams one `/_tailgate/mux` request may carry.
+    pub mux_max_streams: usize,
 }
 
 /// How log lines are written.

@@ -26,6 +26,7 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) overload_retry: Option<Spanned<String>>,
     pub(super) cors_credentials: Option<Spanned<bool>>,
+    pub(super) mux_max_streams: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -98,6 +98,18 @@ impl RawConfig {
                 "overload_retry",
             ),
             cors_credentials,
+            mux_max_streams: match count(p, &s.mux_max_streams, 16, "mux_max_streams") {
+                n if n > MAX_MUX_STREAMS => {
+                    if let Some(v) = &s.mux_max_streams {
+                        p.at(
+                            v.span().start,
+                            format!("`mux_max_streams` must be at most {MAX_MUX_STREAMS}"),
+                        );
+                    }
+                    16
+                }
+                n => n,
+            },
         };
 
         let u = self.upstream.unwrap_or_default();
@@ -584,6 +596,10 @@ pub(super) fn positive(
     }
     d
 }
+
+/// The most streams a mux may be allowed: each is a subscription, a held-event queue
+/// and a re-encoding per connection.
+const MAX_MUX_STREAMS: usize = 256;
 
 pub(super) fn count(
     p: &mut Problems<'_>,

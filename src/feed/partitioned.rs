@@ -294,7 +294,6 @@ impl Partitioned {
         }
         let first = inner.ts.is_none();
         inner.ts = Some(ts);
-        self.clock.store(ts, Ordering::Relaxed);
         for (key, channel) in &inner.channels {
             let state = self.channel_state(&inner, &resolved, key);
             if resync && !first {
@@ -303,6 +302,8 @@ impl Partitioned {
                 channel.hub.load_snapshot(ts, state, reason);
             }
         }
+        // Only now: a channel at `ts` by the clock must already hold its events.
+        self.clock.store(ts, Ordering::Release);
     }
 
     /// Routes the changes of the timestamps `[min_ts, id]` to their partitions and
@@ -397,7 +398,7 @@ impl Partitioned {
             }
         }
         inner.ts = Some(id);
-        self.clock.store(id, Ordering::Relaxed);
+        self.clock.store(id, Ordering::Release);
     }
 
     /// Moves the stream's timestamp on when a timestamp closed with no changes.
@@ -405,7 +406,7 @@ impl Partitioned {
         let mut inner = self.lock();
         if inner.ts.is_some_and(|t| ts > t) {
             inner.ts = Some(ts);
-            self.clock.store(ts, Ordering::Relaxed);
+            self.clock.store(ts, Ordering::Release);
         }
     }
 

@@ -24,6 +24,7 @@ mod admission;
 mod conn;
 mod head;
 mod limits;
+mod mux;
 mod ops;
 mod pages;
 mod routes;

@@ -21,7 +21,7 @@ use rand::Rng;
 use super::access::{Access, End};
 use super::conn::ConnInfo;
 use super::limits::{self, PerIp};
-use super::{admission, head, ops, pages, scope, Listener};
+use super::{admission, head, mux, ops, pages, scope, Listener};
 use crate::auth::Auth;
 use crate::config::ServerConfig;
 use crate::route::SharedRoutes;
@@ -63,7 +63,7 @@ pub(super) fn router(kind: Listener, state: Arc<AppState>) -> Router {
             .route("/readyz", get(ops::ready));
     }
     let router = match kind {
-        Listener::Public => router.fallback(stream),
+        Listener::Public => router.route(mux::PATH, get(mux::serve)).fallback(stream),
         Listener::Admin => router,
     };
     router
@@ -119,7 +119,7 @@ async fn conformance(
 
 /// The answer to a CORS preflight: the methods and headers a stream request may use.
 fn preflight(state: &AppState, path: &str) -> Response {
-    let known = path == "/" || state.routes.load().find(path).is_some();
+    let known = path == "/" || path == mux::PATH || state.routes.load().find(path).is_some();
     if !known {
         return (StatusCode::NOT_FOUND, "no such stream\n").into_response();
     }
@@ -287,7 +287,7 @@ async fn stream(
 
 /// The answer to a request access control refused: `401` (with its challenge) or
 /// `403`, and a short JSON body that never echoes the token.
-fn refused(denial: crate::auth::Denial) -> Response {
+pub(super) fn refused(denial: crate::auth::Denial) -> Response {
     let mut response = (
         StatusCode::from_u16(denial.status()).unwrap_or(StatusCode::FORBIDDEN),
         [
@@ -307,7 +307,7 @@ fn refused(denial: crate::auth::Denial) -> Response {
 }
 
 /// A stream response: the wire contract's headers around `body`.
-fn stream_response(body: Body) -> Response {
+pub(super) fn stream_response(body: Body) -> Response {
     let mut response = Response::new(body);
     for (name, value) in wire::STREAM_HEADERS {
         response
@@ -319,7 +319,7 @@ fn stream_response(body: Body) -> Response {
 
 /// The answer to a request a scoped stream refused: `400` or `403` with a short JSON
 /// body, or the overload answer.
-fn refused_scope(
+pub(super) fn refused_scope(
     server: &ServerConfig,
     headers: &HeaderMap,
     refused: scope::Refused,
@@ -346,7 +346,7 @@ fn refused_scope(
 
 /// The overload answer: the event stream that sends the browser away for a while
 /// (ending with `reason`), or `503` with `Retry-After` for anything else.
-fn overloaded(
+pub(super) fn overloaded(
     server: &ServerConfig,
     headers: &HeaderMap,
     mut access: Option<Access>,
@@ -375,7 +375,7 @@ fn overloaded(
 }
 
 /// The resume point: the `Last-Event-ID` header, else `?last_event_id=`.
-fn resume_from(headers: &HeaderMap, uri: &Uri) -> Resume {
+pub(super) fn resume_from(headers: &HeaderMap, uri: &Uri) -> Resume {
     resume(
         headers.get("last-event-id").map(HeaderValue::as_bytes),
         uri.query(),

@@ -164,7 +164,7 @@ impl Hub {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(clock) = &self.clock {
-            let ts = clock.load(Ordering::Relaxed);
+            let ts = clock.load(Ordering::Acquire);
             if inner.state.is_some() && ts > inner.state_ts {
                 inner.state_ts = ts;
                 inner.state_changed();

@@ -111,6 +111,55 @@ impl Subscription {
         false
     }
 
+    /// Waits until the hub may have something new for this client (or it ended);
+    /// [`Subscription::drain`] then takes it. For a reader of several hubs at once.
+    pub async fn changed(&mut self) {
+        if !self.first.is_empty() || self.ended {
+            return;
+        }
+        if self.rx.changed().await.is_err() {
+            self.ended = true;
+        }
+    }
+
+    /// Takes everything the hub has for this client now, without waiting, and the
+    /// timestamp the hub's state is at (`None` before its first snapshot). Every
+    /// event with an id up to that timestamp is in `out` or was taken before: both
+    /// are read under one lock. Returns false once the stream has ended.
+    pub fn drain(&mut self, out: &mut Vec<Bytes>) -> (bool, Option<u64>) {
+        out.append(&mut self.first);
+        // Marked seen before the lock: anything pushed after the catch-up wakes
+        // `changed` again.
+        self.rx.borrow_and_update();
+        let mut inner = self.hub.lock();
+        if !self.ended {
+            self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
+            self.resumed &= inner.state.is_none();
+        }
+        if inner.rechecks != self.checked {
+            self.checked = inner.rechecks;
+            self.recheck = true;
+        }
+        let ts = inner.state.as_ref().map(|_| inner.state_ts);
+        (!self.ended, ts)
+    }
+
+    /// Skips to the head of the ring with a `snapshot(lagged)`: for a reader that
+    /// holds frames of its own and fell too far behind with them.
+    pub fn skip_to_snapshot(&mut self, out: &mut Vec<Bytes>) {
+        let mut inner = self.hub.lock();
+        self.hub.stats.lagged.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = inner.snapshot(Reason::Lagged) {
+            out.push(s);
+        }
+        self.pos = inner.head();
+    }
+
+    /// Whether a recheck is waiting to be taken, without taking it.
+    pub fn recheck_pending(&self) -> bool {
+        self.recheck
+    }
+
     /// Whether the rules that admit clients changed since the last call: the caller
     /// checks its credentials again.
     pub fn take_recheck(&mut self) -> bool {
