@@ -121,7 +121,10 @@ impl Page {
             assert!(id > last, "group ids grow: {last} then {id}");
         }
         for (stream, name, data) in std::mem::take(&mut self.pending) {
-            let ts: u64 = data["ts"].as_str().and_then(|t| t.parse().ok()).expect("ts");
+            let ts: u64 = data["ts"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("ts");
             assert!(ts <= id, "an event at {ts} released in the group of {id}");
             let rows = self.rows.entry(stream.clone()).or_default();
             if name == "snapshot" {
@@ -175,8 +178,7 @@ impl Page {
     /// Reads until the page holds `truth` rows at a group end.
     async fn converge(&mut self, truth: i64) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !(self.pending.is_empty() && self.last_id.is_some() && self.cut() == (truth, truth))
-        {
+        while !(self.pending.is_empty() && self.last_id.is_some() && self.cut() == (truth, truth)) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             assert!(
                 !left.is_zero(),
@@ -248,7 +250,11 @@ async fn rows_and_their_count_agree_at_every_id_and_across_a_resume() {
     page.until_cuts(1).await;
     assert_eq!(page.cut(), (3, 3));
     let first: Vec<&str> = page.snapshots.iter().map(|(s, _)| s.as_str()).collect();
-    assert_eq!(first, ["/count", "/rows"], "both snapshots in the first group");
+    assert_eq!(
+        first,
+        ["/count", "/rows"],
+        "both snapshots in the first group"
+    );
 
     let write = writer(gw.sql().await, 1, 150);
     page.until_cuts(20).await;
@@ -258,7 +264,12 @@ async fn rows_and_their_count_agree_at_every_id_and_across_a_resume() {
     let db = write.await.expect("writer");
     let truth = count(&db).await;
     page.converge(truth).await;
-    assert_eq!(page.snapshots.len(), 2, "resumed without a snapshot: {:?}", page.snapshots);
+    assert_eq!(
+        page.snapshots.len(),
+        2,
+        "resumed without a snapshot: {:?}",
+        page.snapshots
+    );
     eprintln!("mux: {} + {} consistent groups", cuts, page.cuts);
 }
 
@@ -277,7 +288,11 @@ async fn the_cut_holds_across_an_upstream_link_reset() {
     proxy.set(Mode::Refuse);
     proxy.cut_all(true);
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !page.statuses.iter().any(|s| s["upstream"] == "reconnecting") {
+    while !page
+        .statuses
+        .iter()
+        .any(|s| s["upstream"] == "reconnecting")
+    {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         assert!(!left.is_zero(), "no reconnecting status");
         page.read(left).await;
@@ -320,12 +335,28 @@ async fn a_lagged_snapshot_keeps_the_cut() {
 async fn a_mux_is_refused_as_its_streams_would_be() {
     let gw = embedded("mux_max_streams = 3\n", STREAMS).await;
     let cases: [(&str, u16, &str); 6] = [
-        ("/_tailgate/mux?s=/rows&s=/nothing", 404, "\"stream\":\"/nothing\""),
-        ("/_tailgate/mux?s=/rows&s=/by/x", 400, "\"parameter\":\"id\""),
+        (
+            "/_tailgate/mux?s=/rows&s=/nothing",
+            404,
+            "\"stream\":\"/nothing\"",
+        ),
+        (
+            "/_tailgate/mux?s=/rows&s=/by/x",
+            400,
+            "\"parameter\":\"id\"",
+        ),
         ("/_tailgate/mux?s=/rows&s=/rows", 400, "twice"),
-        ("/_tailgate/mux?s=/rows&s=/count&s=/by/1&s=/by/2", 400, "more than 3"),
+        (
+            "/_tailgate/mux?s=/rows&s=/count&s=/by/1&s=/by/2",
+            400,
+            "more than 3",
+        ),
         ("/_tailgate/mux", 400, "names no stream"),
-        ("/_tailgate/mux?s=/rows&stream=/count", 400, "\"parameter\":\"stream\""),
+        (
+            "/_tailgate/mux?s=/rows&stream=/count",
+            400,
+            "\"parameter\":\"stream\"",
+        ),
     ];
     for (path, status, needle) in cases {
         let (got, _, body) = get_full(gw.addr, path, &[]).await;
@@ -348,4 +379,88 @@ async fn a_mux_is_refused_as_its_streams_would_be() {
     }
     labels.sort();
     assert_eq!(labels, ["/by/2", "/count"]);
+}
+
+/// A page on another origin following ten partitions with one `subscribe([...])`,
+/// which `tailgate.js` opens as one mux: it reports each stream's `qty` values.
+const TEN_PAGE: &str = r#"<!doctype html><meta charset=utf-8><title>ten streams</title>
+<script type="module">
+import { subscribe } from "GATEWAY/_tailgate/tailgate.js";
+const paths = Array.from({ length: 10 }, (_, i) => `/by/${i + 1}`);
+const seen = { seq: 0, groups: 0, qty: {}, errors: [] };
+const report = () => { seen.seq++; fetch("/report", { method: "POST", body: JSON.stringify(seen) }); };
+subscribe(paths, {
+  base: "GATEWAY",
+  onChange(rows, info) {
+    seen.groups++;
+    for (const [path, list] of rows) seen.qty[path] = list.map((r) => r.qty);
+    report();
+  },
+  onStatus(st) { if (st.error) { seen.errors.push(st.error); report(); } },
+  onEnd(reason) { seen.errors.push(reason); report(); },
+});
+</script>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_follows_ten_streams_over_one_mux() {
+    if !crate::support::devtools::have_chromium() {
+        return;
+    }
+    let init = "CREATE TABLE t (id int, v int);\nCREATE VIEW rows_v AS SELECT id, v FROM t;\n\
+        CREATE TABLE items (id int, name text, qty int);\n\
+        CREATE VIEW items_v AS SELECT id, name, qty FROM items;\n";
+    let streams = "[[streams]]\npath = \"/by/{id}\"\nview = \"items_v\"\n";
+    let body = embedded_body("cors_origins = [\"*\"]\n", streams);
+    let gw = TestGateway::start(&body, &[("init.sql", init)]).await;
+    ready(gw.addr).await;
+    let db = gw.sql().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let page = listener.local_addr().expect("addr");
+    let rx = crate::browser::serve_page(
+        listener,
+        TEN_PAGE.replace("GATEWAY", &format!("http://{}", gw.addr)),
+        String::new(),
+    );
+    let mut reports = crate::browser::Reports {
+        rx,
+        latest: Value::Null,
+    };
+    let (_browser, _profile) = crate::browser::chromium(page);
+    let all = |r: &Value, qty: i64| {
+        (1..=10).all(|i| r["qty"][format!("/by/{i}")] == serde_json::json!([qty + i]))
+    };
+    // Written after the page subscribed (or before: a snapshot carries them then),
+    // and again once every stream shows them: all ten stay live.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    reports
+        .until("a first group", deadline, |r| {
+            r["groups"].as_u64() >= Some(1)
+        })
+        .await;
+    let values: Vec<String> = (1..=10)
+        .map(|i| format!("({i}, 'n{i}', {})", 100 + i))
+        .collect();
+    db.batch_execute(&format!("INSERT INTO items VALUES {}", values.join(", ")))
+        .await
+        .expect("insert");
+    reports
+        .until("every stream's row", deadline, |r| all(r, 100))
+        .await;
+    for i in 1..=10 {
+        db.batch_execute(&format!(
+            "UPDATE items SET qty = {} WHERE id = {i}",
+            200 + i
+        ))
+        .await
+        .expect("update");
+    }
+    let latest = reports
+        .until("every stream's update", deadline, |r| all(r, 200))
+        .await;
+    assert_eq!(latest["errors"], serde_json::json!([]), "{latest}");
+    // Without the mux, the seventh stream would wait for one of Chromium's six
+    // connections to the gateway's origin forever.
+    eprintln!("ten streams over one mux: {} groups", latest["groups"]);
 }
