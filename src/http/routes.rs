@@ -346,7 +346,7 @@ fn refused_scope(
 
 /// The overload answer: the event stream that sends the browser away for a while
 /// (ending with `reason`), or `503` with `Retry-After` for anything else.
-fn overloaded(
+pub(super) fn overloaded(
     server: &ServerConfig,
     headers: &HeaderMap,
     mut access: Option<Access>,
