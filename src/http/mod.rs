@@ -17,7 +17,8 @@
 //! routes (`/metrics`, `/livez`, `/readyz`, the full listing) move to a second
 //! listener. With `[server] tls`, the public listener speaks HTTPS only, HTTP/2 or
 //! HTTP/1.1 by ALPN, through hyper (`tls`, `h2`); the admin listener stays plain
-//! HTTP, for probes and scrapes on a private address. Connection tasks live in their server's task tracker. When shutdown
+//! HTTP, for probes and scrapes on a private address. Connection tasks live in their
+//! server's task tracker. When shutdown
 //! starts, the loops stop accepting and ask every connection to finish its response
 //! and close; event streams end because every hub sends `end` first.
 
@@ -116,6 +117,9 @@ pub async fn serve(
         }
         let _ = socket.set_nodelay(true);
         metrics.connections.fetch_add(1, Ordering::Relaxed);
+        if kind == Listener::Public {
+            metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        }
         let router = router.clone();
         let shutdown = shutdown.clone();
         let state = Arc::clone(&state);

@@ -118,6 +118,9 @@ pub struct Metrics {
     /// The last reload error, rendered with file, line and column.
     pub reload_error: Mutex<Option<String>>,
     pub connections: AtomicUsize,
+    /// Connections the public listener took in (not those refused over
+    /// `max_connections`): tells how many sockets a set of streams needed.
+    pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     /// Over-limit connections being answered right now.
     pub refusing: AtomicUsize,
@@ -144,6 +147,7 @@ impl Default for Metrics {
             reloads_failed: AtomicU64::new(0),
             reload_error: Mutex::new(None),
             connections: AtomicUsize::new(0),
+            connections_accepted: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             refusing: AtomicUsize::new(0),
             refusals: Default::default(),
@@ -216,6 +220,12 @@ impl Metrics {
         );
         let connections = self.connections.load(r) as u64;
         single(&mut out, "http_connections", "gauge", connections);
+        single(
+            &mut out,
+            "http_connections_accepted_total",
+            "counter",
+            self.connections_accepted.load(r),
+        );
         single(
             &mut out,
             "http_connections_refused_total",

@@ -6,6 +6,7 @@ mod cli;
 mod engine;
 mod faults;
 mod gateway;
+mod https;
 mod ops;
 mod pages;
 mod reload;
