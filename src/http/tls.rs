@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Request, Response};
+use axum::http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -229,7 +229,7 @@ fn overload_answer(
             routes::overloaded(&server, headers, Some(access), EndReason::Overloaded)
         }
         // Not a stream: `503`, whatever it accepts.
-        None => routes::overloaded(&server, &HeaderMap::new(), None, EndReason::Overloaded),
+        None => routes::unavailable(&server, EndReason::Overloaded),
     };
     for (name, value) in cors {
         if let Ok(value) = HeaderValue::from_str(&value) {

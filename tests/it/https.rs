@@ -170,10 +170,21 @@ async fn get_on(
     addr: SocketAddr,
     path: &str,
 ) -> hyper::Response<hyper::body::Incoming> {
-    let request = hyper::Request::get(format!("https://localhost:{}{path}", addr.port()))
-        .header("accept", "text/event-stream")
-        .body(Empty::new())
-        .expect("request");
+    get_with(send, addr, path, &[]).await
+}
+
+async fn get_with(
+    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> hyper::Response<hyper::body::Incoming> {
+    let mut request = hyper::Request::get(format!("https://localhost:{}{path}", addr.port()))
+        .header("accept", "text/event-stream");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Empty::new()).expect("request");
     tokio::time::timeout(WAIT, send.send_request(request))
         .await
         .expect("response head in time")
@@ -203,6 +214,28 @@ async fn text_on(
         .expect("body")
         .to_bytes();
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Waits until `/readyz` answers `200` on this connection: a template's partitions
+/// take clients once its relation is described.
+async fn wait_ready(
+    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    addr: SocketAddr,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let response = get_on(send, addr, "/readyz").await;
+        let status = response.status();
+        let _ = tokio::time::timeout(WAIT, response.into_body().collect()).await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready within {WAIT:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn execute(sql: &tokio_postgres::Client, statement: &str) {
@@ -243,6 +276,7 @@ async fn twenty_streams_share_one_http2_connection_and_converge() {
     let mut gw = gateway(&ca.leaf(1), "", STREAMS).await;
     let sql = gw.sql().await;
     let mut send = h2(gw.addr, &ca).await;
+    wait_ready(&mut send, gw.addr).await;
 
     let mut clients = Vec::new();
     for grp in 0..20 {
@@ -289,6 +323,21 @@ async fn twenty_streams_share_one_http2_connection_and_converge() {
     );
     assert_eq!(gw.metrics.connections_accepted.load(Ordering::Relaxed), 1);
 
+    // Resume on the same connection: the changes after the id, no snapshot.
+    let last = clients[5].2.last_id.expect("an id").to_string();
+    execute(&sql, "INSERT INTO items VALUES (5, 55, 'while away')").await;
+    let mut resumed = SseClient::from_response(
+        get_with(&mut send, gw.addr, "/g/5", &[("last-event-id", &last)]).await,
+    );
+    assert_eq!(resumed.status, 200);
+    let first = resumed.next_data_event(WAIT).await;
+    assert_eq!(first.event, "update", "{first:?}");
+    assert!(first.data.contains("while away"), "{first:?}");
+    drop(resumed);
+    let (_, client, model) = &mut clients[5];
+    let truth = partition(&sql, 5).await;
+    converge(client, model, "update", |m| m.sorted() == truth).await;
+
     // Shutdown: every stream hears `end` and closes; the gateway stops in time.
     gw.shutdown.cancel();
     for (grp, client, _) in &mut clients {
@@ -311,6 +360,7 @@ async fn a_certificate_swapped_on_disk_serves_new_connections_and_spares_open_st
     assert_eq!(served_leaf(gw.addr, &ca).await, first.der);
 
     let mut send = h2(gw.addr, &ca).await;
+    wait_ready(&mut send, gw.addr).await;
     let mut open = stream_on(&mut send, gw.addr, "/g/3").await;
     let mut model = initial(&mut open).await;
     assert!(model.rows.is_empty());
@@ -403,6 +453,7 @@ async fn an_http1_only_tls_client_gets_its_stream() {
     let ca = Ca::new();
     let gw = gateway(&ca.leaf(1), "", STREAMS).await;
     let sql = gw.sql().await;
+    wait_ready(&mut h2(gw.addr, &ca).await, gw.addr).await;
     let tls = connect(gw.addr, ca.client(&[b"http/1.1"])).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -429,7 +480,58 @@ async fn an_http1_only_tls_client_gets_its_stream() {
     // No ALPN at all is HTTP/1.1 too.
     let tls = connect(gw.addr, ca.client(&[])).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), None);
-    assert_eq!(gw.metrics.http2_connections.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_over_max_connections_gets_the_overload_answer() {
+    let ca = Ca::new();
+    let gw = gateway(
+        &ca.leaf(1),
+        "max_connections = 1\noverload_retry = \"1s\"\n",
+        STREAMS,
+    )
+    .await;
+    let mut held = h2(gw.addr, &ca).await;
+    wait_ready(&mut held, gw.addr).await;
+    let mut open = stream_on(&mut held, gw.addr, "/g/0").await;
+    initial(&mut open).await;
+
+    // HTTP/2: `200`, `retry` and `end(overloaded)`, then the connection closes.
+    let mut send = h2(gw.addr, &ca).await;
+    let mut refused = SseClient::from_response(get_on(&mut send, gw.addr, "/g/0").await);
+    assert_eq!(refused.status, 200);
+    let read = refused.expect_closed(WAIT).await;
+    assert!(
+        read.iter().any(|i| matches!(i, Item::Event(e)
+            if e.event == "end" && e.data.contains("overloaded"))),
+        "{read:?}"
+    );
+    // HTTP/1.1 over TLS: the same, and `503` for anything else.
+    let tls = connect(gw.addr, ca.client(&[b"http/1.1"])).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let request = hyper::Request::get("/livez")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = tokio::time::timeout(WAIT, send.send_request(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(gw.metrics.connections_accepted.load(Ordering::Relaxed), 1);
+    // The admitted connection still streams.
+    let sql = gw.sql().await;
+    execute(&sql, "INSERT INTO items VALUES (0, 70, 'still here')").await;
+    open.wait_item(
+        "the new row",
+        WAIT,
+        |i| matches!(i, Item::Event(e) if e.event == "update" && e.data.contains("still here")),
+    )
+    .await;
 }
 
 #[test]
@@ -488,6 +590,7 @@ async fn chromium_keeps_ten_streams_live_over_http2() {
     let leaf = ca.leaf(1);
     let gw = gateway(&leaf, "", STREAMS).await;
     let sql = gw.sql().await;
+    wait_ready(&mut h2(gw.addr, &ca).await, gw.addr).await;
     // The pin trusts exactly the test key, nothing else.
     let mut browser = Browser::launch_with(
         900,
@@ -550,5 +653,8 @@ async fn chromium_keeps_ten_streams_live_over_http2() {
     }
     // All ten on HTTP/2, on as few sockets as Chromium chose (one, as a rule).
     assert!(gw.metrics.http2_streams.load(Ordering::Relaxed) >= 10);
-    assert_eq!(gw.metrics.http2_connections.load(Ordering::Relaxed), 1);
+    wait_for("Chromium's one HTTP/2 connection", WAIT, || async {
+        (gw.metrics.http2_connections.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
 }
