@@ -12,19 +12,20 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::auth::{Auth, AuthError};
-use crate::config::{Config, UpstreamTarget};
+use crate::config::{Config, PairFiles, UpstreamTarget};
 use crate::error::error_chain;
 use crate::http::{self, AppState};
 use crate::reload::{self, Trigger};
 use crate::route::{self, SharedRoutes};
 use crate::supervisor::Supervisor;
 use crate::telemetry::Metrics;
+use crate::tls::Certificates;
 use crate::upstream::{ConnectError, Target};
 use tailgate_engine::{self as engine, EngineConfig, RunningEngine, Scheduled};
 
@@ -42,6 +43,8 @@ pub enum GatewayError {
     Upstream(#[from] ConnectError),
     #[error("access control cannot start")]
     Auth(#[from] AuthError),
+    #[error("the TLS certificate cannot be used")]
+    Tls(#[from] crate::tls::PairError),
 }
 
 pub struct Gateway {
@@ -63,6 +66,14 @@ pub struct Gateway {
     watcher: reload::WatcherGuard,
     /// Stops the running access control's key tasks when a reload replaces it.
     auth_tasks: CancellationToken,
+    /// The public listener's TLS, when `[server] tls` is set.
+    tls: Option<Tls>,
+}
+
+/// The public listener's certificate, and where its watcher is told of other files.
+struct Tls {
+    certs: Arc<Certificates>,
+    files: watch::Sender<PairFiles>,
 }
 
 impl Gateway {
@@ -119,6 +130,22 @@ impl Gateway {
             None => None,
         };
 
+        // Loaded before anything starts: a pair that went bad since validation stops
+        // the start here.
+        let tls = match &config.server.tls {
+            Some(files) => {
+                let certs = Certificates::load(files.clone())?;
+                let (files, watched) = watch::channel(files.clone());
+                tracker.spawn(crate::tls::watch(
+                    Arc::clone(&certs),
+                    watched,
+                    inner.clone(),
+                ));
+                Some(Tls { certs, files })
+            }
+            None => None,
+        };
+
         let supervisor =
             Supervisor::start(&config, Arc::clone(&target), inner.clone(), tracker.clone());
         let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(supervisor.routes()));
@@ -129,10 +156,14 @@ impl Gateway {
         ));
         let auth_tasks = inner.child_token();
         let auth = Auth::start(&config.auth, &auth_tasks, &tracker).await?;
+        let metrics = Arc::new(Metrics::default());
+        if let Some(tls) = &tls {
+            let _ = metrics.tls.set(Arc::clone(&tls.certs));
+        }
         let state = Arc::new(AppState {
             auth: ArcSwap::new(auth),
             routes,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             server: ArcSwap::from_pointee(config.server.clone()),
             config_path: config.source.clone(),
             per_ip: Arc::new(http::PerIp::default()),
@@ -151,6 +182,7 @@ impl Gateway {
         info!(
             %addr,
             admin = %admin_addr,
+            tls = tls.is_some(),
             streams = config.streams.len(),
             "Gateway listening."
         );
@@ -168,6 +200,7 @@ impl Gateway {
             triggers,
             watcher,
             auth_tasks,
+            tls,
         })
     }
 
@@ -209,6 +242,7 @@ impl Gateway {
             mut triggers,
             watcher,
             auth_tasks,
+            tls,
             ..
         } = self;
         let grace = config.server.shutdown_grace;
@@ -216,14 +250,17 @@ impl Gateway {
             listener,
             http::Listener::Public,
             Arc::clone(&state),
+            tls.as_ref().map(|t| t.certs.server_config()),
             shutdown.clone(),
             grace,
         ));
+        // Plain HTTP: probes and scrapes on a private address (see `http`).
         let admin = admin.map(|(admin, _)| {
             tokio::spawn(http::serve(
                 admin,
                 http::Listener::Admin,
                 Arc::clone(&state),
+                None,
                 shutdown.clone(),
                 grace,
             ))
@@ -236,6 +273,7 @@ impl Gateway {
             auth_tasks,
             inner: inner.clone(),
             tracker: tracker.clone(),
+            tls_files: tls.map(|t| t.files),
         };
         loop {
             tokio::select! {
@@ -280,6 +318,8 @@ struct Control {
     auth_tasks: CancellationToken,
     inner: CancellationToken,
     tracker: TaskTracker,
+    /// Tells the certificate watcher of other files named by a reload.
+    tls_files: Option<watch::Sender<PairFiles>>,
 }
 
 impl Control {
@@ -316,6 +356,17 @@ impl Control {
         let routes = Arc::new(self.supervisor.routes());
         self.state.routes.store(Arc::clone(&routes));
         self.state.server.store(Arc::new(config.server.clone()));
+        // Validated as a pair already; the watcher loads it (or reports it, if it went
+        // bad since) for the next handshake.
+        if let (Some(tx), Some(files)) = (&self.tls_files, &config.server.tls) {
+            tx.send_if_modified(|current| {
+                let changed = current != files;
+                if changed {
+                    *current = files.clone();
+                }
+                changed
+            });
+        }
         // After both swaps, so a connection that checks again sees the new rules.
         for (path, route) in routes.iter() {
             let rules_changed = before.get(path).is_some_and(|old| {

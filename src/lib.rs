@@ -21,8 +21,9 @@
 //!
 //! - [`gateway`]: wiring: the engine, the listener, the supervisor, the HTTP server,
 //!   the reload loop and shutdown.
-//! - [`http`]: the listener, connection deadlines, the event-stream fast path, handlers,
-//!   and the pages and browser client the gateway serves (`clients/js/` compiled in).
+//! - [`http`]: the listener, connection deadlines, the event-stream fast path, TLS with
+//!   HTTP/2 and HTTP/1.1, handlers, and the pages and browser client the gateway
+//!   serves (`clients/js/` compiled in).
 //! - [`reload`]: file watching, SIGHUP, the fallback poll, and checking a new file.
 //! - [`supervisor`]: the running streams; applies a new config as a per-stream diff.
 //! - [`route`]: the route table the HTTP layer reads, and the heartbeat task.
@@ -31,6 +32,8 @@
 //! - [`hub`]: per-stream state, resume history, and fan-out of once-encoded events.
 //! - [`auth`]: tokens: finding, verifying, and admitting them to streams.
 //! - [`config`]: the file's raw serde mirror, validated into typed [`config::Config`].
+//! - [`tls`]: the public listener's certificate: checking a pair, the resolver that
+//!   swaps it, and the task that reloads it when its files change.
 //! - [`wire`]: the wire contract browsers see.
 //! - [`sse`]: event-stream framing and a spec-conforming parser.
 //! - [`error`]: rendering an error with its causes.
@@ -52,6 +55,7 @@ pub mod row;
 pub mod sse;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod wire;
 

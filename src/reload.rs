@@ -370,6 +370,12 @@ pub fn reconcile(running: &Config, mut new: Config) -> (Config, Vec<String>) {
         embedded.tick,
         embedded.schedule,
     );
+    // Turning TLS on or off changes what the listener speaks; other files for a
+    // listener that stays on TLS are applied (the certificate watcher follows them).
+    if running.server.tls.is_some() != new.server.tls.is_some() {
+        refused.push("server.tls".to_string());
+        new.server.tls = running.server.tls.clone();
+    }
     (new, refused)
 }
 

@@ -5,8 +5,11 @@
 //! and then validation (`validate`) turns the raw values into typed ones. Every problem
 //! found along the way is collected, so one run reports them all, each with the file,
 //! line and column (past [`MAX_LISTED`], the first are listed and the rest counted).
-//! Validation does no I/O, and its time is linear in the size of the file and the
-//! number of problems; reading secrets happens later, when the upstream connects.
+//! Validation does no I/O but one: with `[server] tls`, the certificate and key files
+//! are read and checked as a pair (parse, the key is the certificate's), so a start,
+//! `tailgate check` and a reload refuse a pair the listener could not serve. Its time
+//! is linear in the size of the file and the number of problems; reading secrets
+//! happens later, when the upstream connects.
 //!
 //! - `raw`: the serde mirror of the file and reading it section by section.
 //! - `validate`: raw values into typed ones.
@@ -27,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::tls::PairFiles;
 pub use crate::wire::ClientErrors;
 use problems::Problems;
 pub use problems::{ConfigError, Problem, MAX_LISTED};
@@ -153,6 +157,11 @@ pub struct ServerConfig {
     pub cors_credentials: bool,
     /// Streams one `/_tailgate/mux` request may carry.
     pub mux_max_streams: usize,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) on `listen` with this certificate and
+    /// key; the files are re-read when they change.
+    pub tls: Option<PairFiles>,
+    /// Concurrent streams one HTTP/2 connection may open.
+    pub http2_max_streams: u32,
 }
 
 /// How log lines are written.

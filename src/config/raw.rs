@@ -27,6 +27,16 @@ pub(super) struct RawServer {
     pub(super) overload_retry: Option<Spanned<String>>,
     pub(super) cors_credentials: Option<Spanned<bool>>,
     pub(super) mux_max_streams: Option<Spanned<i64>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
+    pub(super) http2_max_streams: Option<Spanned<i64>>,
+}
+
+/// `[server] tls = { cert_file = "..", key_file = ".." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert_file: Spanned<String>,
+    pub(super) key_file: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

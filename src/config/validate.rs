@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::auth;
 use super::problems::Problems;
-use super::raw::{RawConfig, RawStream};
+use super::raw::{RawConfig, RawStream, RawTls};
 use super::sql::{is_identifier, is_relation_name, is_reserved_word, read_only_query};
 use super::*;
 use crate::wire::{is_reserved_path, RESERVED_EVENTS};
@@ -110,6 +110,8 @@ impl RawConfig {
                 }
                 n => n,
             },
+            tls: s.tls.as_ref().and_then(|t| tls_pair(p, t, &resolve)),
+            http2_max_streams: http2_max_streams(p, &s.http2_max_streams),
         };
 
         let u = self.upstream.unwrap_or_default();
@@ -643,6 +645,65 @@ pub(super) fn event_name(
         );
     }
     name.clone()
+}
+
+/// The most streams `http2_max_streams` may allow one connection: each stream is a
+/// client of its hub, and one connection should not hold more than a crowd of
+/// browsers would.
+pub(super) const MAX_HTTP2_STREAMS: i64 = 10_000;
+
+fn http2_max_streams(p: &mut Problems<'_>, v: &Option<Spanned<i64>>) -> u32 {
+    const DEFAULT: u32 = 256;
+    let Some(n) = v else { return DEFAULT };
+    match u32::try_from(*n.get_ref()) {
+        Ok(streams) if (1..=MAX_HTTP2_STREAMS).contains(n.get_ref()) => streams,
+        _ => {
+            p.at(
+                n.span().start,
+                format!(
+                    "`http2_max_streams` must be between 1 and {MAX_HTTP2_STREAMS}, got {}",
+                    n.get_ref()
+                ),
+            );
+            DEFAULT
+        }
+    }
+}
+
+/// `tls`: both files resolved, then read and checked as a pair (the one read
+/// validation does). A problem points at the key naming the file at fault; a key that
+/// does not match its certificate points at `key_file`.
+fn tls_pair(
+    p: &mut Problems<'_>,
+    t: &Spanned<RawTls>,
+    resolve: &dyn Fn(&str) -> std::path::PathBuf,
+) -> Option<PairFiles> {
+    let raw = t.get_ref();
+    let mut named = true;
+    for (name, v) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
+        if v.get_ref().trim().is_empty() {
+            p.at(v.span().start, format!("`{name}` is empty"));
+            named = false;
+        }
+    }
+    if !named {
+        return None;
+    }
+    let files = PairFiles {
+        cert: resolve(raw.cert_file.get_ref()),
+        key: resolve(raw.key_file.get_ref()),
+    };
+    match crate::tls::load_pair(&files) {
+        Ok(_) => Some(files),
+        Err(e) => {
+            let at = match e.which() {
+                crate::tls::Which::Cert => &raw.cert_file,
+                crate::tls::Which::Key => &raw.key_file,
+            };
+            p.at(at.span().start, format!("`tls`: {e}"));
+            None
+        }
+    }
 }
 
 /// A socket address such as `127.0.0.1:8000`.

@@ -1,7 +1,8 @@
 //! One client connection: reading the first request head (the fast path takes event
 //! stream GETs), then hyper for everything else, with a deadline for every phase of
 //! the connection and a watchdog on writes; and the answer to a connection over the
-//! global limit.
+//! global limit. [`drive`] and the socket and service wrappers serve TLS connections
+//! too (`tls`), HTTP/2 ones included.
 
 use std::future::Future;
 use std::io;
@@ -22,14 +23,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::access::{Access, End};
-use super::{head, limits, stream, AppState, Listener};
+use super::{h2, head, limits, stream, AppState, Listener};
 use crate::telemetry::{Metrics, Refusal};
 use crate::wire::EndReason;
 
 /// Refusals in progress beyond which an over-limit connection is closed at once: a
 /// refusal reads the request head first, and a flood must not turn that into
 /// unbounded work.
-const MAX_REFUSING: usize = 1024;
+pub(super) const MAX_REFUSING: usize = 1024;
 
 /// Answers a connection over `max_connections` once its request head is in (an HTTP
 /// client reads no answer it has not asked for), within `head_timeout`, then closes
@@ -170,11 +171,14 @@ pub(super) async fn handle(
 
 /// The deadlines of one hyper connection, fixed when it is accepted.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
-    head_timeout: Duration,
-    keepalive_timeout: Duration,
-    send_timeout: Duration,
+pub(super) struct Limits {
+    pub head_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
 }
+
+/// How long an HTTP/2 connection closed at a deadline waits for its GOAWAY to go out.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 #[allow(clippy::too_many_arguments)]
 async fn connection(
@@ -193,31 +197,53 @@ async fn connection(
         inner: socket,
         watch: Arc::clone(&watch),
     };
-    let service = Tracked {
-        router,
-        info: Arc::new(ConnInfo {
-            peer,
-            watch: Arc::clone(&watch),
-        }),
-    };
+    let service = Tracked::new(router, peer, Arc::clone(&watch));
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    drive(
+        conn.as_mut(),
+        |c| c.graceful_shutdown(),
+        &watch,
+        &shutdown,
+        &limits,
+        metrics,
+    )
+    .await;
+}
+
+/// Drives a hyper connection to its end under its deadlines: `head_timeout` and
+/// `keepalive_timeout` by phase, `send_timeout` for a socket that accepts nothing, and
+/// a graceful finish (`graceful`) at shutdown: HTTP/1.1 closes after the response in
+/// progress, HTTP/2 sends GOAWAY; streams end because their hubs send `end` first.
+pub(super) async fn drive<C: Future>(
+    mut conn: Pin<&mut C>,
+    mut graceful: impl FnMut(Pin<&mut C>),
+    watch: &ConnWatch,
+    shutdown: &CancellationToken,
+    limits: &Limits,
+    metrics: &Metrics,
+) {
     let mut draining = false;
     loop {
-        let deadline = watch.deadline(&limits);
+        let deadline = watch.deadline(limits);
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
             // The request phase moved on: recompute the deadline.
             _ = watch.changed.notified() => {}
             _ = sleep_until(deadline) => {
-                if watch.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                if watch.deadline(limits).is_some_and(|d| d <= Instant::now()) {
                     debug!(phase = ?watch.phase(), "Connection deadline passed; closing.");
+                    if watch.multiplexed() && !draining {
+                        // HTTP/2: GOAWAY tells the client not to start a stream here.
+                        graceful(conn.as_mut());
+                        let _ = tokio::time::timeout(GOAWAY_GRACE, conn.as_mut()).await;
+                    }
                     return;
                 }
             }
@@ -263,9 +289,11 @@ enum Phase {
 }
 
 /// What a hyper connection is doing, shared by its socket wrapper, its service and the
-/// task that enforces its deadlines. Everything here is touched from that one task, so
-/// relaxed atomics suffice.
-struct ConnWatch {
+/// task that enforces its deadlines. Over HTTP/1.1 everything here is touched from
+/// that one task; over HTTP/2 responses finish in their streams' tasks, so a request
+/// count that is not zero overrides the phase (see [`ConnWatch::deadline`]). Relaxed
+/// atomics suffice: each value is read for itself.
+pub(super) struct ConnWatch {
     origin: Instant,
     phase: AtomicU8,
     /// When the current phase began, in milliseconds since `origin`.
@@ -281,6 +309,9 @@ struct ConnWatch {
     timed_out: AtomicBool,
     progress: AtomicU64,
     stalled: Notify,
+    /// HTTP/2: many requests at once, and the client sends frames (window updates,
+    /// pings, new requests) at any time, so reads say nothing about the phase.
+    multiplexed: AtomicBool,
 }
 
 /// Bytes a client may send while a request is being answered (a pipelined request or
@@ -291,7 +322,7 @@ struct ConnWatch {
 const BUSY_READ_CAP: usize = 4 * 1024;
 
 impl ConnWatch {
-    fn new(origin: Instant) -> Self {
+    pub(super) fn new(origin: Instant) -> Self {
         ConnWatch {
             origin,
             phase: AtomicU8::new(Phase::Head as u8),
@@ -303,7 +334,17 @@ impl ConnWatch {
             timed_out: AtomicBool::new(false),
             progress: AtomicU64::new(0),
             stalled: Notify::new(),
+            multiplexed: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the connection as HTTP/2.
+    pub(super) fn set_multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+    }
+
+    fn multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
     }
 
     fn phase(&self) -> Phase {
@@ -322,6 +363,10 @@ impl ConnWatch {
     }
 
     fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        // A request in flight: busy, whatever phase a racing finish wrote last.
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
         let since = self.origin + Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
         match self.phase() {
             Phase::Head => Some(since + limits.head_timeout),
@@ -349,6 +394,9 @@ impl ConnWatch {
     /// Accounts for bytes read from the client; `Err` once a busy connection has been
     /// sent more than [`BUSY_READ_CAP`].
     fn read(&self, n: usize) -> io::Result<()> {
+        if self.multiplexed() {
+            return Ok(());
+        }
         match self.phase() {
             Phase::Idle if n > 0 => self.enter(Phase::Head),
             Phase::Busy => {
@@ -367,15 +415,19 @@ impl ConnWatch {
 }
 
 /// What a handler may know of its connection: the peer, and whether the watchdog
-/// gave up on it (so a stream's access line says `send-timeout`, not `client-gone`).
+/// gave up on it or, over HTTP/2, on its stream (so a stream's access line says
+/// `send-timeout`, not `client-gone`).
 pub(super) struct ConnInfo {
     pub peer: SocketAddr,
     watch: Arc<ConnWatch>,
+    /// HTTP/2: the request's own stream.
+    stream: Option<Arc<h2::StreamWatch>>,
 }
 
 impl ConnInfo {
     pub fn timed_out(&self) -> bool {
         self.watch.timed_out.load(Ordering::Relaxed)
+            || self.stream.as_ref().is_some_and(|s| s.timed_out())
     }
 }
 
@@ -383,9 +435,22 @@ impl ConnInfo {
 /// connection's [`ConnWatch`], so idle and head deadlines apply between requests, and
 /// hands handlers the [`ConnInfo`].
 #[derive(Clone)]
-struct Tracked {
+pub(super) struct Tracked {
     router: axum::Router,
     info: Arc<ConnInfo>,
+}
+
+impl Tracked {
+    pub(super) fn new(router: axum::Router, peer: SocketAddr, watch: Arc<ConnWatch>) -> Self {
+        Tracked {
+            router,
+            info: Arc::new(ConnInfo {
+                peer,
+                watch,
+                stream: None,
+            }),
+        }
+    }
 }
 
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
@@ -399,14 +464,26 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracked 
         watch.request_started();
         // Dropped with the response body, or with the future if no response is made.
         let guard = RequestGuard(Arc::clone(watch));
-        request.extensions_mut().insert(Arc::clone(&self.info));
+        let info = Arc::clone(&self.info);
         let router = self.router.clone();
         Box::pin(async move {
+            // Over HTTP/2 this runs in the stream's own task, which watches the stream.
+            let stream = h2::current_stream();
+            let info = match &stream {
+                Some(s) => Arc::new(ConnInfo {
+                    peer: info.peer,
+                    watch: Arc::clone(&info.watch),
+                    stream: Some(Arc::clone(s)),
+                }),
+                None => info,
+            };
+            request.extensions_mut().insert(info);
             let response = router.oneshot(request.map(axum::body::Body::new)).await?;
             Ok(response.map(|body| {
                 axum::body::Body::new(GuardedBody {
                     body,
                     _guard: guard,
+                    stream,
                 })
             }))
         })
@@ -421,10 +498,12 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A response body that ends its request's busy phase when it is dropped.
+/// A response body that ends its request's busy phase when it is dropped, and tells an
+/// HTTP/2 stream's watch when it handed hyper a frame.
 struct GuardedBody {
     body: axum::body::Body,
     _guard: RequestGuard,
+    stream: Option<Arc<h2::StreamWatch>>,
 }
 
 impl http_body::Body for GuardedBody {
@@ -435,7 +514,11 @@ impl http_body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        if let Some(stream) = &self.stream {
+            stream.polled(matches!(poll, Poll::Ready(Some(Ok(_)))));
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {
@@ -450,14 +533,24 @@ impl http_body::Body for GuardedBody {
 /// A socket that reports when writes block, so a stuck client can be detected without
 /// a timer per connection while all is well, and reports reads to the connection's
 /// phase tracking. Reads first return `prefix`, the bytes read before the connection
-/// was handed to hyper.
-struct WatchedIo {
+/// was handed to hyper. Under TLS it wraps the TCP socket, so it sees the bytes on the
+/// wire.
+pub(super) struct WatchedIo<S = TcpStream> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: S,
     watch: Arc<ConnWatch>,
 }
 
-impl WatchedIo {
+impl<S> WatchedIo<S> {
+    /// `inner`, with nothing read ahead.
+    pub(super) fn new(inner: S, watch: Arc<ConnWatch>) -> Self {
+        WatchedIo {
+            prefix: Bytes::new(),
+            inner,
+            watch,
+        }
+    }
+
     fn note<T>(&self, poll: &Poll<io::Result<T>>) {
         match poll {
             Poll::Pending => {
@@ -473,7 +566,7 @@ impl WatchedIo {
     }
 }
 
-impl AsyncRead for WatchedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -493,7 +586,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -15,13 +15,17 @@
 //!
 //! The public listener serves the streams; with `admin_listen` set, the operator's
 //! routes (`/metrics`, `/livez`, `/readyz`, the full listing) move to a second
-//! listener. Connection tasks live in their server's task tracker. When shutdown
+//! listener. With `[server] tls`, the public listener speaks HTTPS only, HTTP/2 or
+//! HTTP/1.1 by ALPN, through hyper (`tls`, `h2`); the admin listener stays plain
+//! HTTP, for probes and scrapes on a private address. Connection tasks live in their
+//! server's task tracker. When shutdown
 //! starts, the loops stop accepting and ask every connection to finish its response
 //! and close; event streams end because every hub sends `end` first.
 
 mod access;
 mod admission;
 mod conn;
+mod h2;
 mod head;
 mod limits;
 mod mux;
@@ -30,6 +34,7 @@ mod pages;
 mod routes;
 mod scope;
 mod stream;
+mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -38,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -70,14 +76,16 @@ pub enum Listener {
 }
 
 /// Serves `listener` until `shutdown` fires, then waits up to `grace` for connections to
-/// finish.
+/// finish. With `tls`, every connection is HTTPS.
 pub async fn serve(
     listener: TcpListener,
     kind: Listener,
     state: Arc<AppState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let tls = tls.map(TlsAcceptor::from);
     let router = routes::router(kind, Arc::clone(&state));
     let tracker = TaskTracker::new();
     loop {
@@ -97,14 +105,34 @@ pub async fn serve(
         let open = metrics.connections.load(Ordering::Relaxed);
         if open >= state.server.load().max_connections {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(conn::refuse(socket, peer, Arc::clone(&state)));
+            match &tls {
+                Some(acceptor) => tokio::spawn(tls::refuse(
+                    socket,
+                    peer,
+                    Arc::clone(&state),
+                    acceptor.clone(),
+                )),
+                None => tokio::spawn(conn::refuse(socket, peer, Arc::clone(&state))),
+            };
             continue;
         }
         let _ = socket.set_nodelay(true);
         metrics.connections.fetch_add(1, Ordering::Relaxed);
+        if kind == Listener::Public {
+            metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        }
         let router = router.clone();
         let shutdown = shutdown.clone();
         let state = Arc::clone(&state);
+        if let Some(acceptor) = &tls {
+            let (acceptor, streams) = (acceptor.clone(), tracker.clone());
+            tracker.spawn(async move {
+                tls::handle(socket, peer, router, shutdown, state, acceptor, streams).await;
+                metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                debug!(%peer, "Connection closed.");
+            });
+            continue;
+        }
         tracker.spawn(async move {
             conn::handle(socket, peer, kind, router, shutdown, &state).await;
             metrics.connections.fetch_sub(1, Ordering::Relaxed);

@@ -365,6 +365,11 @@ pub(super) fn overloaded(
     if let Some(access) = access.as_mut() {
         access.set_status(503);
     }
+    unavailable(server, reason)
+}
+
+/// `503` with `Retry-After`: the overload answer to anything but an event stream.
+pub(super) fn unavailable(server: &ServerConfig, reason: EndReason) -> Response {
     let secs = limits::retry_delay(server).as_secs().max(1);
     (
         StatusCode::SERVICE_UNAVAILABLE,

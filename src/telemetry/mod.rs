@@ -10,10 +10,11 @@ pub use log::init_logging;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::feed::{Figures, Target};
+use crate::tls::Certificates;
 use crate::wire::{EndReason, Health};
 
 /// Why a stream connection ended, as the access log and the metrics tell it.
@@ -117,6 +118,9 @@ pub struct Metrics {
     /// The last reload error, rendered with file, line and column.
     pub reload_error: Mutex<Option<String>>,
     pub connections: AtomicUsize,
+    /// Connections the public listener took in (not those refused over
+    /// `max_connections`): tells how many sockets a set of streams needed.
+    pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     /// Over-limit connections being answered right now.
     pub refusing: AtomicUsize,
@@ -125,6 +129,13 @@ pub struct Metrics {
     pub stall_disconnects: AtomicU64,
     /// Finished stream connections, by [`StreamEnd`].
     pub stream_ends: [AtomicU64; 13],
+    /// The public listener's certificate, when it serves TLS.
+    pub tls: OnceLock<Arc<Certificates>>,
+    /// TLS handshakes that failed or did not finish within `head_timeout`.
+    pub tls_handshake_failures: AtomicU64,
+    /// Open HTTP/2 connections, and the streams open on them.
+    pub http2_connections: AtomicUsize,
+    pub http2_streams: AtomicUsize,
 }
 
 impl Default for Metrics {
@@ -136,11 +147,16 @@ impl Default for Metrics {
             reloads_failed: AtomicU64::new(0),
             reload_error: Mutex::new(None),
             connections: AtomicUsize::new(0),
+            connections_accepted: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             refusing: AtomicUsize::new(0),
             refusals: Default::default(),
             stall_disconnects: AtomicU64::new(0),
             stream_ends: Default::default(),
+            tls: OnceLock::new(),
+            tls_handshake_failures: AtomicU64::new(0),
+            http2_connections: AtomicUsize::new(0),
+            http2_streams: AtomicUsize::new(0),
         }
     }
 }
@@ -206,6 +222,12 @@ impl Metrics {
         single(&mut out, "http_connections", "gauge", connections);
         single(
             &mut out,
+            "http_connections_accepted_total",
+            "counter",
+            self.connections_accepted.load(r),
+        );
+        single(
+            &mut out,
             "http_connections_refused_total",
             "counter",
             self.connections_refused.load(r),
@@ -216,6 +238,44 @@ impl Metrics {
             "counter",
             self.stall_disconnects.load(r),
         );
+        single(
+            &mut out,
+            "http2_connections",
+            "gauge",
+            self.http2_connections.load(r) as u64,
+        );
+        single(
+            &mut out,
+            "http2_streams",
+            "gauge",
+            self.http2_streams.load(r) as u64,
+        );
+        if let Some(certs) = self.tls.get() {
+            let status = certs.status();
+            single(
+                &mut out,
+                "tls_cert_reload_successful",
+                "gauge",
+                u64::from(status.reload_successful),
+            );
+            single(
+                &mut out,
+                "tls_cert_last_reload_success_timestamp_seconds",
+                "gauge",
+                status.loaded_unix,
+            );
+            let _ = writeln!(
+                out,
+                "# TYPE tls_cert_reloads_total counter\ntls_cert_reloads_total{{result=\"success\"}} {}\ntls_cert_reloads_total{{result=\"failure\"}} {}",
+                status.reloads_ok, status.reloads_failed
+            );
+            single(
+                &mut out,
+                "tls_handshake_failures_total",
+                "counter",
+                self.tls_handshake_failures.load(r),
+            );
+        }
         labelled(
             &mut out,
             "http_refused_total",

@@ -6,6 +6,7 @@ mod cli;
 mod engine;
 mod faults;
 mod gateway;
+mod https;
 mod mux;
 mod ops;
 mod pages;

@@ -50,6 +50,11 @@ impl Browser {
     /// pixels. Every script in `init` runs in each document the page opens, before the
     /// document's own scripts (the page's Content-Security-Policy does not apply to it).
     pub async fn launch(width: u32, height: u32, init: &str) -> Browser {
+        Self::launch_with(width, height, init, &[]).await
+    }
+
+    /// [`Browser::launch`], with more command-line switches for Chromium.
+    pub async fn launch_with(width: u32, height: u32, init: &str, extra: &[String]) -> Browser {
         let profile = tempfile::tempdir().expect("profile dir");
         let child = tokio::process::Command::new(CHROMIUM)
             .args([
@@ -66,6 +71,7 @@ impl Browser {
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
             ])
+            .args(extra)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
             .stdout(std::process::Stdio::null())
