@@ -529,6 +529,11 @@ async fn a_tokens_scope_cannot_be_widened() {
     );
     let path = crate::support::write_config(dir.path(), &body, &[]);
     let gw = TestGateway::launch(dir, &path).await;
+    // A scoped stream learns its columns' types from its first snapshot.
+    wait_for("the gateway ready", WAIT, || async {
+        (get(gw.addr, "/readyz", &[]).await.0 == 200).then_some(())
+    })
+    .await;
     let sql = gw.sql().await;
     sql.batch_execute(
         "DELETE FROM orders WHERE customer_id IN (700, 701, 702); \
