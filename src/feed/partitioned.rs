@@ -374,10 +374,18 @@ impl Partitioned {
                 }
             }
         }
-        inner.partitions.retain(|_, rows| match rows {
-            Rows::Diff(m) => !m.is_empty(),
-            Rows::Keyed(m) => !m.is_empty(),
-        });
+        // Only partitions this batch touched can have become empty: the work stays
+        // per change, whatever the number of partitions.
+        for (part, _) in &seen {
+            let empty = match inner.partitions.get(part) {
+                Some(Rows::Diff(m)) => m.is_empty(),
+                Some(Rows::Keyed(m)) => m.is_empty(),
+                None => false,
+            };
+            if empty {
+                inner.partitions.remove(part);
+            }
+        }
         // Each touched channel's share, filtered once per channel per batch.
         let mut out: HashMap<&ChannelKey, Vec<Change>> = HashMap::new();
         for (part, what) in &seen {
