@@ -488,7 +488,12 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     };
     if let Some(w) = writer {
         // It stops by itself at the window's end; a write in flight may take a moment.
-        let _ = timeout(Duration::from_secs(5), w).await;
+        // One that has not returned after 10 s is abandoned (and counted as not written).
+        let abort = w.abort_handle();
+        if timeout(Duration::from_secs(10), w).await.is_err() {
+            abort.abort();
+            shared.borrow_mut().write_errors += 1;
+        }
     }
     sleep_until(drain_end).await;
 
@@ -673,7 +678,9 @@ async fn partition_writer(args: Args, stop: Instant, shared: Rc<RefCell<Shared>>
     loop {
         k += 1;
         let due = schedule.due(k);
-        if due >= stop {
+        // A writer behind its schedule (a slow engine) stops at `stop` too, so no
+        // write lands after the window plus the one in flight.
+        if due >= stop || Instant::now() >= stop {
             break;
         }
         sleep_until(due).await;
@@ -696,14 +703,22 @@ async fn partition_writer(args: Args, stop: Instant, shared: Rc<RefCell<Shared>>
                 url.addr,
                 body.len()
             );
-            if http.is_none() {
-                http = TcpStream::connect(url.addr).await.ok();
-            }
-            let ok = match http.as_mut() {
-                Some(conn) => post(conn, req.as_bytes()).await.is_ok(),
-                None => false,
-            };
-            if !ok {
+            // A kept-alive connection the server has closed (nginx ends one after
+            // `keepalive_requests`) fails on its next request: retry that write once on
+            // a new connection. A POST answered but lost would be published twice and
+            // show up as a duplicate, not be hidden.
+            let mut ok = false;
+            for _ in 0..2 {
+                if http.is_none() {
+                    http = TcpStream::connect(url.addr).await.ok();
+                }
+                ok = match http.as_mut() {
+                    Some(conn) => post(conn, req.as_bytes()).await.is_ok(),
+                    None => false,
+                };
+                if ok {
+                    break;
+                }
                 http = None;
             }
             ok

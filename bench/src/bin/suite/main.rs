@@ -88,7 +88,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "100,500,1000,2000,5000,9000"
+        default_value = "50,100,200,500,1000,2000,5000,9000"
     )]
     naive_partitions: Vec<usize>,
 }
