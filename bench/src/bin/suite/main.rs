@@ -84,7 +84,7 @@ struct Args {
     #[arg(long, default_value_t = 15.0)]
     scoped_window: f64,
     /// Partition counts naive-scoped (one upstream session per partition) is tried at,
-    /// in order, until one fails.
+    /// in order, until one fails (0: skip naive-scoped).
     #[arg(
         long,
         value_delimiter = ',',

@@ -640,7 +640,18 @@ impl Suite {
     /// drain, p99 > 1 s, or the engine taking < 0.9x the writes/s it took from the
     /// same writer with tailgate scoped (`anchor_wps`, this run). Its engine sessions are counted at each step.
     fn naive_steps(&mut self, init: &Path, anchor_wps: f64) -> anyhow::Result<()> {
-        let steps = self.args.naive_partitions.clone();
+        let steps: Vec<usize> = self
+            .args
+            .naive_partitions
+            .iter()
+            .copied()
+            .filter(|p| *p > 0)
+            .collect();
+        if steps.is_empty() {
+            self.skipped
+                .push("scoped/naive-scoped: skipped (--naive-partitions 0)".into());
+            return Ok(());
+        }
         let mut rows = Vec::new();
         let mut largest = 0usize;
         let mut sessions_at_largest = f64::NAN;
