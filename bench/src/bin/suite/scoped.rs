@@ -684,11 +684,11 @@ impl Suite {
                         Some(format!("{missing} clients without a first event"))
                     } else if bad > 0.0 {
                         Some(format!("{bad} misdelivered rows"))
-                    } else if !(ratio >= 0.999) {
+                    } else if ratio.is_nan() || ratio < 0.999 {
                         Some(format!("delivered {:.4} of the writes", ratio))
-                    } else if !(r.f("latency.p99_ms") <= 1000.0) {
+                    } else if r.f("latency.p99_ms").is_nan() || r.f("latency.p99_ms") > 1000.0 {
                         Some(format!("p99 {:.0} ms", r.f("latency.p99_ms")))
-                    } else if !(wps >= 0.9 * anchor_wps) {
+                    } else if wps.is_nan() || wps < 0.9 * anchor_wps {
                         Some(format!(
                             "the engine took {wps:.0} writes/s, {:.2}x what it took with tailgate's one subscription in this run ({anchor_wps:.0})",
                             wps / anchor_wps
