@@ -240,6 +240,165 @@ impl ClientTicks {
     }
 }
 
+/// What the scoped scenario's check counts over all clients of one load client (rows
+/// checked against the partition each client asked for and against what the writer
+/// wrote to it).
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct PartitionTotals {
+    /// Rows (of any diff) that carried the partition column.
+    pub rows: u64,
+    /// Rows whose partition column is not the client's partition: the hard failure.
+    pub misdelivered: u64,
+    /// Rows whose partition column or `seq` could not be read.
+    pub unreadable: u64,
+    /// New rows (`diff` > 0, `seq` above the last seen in that partition) in updates.
+    pub delivered: u64,
+    /// Update rows with a `seq` the client had already seen in that partition.
+    pub duplicates: u64,
+    /// Writes skipped between two rows a client received (`seq` jumps).
+    pub gaps: u64,
+    /// Writes never received by the end of the drain: the writer's last `seq` of the
+    /// partition minus the client's last.
+    pub missing_at_end: u64,
+    /// Writes owed to checked clients: per client, what the writer wrote to its
+    /// partitions (all of them, for a client of the whole view).
+    pub expected: u64,
+    /// Clients checked at the end (a partition client always; a client of another
+    /// stream only once it saw a row with the partition column).
+    pub clients_checked: u64,
+}
+
+/// Reads a JSON value as u64: a number, or a decimal string (how tailgate sends
+/// integers beyond JavaScript's exact range, and how COPY text arrives).
+fn as_u64(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// One client's check of the scoped scenario: the partition it asked for (`None` for
+/// a client of an unscoped stream) and, per partition value seen, the last `seq`.
+///
+/// Rows are parsed as JSON: the scoped scenario delivers ~1,000 events/s in all, so a
+/// full parse is cheap, and it checks every row rather than scanning for two keys.
+#[derive(Debug, Default, Clone)]
+pub struct PartitionRows {
+    pub partition: Option<u64>,
+    pub last: std::collections::BTreeMap<u64, u64>,
+}
+
+impl PartitionRows {
+    pub fn new(partition: Option<u64>) -> Self {
+        Self {
+            partition,
+            last: Default::default(),
+        }
+    }
+
+    /// Accounts for one event's data: tailgate's `{"ts":..,"changes":[{"diff":d,"row":{..}}]}`
+    /// (a snapshot sets the state), or a bare row object (nchan), taken as `diff` 1.
+    /// Latency and in-window deliveries go to `totals`, as for ticks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_event(
+        &mut self,
+        data: &[u8],
+        snapshot: bool,
+        column: &str,
+        now_us: u64,
+        win: Window,
+        totals: &mut Totals,
+        part: &mut PartitionTotals,
+    ) {
+        if snapshot {
+            totals.snapshots += 1;
+            if is_lagged(data) {
+                totals.lagged_snapshots += 1;
+            }
+        } else {
+            totals.events += 1;
+            if win.contains(now_us / 1000) {
+                totals.events_in_window += 1;
+            }
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            part.unreadable += 1;
+            return;
+        };
+        let rows: Vec<(i64, &serde_json::Value)> = match v.get("changes") {
+            Some(serde_json::Value::Array(changes)) => changes
+                .iter()
+                .filter_map(|c| {
+                    let diff = c.get("diff").and_then(|d| d.as_i64()).unwrap_or(1);
+                    c.get("row").map(|r| (diff, r))
+                })
+                .collect(),
+            _ if v.get(column).is_some() => vec![(1, &v)],
+            _ => Vec::new(),
+        };
+        for (diff, row) in rows {
+            let Some(value) = row.get(column) else {
+                continue;
+            };
+            part.rows += 1;
+            let (Some(c), Some(seq)) = (as_u64(value), row.get("seq").and_then(as_u64)) else {
+                part.unreadable += 1;
+                continue;
+            };
+            if self.partition.is_some_and(|p| p != c) {
+                part.misdelivered += 1;
+                continue;
+            }
+            if diff <= 0 {
+                continue;
+            }
+            let last = self.last.entry(c).or_insert(0);
+            if snapshot {
+                *last = seq;
+                continue;
+            }
+            if seq <= *last {
+                part.duplicates += 1;
+                continue;
+            }
+            part.gaps += seq - *last - 1;
+            *last = seq;
+            part.delivered += 1;
+            let sent_ms = row.get("sent_ms").and_then(as_u64).unwrap_or(0);
+            if win.contains(sent_ms) {
+                totals.delivered_in_window += 1;
+                totals.latency.record(now_us.saturating_sub(sent_ms * 1000));
+            }
+        }
+    }
+
+    /// At the end of the run: what the writer wrote (`written[c]` = last `seq` of
+    /// partition `c`) that this client never received, added to `part`.
+    pub fn finish(&self, written: &[u64], part: &mut PartitionTotals) {
+        let owed = |c: u64| written.get(c as usize).copied().unwrap_or(0);
+        match self.partition {
+            Some(p) => {
+                part.clients_checked += 1;
+                part.expected += owed(p);
+                let last = self.last.get(&p).copied().unwrap_or(0);
+                part.missing_at_end += owed(p).saturating_sub(last);
+            }
+            // A client of the whole view owes every partition written; a client that
+            // never saw the partition column (another stream) is not checked.
+            None if !self.last.is_empty() => {
+                part.clients_checked += 1;
+                for (c, &w) in written.iter().enumerate() {
+                    part.expected += w;
+                    let last = self.last.get(&(c as u64)).copied().unwrap_or(0);
+                    part.missing_at_end += w.saturating_sub(last);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
 /// Quantiles of a set of durations (connect times, time to first event), in ms.
 #[derive(Debug, Clone, Serialize, Default, PartialEq)]
 pub struct Spread {
@@ -376,5 +535,111 @@ mod tests {
             (100, 50.0, 99.0, 100.0)
         );
         assert_eq!(Spread::of(vec![]), Spread::default());
+    }
+
+    #[test]
+    fn partition_rows_check_scope_order_and_completeness() {
+        let win = Window {
+            start_ms: 100,
+            end_ms: u64::MAX,
+        };
+        let mut t = Totals::default();
+        let mut p = PartitionTotals::default();
+        let mut c = PartitionRows::new(Some(7));
+        let ev = |c: &mut PartitionRows,
+                  data: &str,
+                  snap: bool,
+                  now: u64,
+                  t: &mut Totals,
+                  p: &mut PartitionTotals| {
+            c.on_event(data.as_bytes(), snap, "customer_id", now, win, t, p)
+        };
+        ev(
+            &mut c,
+            r#"{"ts":"1","reason":"initial","changes":[{"diff":1,"row":{"customer_id":7,"seq":0,"sent_ms":0}}]}"#,
+            true,
+            90_000,
+            &mut t,
+            &mut p,
+        );
+        // An update: the retraction of seq 0 and seq 1; then a jump to 3 (one gap).
+        ev(
+            &mut c,
+            r#"{"ts":"2","changes":[{"diff":-1,"row":{"customer_id":7,"seq":0,"sent_ms":0}},{"diff":1,"row":{"customer_id":7,"seq":1,"sent_ms":110}}]}"#,
+            false,
+            112_000,
+            &mut t,
+            &mut p,
+        );
+        ev(
+            &mut c,
+            r#"{"ts":"3","changes":[{"diff":1,"row":{"customer_id":"7","seq":"3","sent_ms":"120"}}]}"#,
+            false,
+            125_000,
+            &mut t,
+            &mut p,
+        );
+        // A duplicate, and another customer's row (never allowed, whatever its diff).
+        ev(
+            &mut c,
+            r#"{"ts":"4","changes":[{"diff":1,"row":{"customer_id":7,"seq":3,"sent_ms":120}}]}"#,
+            false,
+            126_000,
+            &mut t,
+            &mut p,
+        );
+        ev(
+            &mut c,
+            r#"{"ts":"5","changes":[{"diff":-1,"row":{"customer_id":8,"seq":1,"sent_ms":130}}]}"#,
+            false,
+            131_000,
+            &mut t,
+            &mut p,
+        );
+        assert_eq!(
+            (p.delivered, p.gaps, p.duplicates, p.misdelivered),
+            (2, 1, 1, 1)
+        );
+        assert_eq!((t.delivered_in_window, t.snapshots, t.events), (2, 1, 4));
+        assert_eq!(t.latency.quantile(1.0), 5_000);
+        // The writer wrote seq 1..=5 to partition 7: 4 and 5 never arrived.
+        c.finish(&[0, 0, 0, 0, 0, 0, 0, 5, 9], &mut p);
+        assert_eq!((p.expected, p.missing_at_end, p.clients_checked), (5, 2, 1));
+        // nchan's bare rows count as diff 1; a client of the whole view owes everything.
+        let mut all = PartitionRows::new(None);
+        let mut q = PartitionTotals::default();
+        ev(
+            &mut all,
+            r#"{"customer_id":1,"seq":1,"sent_ms":150}"#,
+            false,
+            151_000,
+            &mut t,
+            &mut q,
+        );
+        ev(
+            &mut all,
+            r#"{"customer_id":2,"seq":2,"sent_ms":150}"#,
+            false,
+            151_000,
+            &mut t,
+            &mut q,
+        );
+        assert_eq!((q.delivered, q.gaps, q.misdelivered), (2, 1, 0));
+        all.finish(&[0, 1, 3], &mut q);
+        assert_eq!((q.expected, q.missing_at_end), (4, 1));
+        // A client of a stream without the column is not checked.
+        let mut quiet = PartitionRows::new(None);
+        ev(
+            &mut quiet,
+            r#"{"ts":"1","changes":[{"diff":1,"row":{"n":1}}]}"#,
+            true,
+            0,
+            &mut t,
+            &mut q,
+        );
+        quiet.finish(&[5], &mut q);
+        assert_eq!((q.expected, q.clients_checked, q.rows), (4, 1, 2));
+        ev(&mut quiet, "not json", false, 0, &mut t, &mut q);
+        assert_eq!(q.unreadable, 1);
     }
 }

@@ -20,10 +20,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
-use tailgate_bench::measure::{ClientTicks, LatencySummary, Spread, Totals, Window};
+use tailgate_bench::measure::{
+    ClientTicks, LatencySummary, PartitionRows, PartitionTotals, Spread, Totals, Window,
+};
 use tailgate_bench::sse::{Body, ChunkError, Head, Parser};
 use tailgate_bench::sys::{self, ProcSample};
-use tailgate_bench::{tick_json, Schedule};
+use tailgate_bench::{tick_json, Schedule, PAD};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(about = "SSE load client: N connections, one report")]
@@ -34,6 +36,47 @@ struct Args {
     /// Stream path; repeat to spread clients round-robin over several streams.
     #[arg(long, default_value = "/ticks")]
     path: Vec<String>,
+    /// Client i requests this path with `{i}` replaced by i, and its partition is i
+    /// (the scoped scenario: `/orders/{i}`). Overrides --path.
+    #[arg(long)]
+    path_template: Option<String>,
+    /// A file of paths, one per line: client i requests line i (modulo the number of
+    /// lines). Overrides --path; these clients have no partition of their own.
+    #[arg(long)]
+    path_file: Option<std::path::PathBuf>,
+    /// Check rows by this partition column instead of counting ticks: every row a
+    /// client of --path-template receives must carry its own partition, and per
+    /// partition the `seq` of each row must follow what the writer wrote (gaps,
+    /// duplicates, and what is missing after the drain).
+    #[arg(long)]
+    partition_column: Option<String>,
+    /// The partition writer, over pgwire: `--write-sql` with `{c}` (the partition) and
+    /// `{s}` (its next seq) replaced, at --write-rate, from the moment every client has
+    /// settled until the end of the window.
+    #[arg(long)]
+    write_pg: Option<String>,
+    #[arg(
+        long,
+        default_value = "UPDATE orders SET seq = {s}, sent_ms = mz_epoch_ms() WHERE customer_id = {c}"
+    )]
+    write_sql: String,
+    /// The partition writer, over HTTP (nchan): POST <url>/<c> with the row as JSON
+    /// (`order_id`, `customer_id`, `seq`, `sent_ms`, `pad`).
+    #[arg(long)]
+    write_url: Option<PublishUrl>,
+    /// Writes per second of the partition writer (each to one partition).
+    #[arg(long, default_value_t = 1000.0)]
+    write_rate: f64,
+    /// Partitions the writer picks from, uniformly at random (0 = --clients).
+    #[arg(long, default_value_t = 0)]
+    write_partitions: usize,
+    /// Seed of the writer's partition choices (the same sequence for every contender).
+    #[arg(long, default_value_t = 1)]
+    write_seed: u64,
+    /// At the end of the window, count this engine's sessions (all, and those whose
+    /// application_name starts with `tailgate `) and its subscriptions.
+    #[arg(long)]
+    sessions_pg: Option<String>,
     #[arg(long, default_value_t = 100)]
     clients: usize,
     /// New connections per second; 0 opens all at once (a storm).
@@ -173,6 +216,16 @@ struct Shared {
     retry: Option<u64>,
     published: u64,
     publish_errors: u64,
+    /// Per client, the partition check (with --partition-column).
+    rows: Vec<PartitionRows>,
+    part: PartitionTotals,
+    /// Per partition, the last seq the writer wrote (= writes to it).
+    written: Vec<u64>,
+    writes: u64,
+    write_errors: u64,
+    /// Epoch µs of the writer's first and last write.
+    writes_from_us: u64,
+    writes_to_us: u64,
 }
 
 impl Shared {
@@ -235,6 +288,15 @@ struct Report {
     rss_points: Vec<(usize, u64)>,
     slab_kb_start: u64,
     slab_kb_end: u64,
+    /// The partition check (with --partition-column).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partitions: Option<PartitionTotals>,
+    /// The partition writer: writes done, failed, and per second while it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writer: Option<serde_json::Value>,
+    /// The engine's sessions and subscriptions at the end of the window (--sessions-pg).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<serde_json::Value>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -270,12 +332,25 @@ fn rss_sum(pids: &[u32]) -> u64 {
 
 async fn run(args: Args) -> anyhow::Result<Report> {
     let n = args.clients;
+    let paths = client_paths(&args)?;
+    let write_partitions = if args.write_partitions == 0 {
+        n
+    } else {
+        args.write_partitions
+    };
     let shared = Rc::new(RefCell::new(Shared {
         started_us: vec![0; n],
         first_us: vec![0; n],
         last_us: vec![0; n],
+        rows: if args.partition_column.is_some() {
+            paths.iter().map(|(_, p)| PartitionRows::new(*p)).collect()
+        } else {
+            Vec::new()
+        },
+        written: vec![0; write_partitions],
         ..Shared::default()
     }));
+    let column: Option<Rc<str>> = args.partition_column.as_deref().map(Rc::from);
     let scratch = Rc::new(RefCell::new(vec![0u8; 64 * 1024]));
     let start = Instant::now();
     let start_us = sys::now_us();
@@ -346,7 +421,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             sleep_until(start + paused + Duration::from_secs_f64(i as f64 / args.connect_rate))
                 .await;
         }
-        let path = args.path[i % args.path.len()].clone();
+        let path = paths[i].0.clone();
         let headers = Headers {
             common: common.clone(),
             own: (!own.is_empty()).then(|| own[i % own.len()].clone()),
@@ -360,6 +435,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             connect_timeout,
             shared.clone(),
             scratch.clone(),
+            column.clone(),
         ));
     }
     wait_settled(&shared, n, Instant::now() + connect_timeout).await;
@@ -368,6 +444,18 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         let c = shared.borrow().connected;
         rss_points.push((c, rss_sum(&args.server_pid)));
     }
+    // The partition writer runs from here (every client settled) to the window's end.
+    let write_until =
+        (Instant::now() + Duration::from_secs_f64(args.warmup + args.duration)).min(hard_end);
+    let writer = if args.write_pg.is_some() || args.write_url.is_some() {
+        Some(tokio::task::spawn_local(partition_writer(
+            args.clone(),
+            write_until,
+            shared.clone(),
+        )))
+    } else {
+        None
+    };
     sleep(Duration::from_secs_f64(args.warmup)).await;
 
     // The measurement window.
@@ -388,15 +476,61 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let slab_kb_end = sys::slab_kb();
     let window_end_us = sys::now_us();
     shared.borrow_mut().window.end_ms = window_end_us / 1000;
-    sleep_until((Instant::now() + Duration::from_secs_f64(args.drain)).min(hard_end)).await;
+    let drain_end = (Instant::now() + Duration::from_secs_f64(args.drain)).min(hard_end);
+    let upstream = match &args.sessions_pg {
+        Some(conninfo) => Some(
+            timeout(Duration::from_secs(5), upstream_sessions(conninfo))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timeout")))
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
+        ),
+        None => None,
+    };
+    if let Some(w) = writer {
+        // It stops by itself at the window's end; a write in flight may take a moment.
+        // One that has not returned after 10 s is abandoned (and counted as not written).
+        let abort = w.abort_handle();
+        if timeout(Duration::from_secs(10), w).await.is_err() {
+            abort.abort();
+            shared.borrow_mut().write_errors += 1;
+        }
+    }
+    sleep_until(drain_end).await;
 
-    let s = shared.borrow();
+    let mut s = shared.borrow_mut();
+    // The partition check's end: what each client never received.
+    let partitions = args.partition_column.as_ref().map(|_| {
+        let mut part = std::mem::take(&mut s.part);
+        for (i, rows) in s.rows.iter().enumerate() {
+            // Clients that never connected are counted as failed, not checked here.
+            if s.first_us[i] != 0 || rows.partition.is_none() {
+                rows.finish(&s.written, &mut part);
+            }
+        }
+        part
+    });
+    let writer = (args.write_pg.is_some() || args.write_url.is_some()).then(|| {
+        let secs = s.writes_to_us.saturating_sub(s.writes_from_us) as f64 / 1e6;
+        serde_json::json!({
+            "writes": s.writes,
+            "errors": s.write_errors,
+            "partitions": s.written.len(),
+            "partitions_written": s.written.iter().filter(|w| **w > 0).count(),
+            "writes_per_s": if secs > 0.0 { s.writes as f64 / secs } else { 0.0 },
+        })
+    });
+    let s = &*s;
     let t = &s.totals;
     let produced = match (t.min_seq, t.max_seq) {
         (Some(a), Some(b)) => b - a + 1,
         _ => 0,
     };
-    let expected = produced * connected_at_window as u64;
+    // With the partition check, deliveries and what was owed are exact over the
+    // whole run (every write to a checked client's partition), not window estimates.
+    let (delivered, expected) = match &partitions {
+        Some(p) => (p.delivered, p.expected),
+        None => (t.delivered_in_window, produced * connected_at_window as u64),
+    };
     let silent_before = window_end_us.saturating_sub((args.silence * 1e6) as u64);
     let mut first = Vec::new();
     let mut first_since_start = Vec::new();
@@ -436,12 +570,12 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         window_s: args.duration,
         connected_at_window,
         produced,
-        delivered: t.delivered_in_window,
+        delivered,
         expected,
         delivered_ratio: if expected == 0 {
             0.0
         } else {
-            t.delivered_in_window as f64 / expected as f64
+            delivered as f64 / expected as f64
         },
         delivered_per_s: t.delivered_in_window as f64 / args.duration,
         gaps: t.gaps_in_window,
@@ -462,7 +596,184 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         rss_points,
         slab_kb_start,
         slab_kb_end,
+        partitions,
+        writer,
+        upstream,
     })
+}
+
+/// Each client's path and partition: from --path-template (partition i), --path-file
+/// or --path (round-robin; no partition).
+fn client_paths(args: &Args) -> anyhow::Result<Vec<(String, Option<u64>)>> {
+    let n = args.clients;
+    if let Some(t) = &args.path_template {
+        if !t.contains("{i}") {
+            bail!("--path-template {t:?} has no {{i}}");
+        }
+        return Ok((0..n)
+            .map(|i| (t.replace("{i}", &i.to_string()), Some(i as u64)))
+            .collect());
+    }
+    let list: Vec<String> = match &args.path_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => args.path.clone(),
+    };
+    if list.is_empty() {
+        bail!("no paths");
+    }
+    if let Some(bad) = list
+        .iter()
+        .find(|p| !p.starts_with('/') || p.contains([' ', '\r', '\n']))
+    {
+        bail!("{bad:?} is not a request path");
+    }
+    Ok((0..n)
+        .map(|i| (list[i % list.len()].clone(), None))
+        .collect())
+}
+
+/// xorshift64*: the writer's partition choices, the same for every contender.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+    }
+}
+
+/// The scoped scenario's writer: at `write_rate`, one change to a random partition
+/// `c` (its next `seq`), over pgwire (`--write-pg`, the engine) or HTTP
+/// (`--write-url`, nchan's per-channel publisher), until `stop`. A write that fails
+/// is not counted as written.
+async fn partition_writer(args: Args, stop: Instant, shared: Rc<RefCell<Shared>>) {
+    let parts = shared.borrow().written.len();
+    let mut rng = Rng(args.write_seed.max(1));
+    let pg = match &args.write_pg {
+        Some(conninfo) => match tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::task::spawn_local(connection);
+                Some(client)
+            }
+            Err(e) => {
+                eprintln!("loadgen: --write-pg {conninfo}: {e}");
+                shared.borrow_mut().write_errors += 1;
+                return;
+            }
+        },
+        None => None,
+    };
+    let mut http: Option<TcpStream> = None;
+    let schedule = Schedule::start(args.write_rate);
+    shared.borrow_mut().writes_from_us = sys::now_us();
+    let mut k: u64 = 0;
+    loop {
+        k += 1;
+        let due = schedule.due(k);
+        // A writer behind its schedule (a slow engine) stops at `stop` too, so no
+        // write lands after the window plus the one in flight.
+        if due >= stop || Instant::now() >= stop {
+            break;
+        }
+        sleep_until(due).await;
+        let c = rng.below(parts);
+        let seq = shared.borrow().written[c] + 1;
+        let ok = if let Some(client) = &pg {
+            let sql = args
+                .write_sql
+                .replace("{c}", &c.to_string())
+                .replace("{s}", &seq.to_string());
+            client.simple_query(&sql).await.is_ok()
+        } else if let Some(url) = &args.write_url {
+            let body = format!(
+                "{{\"order_id\":{c},\"customer_id\":{c},\"seq\":{seq},\"sent_ms\":{},\"pad\":\"{PAD}\"}}",
+                sys::now_ms()
+            );
+            let req = format!(
+                "POST {}/{c} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                url.path.trim_end_matches('/'),
+                url.addr,
+                body.len()
+            );
+            // A kept-alive connection the server has closed (nginx ends one after
+            // `keepalive_requests`) fails on its next request: retry that write once on
+            // a new connection. A POST answered but lost would be published twice and
+            // show up as a duplicate, not be hidden.
+            let mut ok = false;
+            for _ in 0..2 {
+                if http.is_none() {
+                    http = TcpStream::connect(url.addr).await.ok();
+                }
+                ok = match http.as_mut() {
+                    Some(conn) => post(conn, req.as_bytes()).await.is_ok(),
+                    None => false,
+                };
+                if ok {
+                    break;
+                }
+                http = None;
+            }
+            ok
+        } else {
+            false
+        };
+        let mut s = shared.borrow_mut();
+        if ok {
+            s.written[c] = seq;
+            s.writes += 1;
+        } else {
+            s.write_errors += 1;
+        }
+        s.writes_to_us = sys::now_us();
+    }
+}
+
+/// The engine's sessions (all; the gateway's, named `tailgate ...`) and subscriptions.
+async fn upstream_sessions(conninfo: &str) -> anyhow::Result<serde_json::Value> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::task::spawn_local(connection);
+    let count = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
+        msgs.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get(0).and_then(|v| v.parse::<u64>().ok())
+                }
+                _ => None,
+            })
+            .unwrap_or(0)
+    };
+    let all = count(
+        client
+            .simple_query("SELECT count(*) FROM mz_internal.mz_sessions")
+            .await?,
+    );
+    let tailgate = count(
+        client
+            .simple_query(
+                "SELECT count(*) FROM mz_internal.mz_sessions WHERE application_name LIKE 'tailgate %'",
+            )
+            .await?,
+    );
+    let subs = count(
+        client
+            .simple_query("SELECT count(*) FROM mz_internal.mz_subscriptions")
+            .await?,
+    );
+    // This query's own session is one of `all`; the writer's is another when it
+    // writes to this engine.
+    Ok(serde_json::json!({
+        "sessions": all,
+        "tailgate_sessions": tailgate,
+        "subscriptions": subs,
+    }))
 }
 
 async fn wait_settled(shared: &Rc<RefCell<Shared>>, n: usize, deadline: Instant) {
@@ -487,6 +798,7 @@ async fn client(
     connect_timeout: Duration,
     shared: Rc<RefCell<Shared>>,
     scratch: Rc<RefCell<Vec<u8>>>,
+    column: Option<Rc<str>>,
 ) {
     let t0 = sys::now_us();
     shared.borrow_mut().started_us[i] = t0;
@@ -544,6 +856,7 @@ async fn client(
         parser: Parser::new(),
         framing,
         ticks: ClientTicks::default(),
+        column,
     };
     conn.body(&buf[head.len..], &shared);
     drop(buf);
@@ -575,6 +888,8 @@ struct Conn {
     parser: Parser,
     framing: Body,
     ticks: ClientTicks,
+    /// The partition column, when rows are checked per partition.
+    column: Option<Rc<str>>,
 }
 
 impl Conn {
@@ -585,6 +900,7 @@ impl Conn {
             parser,
             framing,
             ticks,
+            column,
         } = self;
         let mut s = shared.borrow_mut();
         let s = &mut *s;
@@ -594,9 +910,18 @@ impl Conn {
         let more = framing.feed(bytes, |b| {
             parser.feed(b, |ev| {
                 any = true;
-                match ev.event {
-                    "status" | "end" => {}
-                    name => {
+                match (ev.event, column.as_deref()) {
+                    ("status" | "end", _) => {}
+                    (name, Some(col)) => s.rows[*i].on_event(
+                        ev.data,
+                        name == "snapshot",
+                        col,
+                        now,
+                        s.window,
+                        &mut s.totals,
+                        &mut s.part,
+                    ),
+                    (name, None) => {
                         ticks.on_event(ev.data, name == "snapshot", now, s.window, &mut s.totals)
                     }
                 }

@@ -23,13 +23,14 @@ use tailgate_bench::{sys, PAD};
 
 mod auth;
 mod charts;
+mod scoped;
 mod views;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "tailgate's side-by-side benchmark suite")]
 struct Args {
     /// Scenario to run (repeat): idle, storm, fanout, light, overload, economy, tutorial,
-    /// views, auth, all.
+    /// views, auth, scoped, all.
     #[arg(long, default_value = "all")]
     scenario: Vec<String>,
     /// A 10-second fan-out check of tailgate against k0 (CI): no nginx, no Python;
@@ -73,6 +74,23 @@ struct Args {
     /// Streams (one view each) of the views scenario.
     #[arg(long, default_value_t = 1000)]
     views_streams: usize,
+    /// Clients of the scoped scenario, each on its own partition.
+    #[arg(long, default_value_t = 10_000)]
+    scoped_clients: usize,
+    /// Writes per second of the scoped scenario's writer (each to one partition).
+    #[arg(long, default_value_t = 1000.0)]
+    scoped_rate: f64,
+    /// Seconds of the scoped scenario's measurement window.
+    #[arg(long, default_value_t = 15.0)]
+    scoped_window: f64,
+    /// Partition counts naive-scoped (one upstream session per partition) is tried at,
+    /// in order, until one fails (0: skip naive-scoped).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "50,100,200,500,1000,2000,5000,9000"
+    )]
+    naive_partitions: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -83,6 +101,7 @@ enum Kind {
     NaiveAxum,
     Nchan,
     Tutorial,
+    NaiveScoped,
 }
 
 impl Kind {
@@ -93,6 +112,7 @@ impl Kind {
             Kind::NaiveAxum => "naive-axum",
             Kind::Nchan => "nchan",
             Kind::Tutorial => "tutorial",
+            Kind::NaiveScoped => "naive-scoped",
         }
     }
 }
@@ -150,6 +170,8 @@ struct Load {
     connect_timeout: f64,
     /// One request header line per client (`--header-file`).
     header_file: Option<PathBuf>,
+    /// Further loadgen arguments (the scoped scenario's paths, check and writer).
+    args: Vec<String>,
 }
 
 impl Load {
@@ -163,6 +185,7 @@ impl Load {
             rss_at: Vec::new(),
             connect_timeout: 30.0,
             header_file: None,
+            args: Vec::new(),
         }
     }
 
@@ -429,6 +452,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             ("tutorial", Suite::tutorial),
             ("views", Suite::views),
             ("auth", Suite::auth),
+            ("scoped", Suite::scoped),
         ] {
             if want(name) {
                 let before = loadavg();
@@ -869,6 +893,7 @@ impl Suite {
                     server.publish_url = Some(format!("http://127.0.0.1:{port}/pub"));
                 }
             }
+            Kind::NaiveScoped => bail!("naive-scoped runs only in the scoped scenario"),
             Kind::Tutorial => {
                 self.available(Kind::Tutorial).map_err(anyhow::Error::msg)?;
                 std::fs::write(dir.join("ticks.sql"), ticks_sql())?;
@@ -983,6 +1008,7 @@ impl Suite {
         if let Some(f) = &load.header_file {
             cmd.arg("--header-file").arg(f);
         }
+        cmd.args(&load.args);
         if let Some(u) = &server.publish_url {
             cmd.arg("--publish-url")
                 .arg(u)
@@ -1168,14 +1194,16 @@ impl Suite {
 
     fn smoke(&mut self) -> anyhow::Result<()> {
         let load = Load {
+            // Two runs of ~6 s each keep `bench/run --smoke` under 15 s.
             clients: 500,
             connect_rate: 2000.0,
-            warmup: 1.0,
-            duration: 6.0,
-            drain: 1.0,
+            warmup: 0.5,
+            duration: 4.0,
+            drain: 0.5,
             rss_at: Vec::new(),
             connect_timeout: 10.0,
             header_file: None,
+            args: Vec::new(),
         };
         let tg = self.measure("smoke", &Spec::new(Kind::Tailgate, 10.0), &load)?;
         let k0 = self.measure("smoke", &Spec::new(Kind::K0, 10.0), &load)?;
@@ -1377,6 +1405,7 @@ impl Suite {
             rss_at: idle_checkpoints(n),
             connect_timeout: 30.0,
             header_file: None,
+            args: Vec::new(),
         };
         let half = idle_checkpoints(n)[2];
         let mut slope = BTreeMap::new();
@@ -1451,6 +1480,7 @@ impl Suite {
             rss_at: Vec::new(),
             connect_timeout: 40.0,
             header_file: None,
+            args: Vec::new(),
         }
     }
 
