@@ -266,16 +266,18 @@ impl SourceTask {
         attempt: &mut u32,
     ) -> Result<Ended, UpstreamError> {
         let key = self.key.clone();
-        let (client, conn) = self
-            .target
-            .connect(&self.name(), self.policy.connect_timeout)
-            .await?;
+        // The set-up futures are boxed: held inline, the largest of them (connect,
+        // with its TLS handshake) would size this task for its whole life.
+        let (client, conn) = Box::pin(
+            self.target
+                .connect(&self.name(), self.policy.connect_timeout),
+        )
+        .await?;
         // The connection task ends when the link does; aborting it on exit closes the
         // socket even if a query is still waiting.
         let mut conn = AbortOnDrop(conn);
 
-        let version = client
-            .query_one(sql::VERSION, &[])
+        let version = Box::pin(client.query_one(sql::VERSION, &[]))
             .await
             .map_err(query_err("reading mz_version()"))?;
         let version: String = version
@@ -283,13 +285,11 @@ impl SourceTask {
             .map_err(query_err("reading mz_version()"))?;
         let legacy = is_legacy(&version).ok_or_else(|| UpstreamError::Version(version.clone()))?;
         if let Some(cluster) = &key.cluster {
-            client
-                .batch_execute(&sql::set_cluster(cluster))
+            Box::pin(client.batch_execute(&sql::set_cluster(cluster)))
                 .await
                 .map_err(query_err("setting the cluster"))?;
         }
-        let described = client
-            .prepare(&sql::describe(&key.source))
+        let described = Box::pin(client.prepare(&sql::describe(&key.source)))
             .await
             .map_err(query_err("describing the relation"))?;
         let relation: Vec<(String, tokio_postgres::types::Type)> = described
@@ -311,8 +311,7 @@ impl SourceTask {
         };
         let subscribe = sql::subscribe(&key.source, key.key.as_deref(), legacy, resume_at);
         debug!(source = %self.name(), sql = %subscribe, "Subscribing.");
-        client
-            .batch_execute(&sql::declare(&subscribe))
+        Box::pin(client.batch_execute(&sql::declare(&subscribe)))
             .await
             .map_err(query_err("declaring the subscription"))?;
 
