@@ -3,12 +3,13 @@
 //!
 //! A relation of `N` partitions (one per customer) of 3 rows each is loaded into a
 //! [`Partitioned`]; then one channel is opened per partition (as a scoped request
-//! does), one client subscribes to each and takes its opening frames. The cost of
+//! does), one client subscribes to each and takes its opening frames, then (if asked)
+//! the stream sends `HEARTBEATS` heartbeats that the clients take. The cost of
 //! each step is printed per channel, then broken down by building standalone hubs
 //! step by step, next to the cost of a client of a plain stream.
 //!
 //! ```text
-//! cargo run --release --example channel_memory [N]
+//! cargo run --release --example channel_memory [N] [HEARTBEATS]
 //! ```
 //!
 //! These are requested bytes: the allocator adds its own overhead per allocation
@@ -24,7 +25,7 @@ use tailgate::config::ClientErrors;
 use tailgate::feed::partitioned::{ChannelKey, Filter, Partitioned, Resolved};
 use tailgate::feed::values::ValueKind;
 use tailgate::feed::SourceState;
-use tailgate::hub::{Change, Hub, Settings, State};
+use tailgate::hub::{Change, Hub, Settings, Shared, State};
 use tailgate::row::Row;
 use tailgate::wire::{Health, Reason, Resume};
 
@@ -128,13 +129,16 @@ fn row(id: usize, customer: usize) -> Arc<Row> {
 }
 
 const ROWS_PER_PART: usize = 3;
-const HEARTBEATS: usize = 1100;
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10_000);
+    let arg = |i: usize, default: usize| {
+        std::env::args()
+            .nth(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(default)
+    };
+    let n = arg(1, 10_000);
+    let heartbeats = arg(2, 0);
     let resolved = Resolved {
         parts: vec![(1, ValueKind::Integer)],
         filters: Default::default(),
@@ -154,15 +158,14 @@ fn main() {
     p.load(1, &source, Reason::Initial, false);
     p.set_health(Health::Streaming);
     let mark = live();
+    let start = mark;
+    // The request's key, kept as the channel's (with the 48-byte slot of this Vec,
+    // freed in the next step).
     let keys: Vec<ChannelKey> = (0..n)
         .map(|c| ChannelKey::new(vec![c.to_string().into()], &Filter::new()))
         .collect();
-    let mark = step("(request keys, not counted below)", mark, n);
-    let start = mark;
-    let hubs: Vec<Arc<Hub>> = keys
-        .into_iter()
-        .filter_map(|k| p.channel(k).ok())
-        .collect();
+    let mark = step("ChannelKey (of the request)", mark, n);
+    let hubs: Vec<Arc<Hub>> = keys.into_iter().filter_map(|k| p.channel(k).ok()).collect();
     assert_eq!(hubs.len(), n, "every channel opens");
     let mark = step("Partitioned::channel", mark, n);
     let mut subs: Vec<_> = hubs.iter().map(|h| h.subscribe(Resume::Fresh)).collect();
@@ -174,19 +177,21 @@ fn main() {
     }
     let mark = step("take opening frames", mark, n);
     let end = mark;
-    // Heartbeats as the route task sends them (every 15 s by default: 1,100 is 4.6 h).
-    for _ in 0..HEARTBEATS {
+    // Heartbeats as the route task sends them (every 15 s by default).
+    for _ in 0..heartbeats {
         p.heartbeat(Duration::from_secs(3600));
         for s in &mut subs {
             s.drain(&mut out);
             out.clear();
         }
     }
-    step(&format!("after {HEARTBEATS} heartbeats"), mark, n);
+    if heartbeats > 0 {
+        step(&format!("after {heartbeats} heartbeats"), mark, n);
+    }
     drop(hubs);
     println!(
         "  {:<48} {:>9.1} B  {:>6.2} allocs",
-        "TOTAL per channel + client (before heartbeats)",
+        "TOTAL per channel + client (no heartbeats)",
         (end.0 - start.0) as f64 / n as f64,
         (end.1 - start.1) as f64 / n as f64
     );
@@ -214,15 +219,18 @@ fn main() {
             state
         })
         .collect();
-    let mark = step("State of the partition's rows", mark, n);
+    step("State of the partition's rows", mark, n);
+    let shared = Shared::new(settings());
+    let mark = live();
     let hubs: Vec<Arc<Hub>> = (0..n)
-        .map(|_| Hub::with_clock(settings(), Arc::clone(&clock)))
+        .map(|_| Hub::with_clock(shared.clone(), Arc::clone(&clock)))
         .collect();
-    let mark = step("Hub::with_clock (Hub, Settings, frames, watch)", mark, n);
+    let mark = step("Hub::with_clock (Hub, shared settings, frames)", mark, n);
+    let streaming = shared.with_health(Health::Streaming);
     for h in &hubs {
-        h.set_health(Health::Streaming);
+        h.set_shared(streaming.clone());
     }
-    let mark = step("set_health (status frame, ring entry)", mark, n);
+    let mark = step("set_shared(streaming) (status, ring entry)", mark, n);
     for (h, s) in hubs.iter().zip(states) {
         h.load_snapshot(1, s, Reason::Initial);
     }
