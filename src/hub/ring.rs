@@ -66,25 +66,37 @@ impl Inner {
 
     pub(super) fn push(&mut self, entry: Entry) {
         self.ring_bytes += entry.size();
+        // Room is made first: pushing onto a full ring would double its capacity to
+        // hold `history + 1` entries for an instant, and keep the doubled capacity.
+        if self.ring.len() >= self.shared.settings.history {
+            self.pop();
+        }
         self.ring.push_back(entry);
         self.trim();
     }
 
     pub(super) fn trim(&mut self) {
-        let settings = &self.shared.settings;
-        while self.ring.len() > settings.history
-            || (self.ring_bytes > settings.history_bytes && self.ring.len() > 1)
+        while self.ring.len() > self.shared.settings.history
+            || (self.ring_bytes > self.shared.settings.history_bytes && self.ring.len() > 1)
         {
-            let Some(old) = self.ring.pop_front() else {
+            if !self.pop() {
                 break;
-            };
-            self.ring_bytes -= old.size();
-            self.base_seq += 1;
-            if let Entry::Batch { id, .. } = old {
-                self.floor_ts = self.floor_ts.max(id);
             }
         }
         self.resume_seq = self.resume_seq.max(self.base_seq);
+    }
+
+    /// Drops the oldest entry; false if there was none.
+    fn pop(&mut self) -> bool {
+        let Some(old) = self.ring.pop_front() else {
+            return false;
+        };
+        self.ring_bytes -= old.size();
+        self.base_seq += 1;
+        if let Entry::Batch { id, .. } = old {
+            self.floor_ts = self.floor_ts.max(id);
+        }
+        true
     }
 
     /// The snapshot of the current state for `reason`. With `share` (the hub has
