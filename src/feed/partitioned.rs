@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use super::values::ValueKind;
 use super::SourceState;
-use crate::hub::{Change, Hub, Settings, State};
+use crate::hub::{Change, Hub, Settings, Shared, State};
 use crate::row::{Columns, Row, SourceChange};
 use crate::wire::{EndReason, Health, Reason};
 
 /// One partition's key: the canonical values of the partition columns, joined by NUL
-/// (which no canonical value holds).
-pub type PartKey = Box<str>;
+/// (which no canonical value holds). Shared, so the routes and the changes of a batch
+/// name a partition without copying its key.
+pub type PartKey = Arc<str>;
 
 /// The columns a scoped stream needs, resolved against the relation.
 #[derive(Debug, Clone)]
@@ -50,7 +51,7 @@ impl Resolved {
             }
             key.push_str(&kind.of_row(row.value(*i))?);
         }
-        Some(key.into_boxed_str())
+        Some(key.into())
     }
 
     fn project(&self, row: &Row) -> Box<str> {
@@ -124,18 +125,19 @@ enum Rows {
 
 struct Inner {
     resolved: Option<Arc<Resolved>>,
-    settings: Settings,
+    /// The settings, health and frames every channel holds a clone of.
+    shared: Shared,
     max_channels: usize,
-    health: Health,
     /// `None` until the first snapshot.
     ts: Option<u64>,
     partitions: HashMap<PartKey, Rows>,
     /// Keyed streams: the partition each key's row is in, so a row that moves is
     /// taken out of its old partition.
     key_part: HashMap<Box<str>, PartKey>,
-    channels: HashMap<ChannelKey, Channel>,
+    /// Keys shared with `routes`.
+    channels: HashMap<Arc<ChannelKey>, Channel>,
     /// Partition → the channels that include it.
-    routes: HashMap<PartKey, Vec<ChannelKey>>,
+    routes: HashMap<PartKey, Vec<Arc<ChannelKey>>>,
     end: Option<EndReason>,
 }
 
@@ -156,9 +158,8 @@ impl Partitioned {
             keyed,
             inner: Mutex::new(Inner {
                 resolved: None,
-                settings,
+                shared: Shared::new(settings),
                 max_channels,
-                health: Health::connecting(),
                 ts: None,
                 partitions: HashMap::new(),
                 key_part: HashMap::new(),
@@ -201,8 +202,7 @@ impl Partitioned {
         if inner.channels.len() >= inner.max_channels {
             return Err(ChannelError::TooMany);
         }
-        let hub = Hub::with_clock(inner.settings.clone(), Arc::clone(&self.clock));
-        hub.set_health(inner.health.clone());
+        let hub = Hub::with_clock(inner.shared.clone(), Arc::clone(&self.clock));
         if let Some(ts) = inner.ts {
             let state = self.channel_state(&inner, &resolved, &key);
             hub.load_snapshot(ts, state, Reason::Initial);
@@ -210,12 +210,12 @@ impl Partitioned {
         if let Some(reason) = inner.end {
             hub.close(reason);
         }
+        let key = Arc::new(key);
         for part in &key.parts {
-            inner
-                .routes
-                .entry(part.clone())
-                .or_default()
-                .push(key.clone());
+            let list = inner.routes.entry(Arc::clone(part)).or_default();
+            // Most partitions have one channel: no room for more until it is needed.
+            list.reserve_exact(1);
+            list.push(Arc::clone(&key));
         }
         inner.channels.insert(
             key,
@@ -390,7 +390,7 @@ impl Partitioned {
         let mut out: HashMap<&ChannelKey, Vec<Change>> = HashMap::new();
         for (part, what) in &seen {
             for ch in inner.routes.get(part).into_iter().flatten() {
-                let list = out.entry(ch).or_default();
+                let list = out.entry(&**ch).or_default();
                 match what {
                     Seen::Change(i) => list.extend(channel_change(&resolved, ch, &changes[*i])),
                     Seen::Left(key) => list.push(Change::Upsert {
@@ -418,12 +418,16 @@ impl Partitioned {
         }
     }
 
+    /// Encodes the new `status` once, for every channel.
     pub fn set_health(&self, health: Health) {
         let mut inner = self.lock();
-        for channel in inner.channels.values() {
-            channel.hub.set_health(health.clone());
+        if *inner.shared.health() == health {
+            return;
         }
-        inner.health = health;
+        inner.shared = inner.shared.with_health(health);
+        for channel in inner.channels.values() {
+            channel.hub.set_shared(inner.shared.clone());
+        }
     }
 
     pub fn warn(&self, error: &str) {
@@ -434,10 +438,10 @@ impl Partitioned {
 
     pub fn update_settings(&self, settings: Settings, max_channels: usize) {
         let mut inner = self.lock();
+        inner.shared = inner.shared.with_settings(settings);
         for channel in inner.channels.values() {
-            channel.hub.update_settings(settings.clone());
+            channel.hub.set_shared(inner.shared.clone());
         }
-        inner.settings = settings;
         inner.max_channels = max_channels;
     }
 
@@ -459,7 +463,7 @@ impl Partitioned {
             inner.channels.remove(&key);
             for part in &key.parts {
                 if let Some(list) = inner.routes.get_mut(part) {
-                    list.retain(|k| k != &key);
+                    list.retain(|k| !Arc::ptr_eq(k, &key));
                     if list.is_empty() {
                         inner.routes.remove(part);
                     }
@@ -492,7 +496,7 @@ impl Partitioned {
     }
 
     pub fn health(&self) -> Health {
-        self.lock().health.clone()
+        self.lock().shared.health().clone()
     }
 
     /// The stream's timestamp, once it has its first snapshot.

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::access::End;
 use crate::auth::{Auth, Credential};
-use crate::feed::partitioned::{ChannelError, ChannelKey, Filter, Partitioned, Resolved};
+use crate::feed::partitioned::{ChannelError, ChannelKey, Filter, PartKey, Partitioned, Resolved};
 use crate::feed::values::ValueKind;
 use crate::feed::Target;
 use crate::hub::Hub;
@@ -177,7 +177,7 @@ fn channel_key(
 }
 
 /// A partition key: the template's values, then the scope's value.
-fn join(template: &[Box<str>], scope: Option<&str>) -> Box<str> {
+fn join(template: &[Box<str>], scope: Option<&str>) -> PartKey {
     let mut key = String::new();
     for (n, v) in template.iter().map(AsRef::as_ref).chain(scope).enumerate() {
         if n > 0 {
@@ -185,7 +185,7 @@ fn join(template: &[Box<str>], scope: Option<&str>) -> Box<str> {
         }
         key.push_str(v);
     }
-    key.into_boxed_str()
+    key.into()
 }
 
 /// The query's filters: every parameter must be a configured filter (or the resume

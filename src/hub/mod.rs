@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::config::{ClientErrors, StreamConfig};
 use crate::sse;
@@ -56,6 +56,73 @@ impl Settings {
             client_queue: s.client_queue,
             client_errors,
         }
+    }
+}
+
+/// What every hub of a stream holds alike: its settings, and the `retry` and `status`
+/// frames they and the upstream's health encode to. A scoped stream's channels all
+/// clone one `Shared`, so none of it is allocated per channel.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    settings: Arc<Settings>,
+    /// `retry: <ms>`, encoded once per setting.
+    retry: Bytes,
+    /// Behind an `Arc`: an error's text is not copied into every channel.
+    health: Arc<Health>,
+    /// The `status` event of `health`: for clients that skipped a change of it, and
+    /// for every client that connects while the upstream is degraded.
+    status: Bytes,
+}
+
+impl Shared {
+    /// A stream's settings, with its upstream still connecting.
+    pub fn new(settings: Settings) -> Shared {
+        let health = Health::connecting();
+        Shared {
+            retry: sse::retry(settings.retry.as_millis()),
+            status: wire::status_frame(&health, settings.client_errors),
+            settings: Arc::new(settings),
+            health: Arc::new(health),
+        }
+    }
+
+    /// The same with new settings; frames are encoded again only if they change.
+    pub fn with_settings(&self, settings: Settings) -> Shared {
+        Shared {
+            retry: if settings.retry == self.settings.retry {
+                self.retry.clone()
+            } else {
+                sse::retry(settings.retry.as_millis())
+            },
+            status: if settings.client_errors == self.settings.client_errors {
+                self.status.clone()
+            } else {
+                wire::status_frame(&self.health, settings.client_errors)
+            },
+            settings: Arc::new(settings),
+            health: Arc::clone(&self.health),
+        }
+    }
+
+    /// The same with another upstream health.
+    pub fn with_health(&self, health: Health) -> Shared {
+        if health == *self.health {
+            return self.clone();
+        }
+        Shared {
+            settings: Arc::clone(&self.settings),
+            retry: self.retry.clone(),
+            status: wire::status_frame(&health, self.settings.client_errors),
+            health: Arc::new(health),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 }
 
@@ -114,8 +181,13 @@ impl Stats {
 /// See the module documentation.
 pub struct Hub {
     inner: Mutex<Inner>,
-    /// Carries the ring's head sequence; clients wait on it.
-    head: watch::Sender<u64>,
+    /// Bumped (under the lock) whenever clients have something to look at; a client
+    /// compares it with the value it last acted on.
+    version: AtomicU64,
+    /// Wakes the clients waiting on `version`. A `Notify` lives inline, where a watch
+    /// channel would allocate a few hundred bytes per hub (per channel of a scoped
+    /// stream).
+    wake: Notify,
     pub stats: Stats,
     /// A scoped stream's clock: the timestamp its partitions are at. A channel hub
     /// hears only of timestamps that touched it; the others pass on this clock.
@@ -124,21 +196,19 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(settings: Settings) -> Arc<Hub> {
-        Self::build(settings, None)
+        Self::build(Shared::new(settings), None)
     }
 
-    /// A hub whose state is also at every timestamp `clock` reaches.
-    pub fn with_clock(settings: Settings, clock: Arc<AtomicU64>) -> Arc<Hub> {
-        Self::build(settings, Some(clock))
+    /// A hub with a stream's shared settings and frames, whose state is also at every
+    /// timestamp `clock` reaches: a scoped stream's channel.
+    pub fn with_clock(shared: Shared, clock: Arc<AtomicU64>) -> Arc<Hub> {
+        Self::build(shared, Some(clock))
     }
 
-    fn build(settings: Settings, clock: Option<Arc<AtomicU64>>) -> Arc<Hub> {
-        let connecting = Health::connecting();
-        let status = wire::status_frame(&connecting, settings.client_errors);
+    fn build(shared: Shared, clock: Option<Arc<AtomicU64>>) -> Arc<Hub> {
         Arc::new(Hub {
             inner: Mutex::new(Inner {
-                retry_frame: sse::retry(settings.retry.as_millis()),
-                settings,
+                shared,
                 state: None,
                 state_ts: 0,
                 ring: VecDeque::new(),
@@ -147,12 +217,11 @@ impl Hub {
                 floor_ts: 0,
                 resume_seq: 0,
                 snapshots: Vec::new(),
-                status,
-                health: connecting,
                 end: None,
                 rechecks: 0,
             }),
-            head: watch::Sender::new(0),
+            version: AtomicU64::new(0),
+            wake: Notify::new(),
             stats: Stats::default(),
             clock,
         })
@@ -173,26 +242,44 @@ impl Hub {
         inner
     }
 
-    fn notify(&self, inner: &Inner) {
-        self.head.send_replace(inner.head());
+    /// Wakes the clients. Called with the lock held (`_inner`), so a client that sees
+    /// the new version also sees what changed.
+    fn notify(&self, _inner: &Inner) {
+        self.version.fetch_add(1, Ordering::Release);
+        self.wake.notify_waiters();
     }
 
     pub fn update_settings(&self, settings: Settings) {
         let mut inner = self.lock();
-        if settings.client_errors != inner.settings.client_errors {
-            let frame = wire::status_frame(&inner.health, settings.client_errors);
-            inner.status = frame.clone();
+        let shared = inner.shared.with_settings(settings);
+        self.replace_shared(&mut inner, shared);
+    }
+
+    /// Takes new shared settings and frames (see [`Shared`]), telling connected
+    /// clients of a new `status` or `retry`.
+    pub fn set_shared(&self, shared: Shared) {
+        self.replace_shared(&mut self.lock(), shared);
+    }
+
+    /// Read and replaced under one lock, so a health and a settings change cannot
+    /// undo each other.
+    fn replace_shared(&self, inner: &mut Inner, shared: Shared) {
+        let old = &inner.shared;
+        let status = shared.health != old.health
+            || shared.settings.client_errors != old.settings.client_errors;
+        let retry = shared.settings.retry != old.settings.retry;
+        inner.shared = shared;
+        if status {
+            let frame = inner.shared.status.clone();
             inner.push(Entry::Control(frame));
-            self.notify(&inner);
+            self.notify(inner);
         }
-        if settings.retry != inner.settings.retry {
-            inner.retry_frame = sse::retry(settings.retry.as_millis());
+        if retry {
             // Connected browsers learn the new reconnection delay too, not only new ones.
-            let frame = inner.retry_frame.clone();
+            let frame = inner.shared.retry.clone();
             inner.push(Entry::Control(frame));
-            self.notify(&inner);
+            self.notify(inner);
         }
-        inner.settings = settings;
         inner.trim();
     }
 
@@ -205,7 +292,7 @@ impl Hub {
     /// upstream is streaming. `Err` says why not.
     pub fn readiness(&self) -> Result<(), NotReady> {
         let inner = self.lock();
-        readiness(inner.state.is_some(), &inner.health)
+        readiness(inner.state.is_some(), inner.shared.health())
     }
 
     /// The timestamp of the published state, if any.
@@ -220,7 +307,7 @@ impl Hub {
     }
 
     pub fn health(&self) -> Health {
-        self.lock().health.clone()
+        self.lock().shared.health().clone()
     }
 
     /// Replaces the whole state. The first call makes the hub ready (clients get
@@ -265,7 +352,7 @@ impl Hub {
         for change in &net {
             change.encode(&mut data);
         }
-        let bytes = sse::event(&inner.settings.event, Some(id), &data.finish());
+        let bytes = sse::event(&inner.shared.settings.event, Some(id), &data.finish());
         inner.push(Entry::Batch { min_ts, id, bytes });
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.notify(&inner);
@@ -304,21 +391,17 @@ impl Hub {
     /// Reports upstream health to clients when it changes.
     pub fn set_health(&self, health: Health) {
         let mut inner = self.lock();
-        if inner.health == health {
-            return;
+        if *inner.shared.health() != health {
+            let shared = inner.shared.with_health(health);
+            self.replace_shared(&mut inner, shared);
         }
-        let frame = wire::status_frame(&health, inner.settings.client_errors);
-        inner.health = health;
-        inner.status = frame.clone();
-        inner.push(Entry::Control(frame));
-        self.notify(&inner);
     }
 
     /// Tells clients about a problem that does not stop the stream, as a `status`
     /// event with the upstream still `streaming`.
     pub fn warn(&self, error: String) {
         let mut inner = self.lock();
-        let frame = wire::warning_frame(&error, inner.settings.client_errors);
+        let frame = wire::warning_frame(&error, inner.shared.settings.client_errors);
         inner.push(Entry::Frame(frame));
         self.notify(&inner);
     }

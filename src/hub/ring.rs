@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::state::State;
-use super::{Settings, Stats};
+use super::{Shared, Stats};
 use crate::wire::{self, ChangesJson, EndReason, Health, Reason};
 
 #[derive(Debug)]
@@ -36,9 +36,8 @@ impl Entry {
 }
 
 pub(super) struct Inner {
-    pub(super) settings: Settings,
-    /// `retry: <ms>`, encoded once per setting.
-    pub(super) retry_frame: Bytes,
+    /// Settings, health and their frames, as the stream's other hubs hold them.
+    pub(super) shared: Shared,
     /// `None` until the first complete snapshot arrives.
     pub(super) state: Option<State>,
     /// The timestamp the state is at.
@@ -50,11 +49,9 @@ pub(super) struct Inner {
     /// Oldest id a client may resume from, and the first entry that may serve it.
     pub(super) floor_ts: u64,
     pub(super) resume_seq: u64,
+    /// Snapshots of the current state by reason, kept only while several clients
+    /// may want one (see [`Inner::snapshot`]).
     pub(super) snapshots: Vec<(Reason, Bytes)>,
-    pub(super) health: Health,
-    /// The `status` event of `health`, encoded once: for clients that skipped a change
-    /// of it, and for every client that connects while the upstream is degraded.
-    pub(super) status: Bytes,
     /// Why and with which frame the stream ended, once it has.
     pub(super) end: Option<(EndReason, Bytes)>,
     /// Bumped when the rules that admit clients change: each client checks its
@@ -69,28 +66,44 @@ impl Inner {
 
     pub(super) fn push(&mut self, entry: Entry) {
         self.ring_bytes += entry.size();
+        // Room is made first: pushing onto a full ring would double its capacity to
+        // hold `history + 1` entries for an instant, and keep the doubled capacity.
+        if self.ring.len() >= self.shared.settings.history {
+            self.pop();
+        }
         self.ring.push_back(entry);
         self.trim();
     }
 
     pub(super) fn trim(&mut self) {
-        while self.ring.len() > self.settings.history
-            || (self.ring_bytes > self.settings.history_bytes && self.ring.len() > 1)
+        while self.ring.len() > self.shared.settings.history
+            || (self.ring_bytes > self.shared.settings.history_bytes && self.ring.len() > 1)
         {
-            let Some(old) = self.ring.pop_front() else {
+            if !self.pop() {
                 break;
-            };
-            self.ring_bytes -= old.size();
-            self.base_seq += 1;
-            if let Entry::Batch { id, .. } = old {
-                self.floor_ts = self.floor_ts.max(id);
             }
         }
         self.resume_seq = self.resume_seq.max(self.base_seq);
     }
 
-    /// The snapshot of the current state for `reason`, encoded at most once per state.
-    pub(super) fn snapshot(&mut self, reason: Reason) -> Option<Bytes> {
+    /// Drops the oldest entry; false if there was none.
+    fn pop(&mut self) -> bool {
+        let Some(old) = self.ring.pop_front() else {
+            return false;
+        };
+        self.ring_bytes -= old.size();
+        self.base_seq += 1;
+        if let Entry::Batch { id, .. } = old {
+            self.floor_ts = self.floor_ts.max(id);
+        }
+        true
+    }
+
+    /// The snapshot of the current state for `reason`. With `share` (the hub has
+    /// other clients who may need it too) it is kept, so it is encoded at most once
+    /// per state; a lone client's snapshot is not kept (most channels of a scoped
+    /// stream have one client, and would hold their encoded rows twice).
+    pub(super) fn snapshot(&mut self, reason: Reason, share: bool) -> Option<Bytes> {
         let state = self.state.as_ref()?;
         if let Some((_, b)) = self.snapshots.iter().find(|(r, _)| *r == reason) {
             return Some(b.clone());
@@ -102,7 +115,9 @@ impl Inner {
             State::Keyed(m) => m.iter().for_each(|(key, row)| data.upsert(key, Some(row))),
         }
         let bytes = crate::sse::event(wire::SNAPSHOT, Some(ts), &data.finish());
-        self.snapshots.push((reason, bytes.clone()));
+        if share {
+            self.snapshots.push((reason, bytes.clone()));
+        }
         Some(bytes)
     }
 
@@ -122,10 +137,11 @@ impl Inner {
         resumed: bool,
     ) -> bool {
         let head = self.head();
-        if *pos < self.base_seq || head - *pos > self.settings.client_queue as u64 {
+        let share = stats.clients.load(Ordering::Relaxed) > 1;
+        if *pos < self.base_seq || head - *pos > self.shared.settings.client_queue as u64 {
             stats.lagged.fetch_add(1, Ordering::Relaxed);
             let skipped_control = *pos < self.base_seq || self.has_control(*pos);
-            if let Some(s) = self.snapshot(Reason::Lagged) {
+            if let Some(s) = self.snapshot(Reason::Lagged, share) {
                 out.push(s);
             }
             if skipped_control {
@@ -145,7 +161,7 @@ impl Inner {
                     Reason::Initial if resumed => Reason::ResumeGap,
                     other => other,
                 };
-                if let Some(s) = self.snapshot(reason) {
+                if let Some(s) = self.snapshot(reason, share) {
                     out.push(s);
                 }
                 if self.has_control(*pos) {
@@ -183,14 +199,15 @@ impl Inner {
 
     /// The current `retry` and status, for a client that skipped their changes.
     pub(super) fn push_control(&self, out: &mut Vec<Bytes>) {
-        out.push(self.retry_frame.clone());
-        out.push(self.status.clone());
+        out.push(self.shared.retry.clone());
+        out.push(self.shared.status.clone());
     }
 
     /// The `status` a connecting client is sent first: only while the upstream is
     /// degraded.
     pub(super) fn degraded(&self) -> Option<Bytes> {
-        matches!(self.health, Health::Reconnecting { .. }).then(|| self.status.clone())
+        matches!(self.shared.health(), Health::Reconnecting { .. })
+            .then(|| self.shared.status.clone())
     }
 
     /// Where a resuming client's cursor goes, or `None` if the history cannot serve it.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::sync::watch;
 
 use super::Hub;
 use crate::wire::{EndReason, Reason, Resume};
@@ -17,9 +16,12 @@ impl Hub {
     /// asks for, then every event until the hub closes.
     pub fn subscribe(self: &Arc<Self>, resume: Resume) -> Subscription {
         let hub = Arc::clone(self);
-        // Subscribed before the lock is taken, so anything pushed after the catch-up
-        // below wakes it; at worst a wake-up finds nothing new.
-        let rx = self.head.subscribe();
+        // Read before the lock is taken, so anything pushed after the catch-up below
+        // wakes it; at worst a wake-up finds nothing new.
+        let seen = self.version.load(Ordering::Acquire);
+        // Counted first, so that the snapshot below is kept only if another client
+        // might want it too.
+        let guard = ClientGuard::new(&hub);
         let mut first = Vec::with_capacity(4);
         let mut pos;
         let ended;
@@ -29,7 +31,7 @@ impl Hub {
             let mut inner = hub.lock();
             checked = inner.rechecks;
             resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
-            first.push(inner.retry_frame.clone());
+            first.push(inner.shared.retry.clone());
             first.extend(inner.degraded());
             pos = inner.head();
             let replay = match resume {
@@ -43,7 +45,8 @@ impl Hub {
                         Resume::Fresh => Reason::Initial,
                         _ => Reason::ResumeGap,
                     };
-                    if let Some(s) = inner.snapshot(reason) {
+                    let share = hub.stats.clients.load(Ordering::Relaxed) > 1;
+                    if let Some(s) = inner.snapshot(reason, share) {
                         first.push(s);
                     }
                 }
@@ -51,9 +54,9 @@ impl Hub {
             ended = inner.catch_up(&mut pos, &mut first, &hub.stats, resumed);
         }
         Subscription {
-            guard: ClientGuard::new(&hub),
+            guard,
             hub,
-            rx,
+            seen,
             pos,
             ended,
             resumed,
@@ -68,7 +71,8 @@ impl Hub {
 /// copies an event, it only holds references to the hub's encoding.
 pub struct Subscription {
     hub: Arc<Hub>,
-    rx: watch::Receiver<u64>,
+    /// The hub's version this client last acted on.
+    seen: u64,
     pos: u64,
     ended: bool,
     /// Asked to resume before the stream had a state; cleared by its first snapshot.
@@ -88,14 +92,12 @@ impl Subscription {
     /// false once the stream has ended (after its `end` frame was handed out).
     pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
         if !self.first.is_empty() {
-            out.append(&mut self.first);
+            // Taken, not appended: the buffer is not kept for the connection's life.
+            out.extend(std::mem::take(&mut self.first));
             return true;
         }
         while !self.ended {
-            if self.rx.changed().await.is_err() {
-                self.ended = true;
-                break;
-            }
+            self.wait().await;
             let mut inner = self.hub.lock();
             self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
             self.resumed &= inner.state.is_none();
@@ -117,8 +119,23 @@ impl Subscription {
         if !self.first.is_empty() || self.ended {
             return;
         }
-        if self.rx.changed().await.is_err() {
-            self.ended = true;
+        self.wait().await;
+    }
+
+    /// Waits until the hub's version differs from the one last seen, and marks it
+    /// seen. Cancel-safe: nothing is marked until it returns.
+    async fn wait(&mut self) {
+        loop {
+            let notified = self.hub.wake.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the version is read, so a bump after the read wakes it.
+            notified.as_mut().enable();
+            let version = self.hub.version.load(Ordering::Acquire);
+            if version != self.seen {
+                self.seen = version;
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -127,10 +144,10 @@ impl Subscription {
     /// event with an id up to that timestamp is in `out` or was taken before: both
     /// are read under one lock. Returns false once the stream has ended.
     pub fn drain(&mut self, out: &mut Vec<Bytes>) -> (bool, Option<u64>) {
-        out.append(&mut self.first);
+        out.extend(std::mem::take(&mut self.first));
         // Marked seen before the lock: anything pushed after the catch-up wakes
         // `changed` again.
-        self.rx.borrow_and_update();
+        self.seen = self.hub.version.load(Ordering::Acquire);
         let mut inner = self.hub.lock();
         if !self.ended {
             self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
@@ -149,7 +166,8 @@ impl Subscription {
     pub fn skip_to_snapshot(&mut self, out: &mut Vec<Bytes>) {
         let mut inner = self.hub.lock();
         self.hub.stats.lagged.fetch_add(1, Ordering::Relaxed);
-        if let Some(s) = inner.snapshot(Reason::Lagged) {
+        let share = self.hub.stats.clients.load(Ordering::Relaxed) > 1;
+        if let Some(s) = inner.snapshot(Reason::Lagged, share) {
             out.push(s);
         }
         self.pos = inner.head();
