@@ -219,6 +219,7 @@ impl Hub {
                 snapshots: Vec::new(),
                 end: None,
                 rechecks: 0,
+                keepalives: 0,
             }),
             version: AtomicU64::new(0),
             wake: Notify::new(),
@@ -410,7 +411,7 @@ impl Hub {
     pub fn heartbeat(&self) {
         let mut inner = self.lock();
         if inner.end.is_none() {
-            inner.push(Entry::Frame(Bytes::from_static(sse::KEEPALIVE)));
+            inner.keepalives = inner.keepalives.wrapping_add(1);
             self.notify(&inner);
         }
     }
@@ -621,6 +622,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn heartbeats_reach_clients_without_filling_the_ring() {
+        let hub = Hub::new(settings(4, 1000));
+        hub.load_snapshot(10, State::empty(false), Reason::Initial);
+        let mut client = Client::connected(&hub).await;
+        let before = hub.lock().ring.len();
+        for _ in 0..2000 {
+            hub.heartbeat();
+        }
+        assert_eq!(hub.lock().ring.len(), before, "no ring entry per heartbeat");
+        // Missed heartbeats need one keepalive, and no snapshot(lagged).
+        let items = client.items().await;
+        let comments = items
+            .iter()
+            .filter(|i| matches!(i, Item::Comment(c) if c == "keepalive"))
+            .count();
+        assert_eq!(comments, 1, "{items:?}");
+        assert!(events(&items).is_empty(), "{items:?}");
+        hub.heartbeat();
+        let items = client.items().await;
+        assert!(items
+            .iter()
+            .any(|i| matches!(i, Item::Comment(c) if c == "keepalive")));
+    }
+
+    #[tokio::test]
     async fn a_lagged_client_still_learns_that_the_upstream_is_down() {
         let hub = Hub::new(settings(4, 1000));
         hub.load_snapshot(10, State::empty(false), Reason::Initial);
@@ -630,8 +656,8 @@ mod tests {
         hub.set_health(Health::Reconnecting {
             error: "link lost".into(),
         });
-        for _ in 0..10 {
-            hub.heartbeat();
+        for t in 12..22 {
+            hub.publish(t, t, &[diff(&format!("{{\"t\":{t}}}"), 1)]);
         }
         let items = slow.items().await;
         let status: Vec<_> = items

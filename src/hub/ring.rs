@@ -57,6 +57,9 @@ pub(super) struct Inner {
     /// Bumped when the rules that admit clients change: each client checks its
     /// credentials again.
     pub(super) rechecks: u32,
+    /// Heartbeats so far. A keepalive is not a ring entry: kept there, a thousand
+    /// of them would sit in every idle stream's (and every channel's) history.
+    pub(super) keepalives: u64,
 }
 
 impl Inner {

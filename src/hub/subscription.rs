@@ -27,9 +27,11 @@ impl Hub {
         let ended;
         let resumed;
         let checked;
+        let keepalives;
         {
             let mut inner = hub.lock();
             checked = inner.rechecks;
+            keepalives = inner.keepalives;
             resumed = inner.state.is_none() && !matches!(resume, Resume::Fresh);
             first.push(inner.shared.retry.clone());
             first.extend(inner.degraded());
@@ -61,6 +63,7 @@ impl Hub {
             ended,
             resumed,
             checked,
+            keepalives,
             recheck: false,
             first,
         }
@@ -79,6 +82,8 @@ pub struct Subscription {
     resumed: bool,
     /// The hub's recheck count this client has acted on.
     checked: u32,
+    /// The hub's heartbeat count this client has answered with a keepalive.
+    keepalives: u64,
     /// The rules changed since the client last looked.
     recheck: bool,
     /// Frames computed when the client subscribed, handed out first.
@@ -101,6 +106,7 @@ impl Subscription {
             let mut inner = self.hub.lock();
             self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
             self.resumed &= inner.state.is_none();
+            keepalive(&mut self.keepalives, self.ended, &inner, out);
             if inner.rechecks != self.checked {
                 self.checked = inner.rechecks;
                 self.recheck = true;
@@ -152,6 +158,7 @@ impl Subscription {
         if !self.ended {
             self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
             self.resumed &= inner.state.is_none();
+            keepalive(&mut self.keepalives, self.ended, &inner, out);
         }
         if inner.rechecks != self.checked {
             self.checked = inner.rechecks;
@@ -216,5 +223,14 @@ impl ClientGuard {
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One `: keepalive` if the hub had a heartbeat since the client's last (several
+/// missed ones need only one).
+fn keepalive(seen: &mut u64, ended: bool, inner: &super::ring::Inner, out: &mut Vec<Bytes>) {
+    if inner.keepalives != *seen && !ended {
+        *seen = inner.keepalives;
+        out.push(Bytes::from_static(crate::sse::KEEPALIVE));
     }
 }
