@@ -604,7 +604,11 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         window_s: args.duration,
         connected_at_window,
         ticked_at_window,
-        transport: if args.tls_ca.is_some() { "tls" } else { "plain" },
+        transport: if args.tls_ca.is_some() {
+            "tls"
+        } else {
+            "plain"
+        },
         produced,
         delivered,
         expected,
@@ -1011,12 +1015,7 @@ async fn client(
 
 /// Accounts for a response head: a client with status 200 is connected (Some, with
 /// the body's framing); any other status is a failure.
-fn connected(
-    t0: u64,
-    head: &Head,
-    shared: &RefCell<Shared>,
-    ticked: bool,
-) -> Option<Body> {
+fn connected(t0: u64, head: &Head, shared: &RefCell<Shared>, ticked: bool) -> Option<Body> {
     let mut s = shared.borrow_mut();
     if head.status != 200 {
         s.bad_status += 1;

@@ -788,11 +788,7 @@ impl Suite {
             ticks_on: Vec::new(),
             group_by_id: false,
         };
-        let pki = if spec.tls {
-            Some(self.pki()?)
-        } else {
-            None
-        };
+        let pki = if spec.tls { Some(self.pki()?) } else { None };
         if let Some(pki) = &pki {
             server.tls_ca = Some(pki.ca.clone());
         }

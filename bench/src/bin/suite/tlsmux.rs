@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::json;
 
-use super::{fmt_num, median, rss_slope, thousands, Kind, Limit, Load, Reps, Run, Server, Spec, Suite};
+use super::{
+    fmt_num, median, rss_slope, thousands, Kind, Limit, Load, Reps, Run, Server, Spec, Suite,
+};
 use tailgate_bench::PAD;
 
 /// The test PKI of one suite run.
@@ -200,7 +202,10 @@ impl Suite {
             let both = tls.zip(plain);
             self.goal(
                 "tls",
-                &format!("delivered at {rate}/s, N={}, TLS vs plaintext", thousands(n)),
+                &format!(
+                    "delivered at {rate}/s, N={}, TLS vs plaintext",
+                    thousands(n)
+                ),
                 both.map(|(t, p)| (t.delivered_ratio(), p.delivered_ratio())),
                 Limit::AtLeast(0.999),
                 "share",
@@ -303,7 +308,9 @@ impl Suite {
             spread("tailgate-plain")
         );
         for (variant, _, _) in variants {
-            let h = held.get(variant).map(|v| v.iter().cloned().fold(f64::INFINITY, f64::min));
+            let h = held
+                .get(variant)
+                .map(|v| v.iter().cloned().fold(f64::INFINITY, f64::min));
             self.goal(
                 "tls-idle",
                 &format!("{variant}: idle streams held (fewest of the runs)"),
