@@ -1241,6 +1241,41 @@ mod tests {
     }
 
     #[test]
+    fn a_mux_tick_counts_when_its_group_id_arrives() {
+        let shared = RefCell::new(Shared {
+            first_us: vec![0],
+            last_us: vec![0],
+            window: Window {
+                start_ms: 1,
+                end_ms: u64::MAX,
+            },
+            ..Shared::default()
+        });
+        let mut conn = Conn {
+            i: 0,
+            parser: Parser::new(),
+            framing: Body::Close,
+            ticks: ClientTicks::default(),
+            column: None,
+            group: Some(Group::default()),
+        };
+        let sent = sys::now_ms();
+        let snap = "event: snapshot\ndata: {\"stream\":\"/a\",\"changes\":[{\"diff\":1,\"row\":{\"seq\":1,\"sent_ms\":1}}]}\nid: 10\n\n";
+        assert!(conn.body(snap.as_bytes(), &shared));
+        // An event of a group without its id yet: held, nothing counted.
+        let held = format!("event: update\ndata: {{\"stream\":\"/a\",\"changes\":[{{\"diff\":1,\"row\":{{\"seq\":2,\"sent_ms\":{sent}}}}}]}}\n\n");
+        assert!(conn.body(held.as_bytes(), &shared));
+        assert_eq!(shared.borrow().totals.delivered_in_window, 0);
+        // The group's last event (another stream's, no tick) carries the new id.
+        let last = "event: update\ndata: {\"stream\":\"/b\",\"changes\":[]}\nid: 11\n\n";
+        assert!(conn.body(last.as_bytes(), &shared));
+        let s = shared.borrow();
+        assert_eq!(s.totals.delivered_in_window, 1);
+        assert_eq!(s.totals.snapshots, 1);
+        assert_eq!(s.totals.latency.count(), 1);
+    }
+
+    #[test]
     fn publish_urls_need_an_address_and_get_a_path() {
         let u: PublishUrl = "http://127.0.0.1:8080/pub".parse().unwrap();
         assert_eq!((u.addr.port(), u.path.as_str()), (8080, "/pub"));
