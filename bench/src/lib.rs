@@ -19,6 +19,7 @@
 //! | `src/bin/suite/charts.rs` | the fan-out and idle charts, from the runs just measured |
 //! | `src/bin/suite/views.rs` | the views scenario: 1,000 streams in one process |
 //! | `src/bin/suite/auth.rs` | the auth scenario: the connect storm with JWT auth on and off |
+//! | `src/bin/suite/tlsmux.rs` | the tls, tls-idle and mux scenarios, and the run's test certificate (rcgen) |
 //! | `tutorial/app.py` | the tutorial's FastAPI + sse-starlette pattern |
 //! | `run` | the one command |
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser as _;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
@@ -135,6 +135,23 @@ struct Args {
     /// Write the JSON report here instead of stdout.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Speak TLS (HTTP/1.1 over TLS, ALPN `http/1.1`), trusting the PEM certificates
+    /// in this file as roots (the suite's test CA).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The server name the certificate is checked against (and sent as SNI).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// A tick counts when its event's group is complete: at the next event whose
+    /// `id:` changes (the mux, where only a group's last event carries the id), not
+    /// at the event that carries it.
+    #[arg(long)]
+    group_by_id: bool,
+    /// Only clients of these paths are owed the ticks (`expected`); the others (a
+    /// client's extra streams that never change) are connected but owe nothing.
+    /// Default: every client.
+    #[arg(long)]
+    ticks_on: Vec<String>,
 }
 
 /// A request header line: `Name: value`, with a token name and no CR, LF or NUL.
@@ -199,6 +216,8 @@ impl std::str::FromStr for PublishUrl {
 #[derive(Default)]
 struct Shared {
     totals: Totals,
+    /// Connected clients (not yet disconnected) that are owed the ticks (--ticks-on).
+    ticked_live: usize,
     window: Window,
     connected: usize,
     failed: usize,
@@ -262,6 +281,10 @@ struct Report {
     clients_without_event: usize,
     window_s: f64,
     connected_at_window: usize,
+    /// Of those, the clients owed the ticks (--ticks-on; all of them without it).
+    ticked_at_window: usize,
+    /// "tls" or "plain".
+    transport: &'static str,
     /// Ticks produced during the window (seq span seen by any client).
     produced: u64,
     delivered: u64,
@@ -351,6 +374,14 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         ..Shared::default()
     }));
     let column: Option<Rc<str>> = args.partition_column.as_deref().map(Rc::from);
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(Rc::new(Tls::new(ca, &args.tls_name)?)),
+        None => None,
+    };
+    let mode = Mode {
+        tls,
+        group_by_id: args.group_by_id,
+    };
     let scratch = Rc::new(RefCell::new(vec![0u8; 64 * 1024]));
     let start = Instant::now();
     let start_us = sys::now_us();
@@ -426,6 +457,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             common: common.clone(),
             own: (!own.is_empty()).then(|| own[i % own.len()].clone()),
         };
+        let ticked = args.ticks_on.is_empty() || args.ticks_on.contains(&path);
         tokio::task::spawn_local(client(
             i,
             args.addr,
@@ -436,6 +468,8 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             shared.clone(),
             scratch.clone(),
             column.clone(),
+            mode.clone(),
+            ticked,
         ));
     }
     wait_settled(&shared, n, Instant::now() + connect_timeout).await;
@@ -459,13 +493,13 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     sleep(Duration::from_secs_f64(args.warmup)).await;
 
     // The measurement window.
-    let connected_at_window = {
+    let (connected_at_window, ticked_at_window) = {
         let mut s = shared.borrow_mut();
         s.window = Window {
             start_ms: sys::now_ms(),
             end_ms: u64::MAX,
         };
-        s.connected - s.disconnects
+        (s.connected - s.disconnects, s.ticked_live)
     };
     let slab_kb_start = sys::slab_kb();
     let server_start = server_samples(&args.server_pid);
@@ -529,7 +563,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     // whole run (every write to a checked client's partition), not window estimates.
     let (delivered, expected) = match &partitions {
         Some(p) => (p.delivered, p.expected),
-        None => (t.delivered_in_window, produced * connected_at_window as u64),
+        None => (t.delivered_in_window, produced * ticked_at_window as u64),
     };
     let silent_before = window_end_us.saturating_sub((args.silence * 1e6) as u64);
     let mut first = Vec::new();
@@ -569,6 +603,12 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         clients_without_event: without,
         window_s: args.duration,
         connected_at_window,
+        ticked_at_window,
+        transport: if args.tls_ca.is_some() {
+            "tls"
+        } else {
+            "plain"
+        },
         produced,
         delivered,
         expected,
@@ -788,6 +828,77 @@ struct Headers {
     own: Option<Rc<str>>,
 }
 
+/// How every client connects and when its ticks count.
+#[derive(Clone)]
+struct Mode {
+    tls: Option<Rc<Tls>>,
+    group_by_id: bool,
+}
+
+/// loadgen's TLS client: rustls (ring), trusting the given roots, ALPN `http/1.1`.
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Tls {
+    fn new(ca: &std::path::Path, name: &str) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
+        }
+        if roots.is_empty() {
+            bail!("{}: no certificate", ca.display());
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            name: rustls::pki_types::ServerName::try_from(name.to_string())
+                .map_err(|e| anyhow::anyhow!("--tls-name {name}: {e}"))?,
+        })
+    }
+}
+
+/// Sends the request and reads the response head; returns it and the bytes read
+/// after it (the start of the body).
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    req: &[u8],
+    connect_timeout: Duration,
+) -> Result<(Head, Vec<u8>), String> {
+    stream
+        .write_all(req)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        match timeout(connect_timeout, stream.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => return Err("closed before response".into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+            Err(_) => return Err("response: timeout".into()),
+        }
+        match Head::parse(&buf) {
+            Ok(Some(head)) => {
+                let rest = buf.split_off(head.len);
+                return Ok((head, rest));
+            }
+            Ok(None) if buf.len() > 16 * 1024 => return Err("response head too long".into()),
+            Ok(None) => {}
+            Err(e) => return Err(format!("response head: {e}")),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn client(
     i: usize,
@@ -799,6 +910,8 @@ async fn client(
     shared: Rc<RefCell<Shared>>,
     scratch: Rc<RefCell<Vec<u8>>>,
     column: Option<Rc<str>>,
+    mode: Mode,
+    ticked: bool,
 ) {
     let t0 = sys::now_us();
     shared.borrow_mut().started_us[i] = t0;
@@ -806,81 +919,125 @@ async fn client(
         Ok(s) => s,
         Err(e) => return shared.borrow_mut().fail(format!("socket: {e}")),
     };
-    let mut stream = match timeout(connect_timeout, sock.connect(addr)).await {
+    let stream = match timeout(connect_timeout, sock.connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return shared.borrow_mut().fail(format!("connect: {e}")),
         Err(_) => return shared.borrow_mut().fail("connect: timeout".into()),
     };
+    let host = if mode.tls.is_some() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{}{}\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{}{}\r\n",
         headers.common,
         headers.own.as_deref().unwrap_or("")
     );
     drop(headers);
-    if let Err(e) = stream.write_all(req.as_bytes()).await {
-        return shared.borrow_mut().fail(format!("write: {e}"));
-    }
-    // Response head.
-    let mut buf = Vec::with_capacity(2048);
-    let head = loop {
-        match timeout(connect_timeout, stream.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => return shared.borrow_mut().fail("closed before response".into()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return shared.borrow_mut().fail(format!("read: {e}")),
-            Err(_) => return shared.borrow_mut().fail("response: timeout".into()),
-        }
-        match Head::parse(&buf) {
-            Ok(Some(head)) => break head,
-            Ok(None) if buf.len() > 16 * 1024 => {
-                return shared.borrow_mut().fail("response head too long".into())
-            }
-            Ok(None) => {}
-            Err(e) => return shared.borrow_mut().fail(format!("response head: {e}")),
-        }
-    };
-    if head.status != 200 {
-        let mut s = shared.borrow_mut();
-        s.bad_status += 1;
-        return s.fail(format!("status: {} {}", head.status, head.reason));
-    }
-    // Chunked (hyper, axum, nchan, uvicorn) or close-delimited (tailgate's fast path).
-    let framing = Body::of(&head);
-    {
-        let mut s = shared.borrow_mut();
-        s.connected += 1;
-        s.settled += 1;
-        s.connect_ms.push((sys::now_us() - t0) as f64 / 1000.0);
-    }
-    let mut conn = Conn {
+    let conn = |framing| Conn {
         i,
         parser: Parser::new(),
         framing,
         ticks: ClientTicks::default(),
         column,
+        group: mode.group_by_id.then(Group::default),
     };
-    conn.body(&buf[head.len..], &shared);
-    drop(buf);
-    loop {
-        if stream.readable().await.is_err() {
-            break;
-        }
-        let mut buf = scratch.borrow_mut();
-        match stream.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(k) => {
-                if !conn.body(&buf[..k], &shared) {
+    match &mode.tls {
+        None => {
+            let mut stream = stream;
+            let (head, rest) = match request(&mut stream, req.as_bytes(), connect_timeout).await {
+                Ok(x) => x,
+                Err(e) => return shared.borrow_mut().fail(e),
+            };
+            let Some(mut conn) = connected(t0, &head, &shared, ticked).map(conn) else {
+                return;
+            };
+            conn.body(&rest, &shared);
+            drop(rest);
+            loop {
+                if stream.readable().await.is_err() {
                     break;
                 }
+                let mut buf = scratch.borrow_mut();
+                match stream.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        if !conn.body(&buf[..k], &shared) {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break,
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => break,
+        }
+        Some(tls) => {
+            let handshake = tls.connector.connect(tls.name.clone(), stream);
+            let mut stream = match timeout(connect_timeout, handshake).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return shared.borrow_mut().fail(format!("tls: {e}")),
+                Err(_) => return shared.borrow_mut().fail("tls: timeout".into()),
+            };
+            let (head, rest) = match request(&mut stream, req.as_bytes(), connect_timeout).await {
+                Ok(x) => x,
+                Err(e) => return shared.borrow_mut().fail(e),
+            };
+            let Some(mut conn) = connected(t0, &head, &shared, ticked).map(conn) else {
+                return;
+            };
+            conn.body(&rest, &shared);
+            drop(rest);
+            // Decrypted bytes need a buffer of their own per connection: a shared one
+            // cannot be borrowed across the read's await.
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        if !conn.body(&buf[..k], &shared) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
     let mut s = shared.borrow_mut();
     s.disconnects += 1;
+    if ticked {
+        s.ticked_live -= 1;
+    }
     if s.window.start_ms != 0 && s.window.end_ms == u64::MAX {
         s.disconnects_in_window += 1;
     }
+}
+
+/// Accounts for a response head: a client with status 200 is connected (Some, with
+/// the body's framing); any other status is a failure.
+fn connected(t0: u64, head: &Head, shared: &RefCell<Shared>, ticked: bool) -> Option<Body> {
+    let mut s = shared.borrow_mut();
+    if head.status != 200 {
+        s.bad_status += 1;
+        s.fail(format!("status: {} {}", head.status, head.reason));
+        return None;
+    }
+    s.connected += 1;
+    s.settled += 1;
+    if ticked {
+        s.ticked_live += 1;
+    }
+    s.connect_ms.push((sys::now_us() - t0) as f64 / 1000.0);
+    // Chunked (hyper, axum, nchan, uvicorn) or close-delimited (tailgate's fast path).
+    Some(Body::of(head))
+}
+
+/// The events of a mux group not yet complete (--group-by-id): their data, held
+/// until an event with a new id closes the group.
+#[derive(Default)]
+struct Group {
+    last_id: Vec<u8>,
+    held: Vec<(bool, Vec<u8>)>,
 }
 
 struct Conn {
@@ -890,6 +1047,8 @@ struct Conn {
     ticks: ClientTicks,
     /// The partition column, when rows are checked per partition.
     column: Option<Rc<str>>,
+    /// --group-by-id: ticks count when their group is complete.
+    group: Option<Group>,
 }
 
 impl Conn {
@@ -901,6 +1060,7 @@ impl Conn {
             framing,
             ticks,
             column,
+            group,
         } = self;
         let mut s = shared.borrow_mut();
         let s = &mut *s;
@@ -910,6 +1070,21 @@ impl Conn {
         let more = framing.feed(bytes, |b| {
             parser.feed(b, |ev| {
                 any = true;
+                if let Some(g) = group.as_mut() {
+                    // Held until the group's last event (the one with a new id); then
+                    // every held event counts as received now.
+                    if !matches!(ev.event, "status" | "end") {
+                        g.held.push((ev.event == "snapshot", ev.data.to_vec()));
+                    }
+                    if ev.id != g.last_id.as_slice() {
+                        g.last_id.clear();
+                        g.last_id.extend_from_slice(ev.id);
+                        for (snapshot, data) in g.held.drain(..) {
+                            ticks.on_event(&data, snapshot, now, s.window, &mut s.totals);
+                        }
+                    }
+                    return;
+                }
                 match (ev.event, column.as_deref()) {
                     ("status" | "end", _) => {}
                     (name, Some(col)) => s.rows[*i].on_event(
@@ -1063,6 +1238,41 @@ mod tests {
         std::fs::write(&p, "\n").unwrap();
         assert!(header_file(&p).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_mux_tick_counts_when_its_group_id_arrives() {
+        let shared = RefCell::new(Shared {
+            first_us: vec![0],
+            last_us: vec![0],
+            window: Window {
+                start_ms: 1,
+                end_ms: u64::MAX,
+            },
+            ..Shared::default()
+        });
+        let mut conn = Conn {
+            i: 0,
+            parser: Parser::new(),
+            framing: Body::Close,
+            ticks: ClientTicks::default(),
+            column: None,
+            group: Some(Group::default()),
+        };
+        let sent = sys::now_ms();
+        let snap = "event: snapshot\ndata: {\"stream\":\"/a\",\"changes\":[{\"diff\":1,\"row\":{\"seq\":1,\"sent_ms\":1}}]}\nid: 10\n\n";
+        assert!(conn.body(snap.as_bytes(), &shared));
+        // An event of a group without its id yet: held, nothing counted.
+        let held = format!("event: update\ndata: {{\"stream\":\"/a\",\"changes\":[{{\"diff\":1,\"row\":{{\"seq\":2,\"sent_ms\":{sent}}}}}]}}\n\n");
+        assert!(conn.body(held.as_bytes(), &shared));
+        assert_eq!(shared.borrow().totals.delivered_in_window, 0);
+        // The group's last event (another stream's, no tick) carries the new id.
+        let last = "event: update\ndata: {\"stream\":\"/b\",\"changes\":[]}\nid: 11\n\n";
+        assert!(conn.body(last.as_bytes(), &shared));
+        let s = shared.borrow();
+        assert_eq!(s.totals.delivered_in_window, 1);
+        assert_eq!(s.totals.snapshots, 1);
+        assert_eq!(s.totals.latency.count(), 1);
     }
 
     #[test]

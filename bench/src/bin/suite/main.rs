@@ -24,13 +24,14 @@ use tailgate_bench::{sys, PAD};
 mod auth;
 mod charts;
 mod scoped;
+mod tlsmux;
 mod views;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "tailgate's side-by-side benchmark suite")]
 struct Args {
     /// Scenario to run (repeat): idle, storm, fanout, light, overload, economy, tutorial,
-    /// views, auth, scoped, all.
+    /// views, auth, scoped, tls, tls-idle, mux, all.
     #[arg(long, default_value = "all")]
     scenario: Vec<String>,
     /// A 10-second fan-out check of tailgate against k0 (CI): no nginx, no Python;
@@ -91,6 +92,26 @@ struct Args {
         default_value = "50,100,200,500,1000,2000,5000,9000"
     )]
     naive_partitions: Vec<usize>,
+    /// Clients of the tls scenario (fan-out over TLS vs plaintext).
+    #[arg(long, default_value_t = 5000)]
+    tls_clients: usize,
+    /// Events per second of the tls scenario.
+    #[arg(long, value_delimiter = ',', default_value = "10,50")]
+    tls_rates: Vec<f64>,
+    /// Idle connections of the tls-idle scenario (RSS slope from half of them to all).
+    #[arg(long, default_value_t = 5000)]
+    tls_idle_clients: usize,
+    /// Clients of the mux scenario (each: one mux of three streams, or three
+    /// connections).
+    #[arg(long, default_value_t = 1000)]
+    mux_clients: usize,
+    /// Writes per second (to one of the three streams) of the mux scenario.
+    #[arg(long, value_delimiter = ',', default_value = "10,50")]
+    mux_rates: Vec<f64>,
+    /// The embedded engine's `tick` in the mux scenario (how often a view nobody
+    /// writes to reports progress), one set of runs per value.
+    #[arg(long, value_delimiter = ',', default_value = "1s,100ms")]
+    mux_ticks: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -128,6 +149,12 @@ struct Spec {
     client_queue: Option<usize>,
     /// tailgate only: JWT auth on, with this HS256 secret in its environment.
     auth_secret: Option<String>,
+    /// tailgate and nchan: serve HTTPS with the suite's test certificate.
+    tls: bool,
+    /// tailgate only: the mux scenario's three streams (and how clients open them).
+    mux: Option<tlsmux::MuxClients>,
+    /// tailgate only: the embedded engine's `tick`.
+    tick: Option<String>,
 }
 
 impl Spec {
@@ -138,6 +165,9 @@ impl Spec {
             streams: 1,
             client_queue: None,
             auth_secret: None,
+            tls: false,
+            mux: None,
+            tick: None,
         }
     }
 }
@@ -155,6 +185,12 @@ struct Server {
     feed_pg: Option<String>,
     stats: Option<PathBuf>,
     rss_idle_kb: u64,
+    /// The CA loadgen must trust (the server speaks TLS).
+    tls_ca: Option<PathBuf>,
+    /// Paths whose clients are owed the ticks (loadgen's --ticks-on); empty: all.
+    ticks_on: Vec<String>,
+    /// loadgen counts a tick when its mux group is complete.
+    group_by_id: bool,
 }
 
 /// How to drive a contender.
@@ -395,6 +431,8 @@ struct Suite {
     goals: Vec<Goal>,
     tables: Vec<Table>,
     skipped: Vec<String>,
+    /// The test CA and localhost certificate of the TLS scenarios (made once per run).
+    pki: Option<tlsmux::Pki>,
 }
 
 fn main() -> ExitCode {
@@ -428,6 +466,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         goals: Vec::new(),
         tables: Vec::new(),
         skipped: Vec::new(),
+        pki: None,
         args: args.clone(),
     };
     let started = Instant::now();
@@ -453,6 +492,9 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             ("views", Suite::views),
             ("auth", Suite::auth),
             ("scoped", Suite::scoped),
+            ("tls", Suite::tls),
+            ("tls-idle", Suite::tls_idle),
+            ("mux", Suite::mux),
         ] {
             if want(name) {
                 let before = loadavg();
@@ -742,15 +784,41 @@ impl Suite {
             feed_pg: None,
             stats: None,
             rss_idle_kb: 0,
+            tls_ca: None,
+            ticks_on: Vec::new(),
+            group_by_id: false,
         };
+        let pki = if spec.tls { Some(self.pki()?) } else { None };
+        if let Some(pki) = &pki {
+            server.tls_ca = Some(pki.ca.clone());
+        }
         match spec.kind {
             Kind::Tailgate => {
-                std::fs::write(dir.join("ticks.sql"), ticks_sql())?;
+                let init = match spec.mux {
+                    Some(_) => tlsmux::mux_sql(),
+                    None => ticks_sql(),
+                };
+                std::fs::write(dir.join("ticks.sql"), init)?;
                 let mut toml = format!(
-                    "[server]\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"15s\"\nmax_connections = 19500\n\n\
-                     [upstream]\nurl = \"embedded\"\n\n[embedded]\ninit = \"{}\"\n\n",
-                    dir.join("ticks.sql").display()
+                    "[server]\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"15s\"\nmax_connections = 19500\n"
                 );
+                if let Some(pki) = &pki {
+                    writeln!(
+                        toml,
+                        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+                        pki.cert.display(),
+                        pki.key.display()
+                    )?;
+                }
+                write!(
+                    toml,
+                    "\n[upstream]\nurl = \"embedded\"\n\n[embedded]\ninit = \"{}\"\n",
+                    dir.join("ticks.sql").display()
+                )?;
+                if let Some(tick) = &spec.tick {
+                    writeln!(toml, "tick = \"{tick}\"")?;
+                }
+                toml.push('\n');
                 if spec.rate > 0.0 {
                     let every_us = (1e6 / spec.rate).round() as u64;
                     write!(
@@ -765,7 +833,15 @@ impl Suite {
                     toml.push_str(auth::AUTH_TOML);
                 }
                 server.paths.clear();
-                for i in 0..spec.streams {
+                // The mux scenario's three streams, or `streams` streams on the ticks.
+                let streams = if let Some(mux) = spec.mux {
+                    toml.push_str(tlsmux::MUX_STREAMS);
+                    mux.client_paths(&mut server);
+                    0
+                } else {
+                    spec.streams
+                };
+                for i in 0..streams {
                     let path = if spec.streams == 1 {
                         "/ticks".to_string()
                     } else {
@@ -854,12 +930,21 @@ impl Suite {
                      http {{\n  access_log off;\n  nchan_shared_memory_size 64M;\n\
                      \x20 client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
                      \x20 fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-                     \x20 server {{\n    listen 127.0.0.1:{port} backlog=4096;\n\
+                     \x20 server {{\n    listen 127.0.0.1:{port}{ssl} backlog=4096;\n{certs}\
                      \x20   location = /ticks {{ nchan_subscriber eventsource; nchan_channel_id s;\n\
                      \x20                       nchan_subscriber_first_message newest; }}\n\
                      \x20   location = /pub {{ nchan_publisher; nchan_channel_id s;\n\
                      \x20                     nchan_message_buffer_length 16; nchan_message_timeout 10s; }}\n  }}\n}}\n",
-                    dir = dir.display()
+                    dir = dir.display(),
+                    ssl = if pki.is_some() { " ssl" } else { "" },
+                    certs = pki
+                        .as_ref()
+                        .map(|p| format!(
+                            "    ssl_certificate {};\n    ssl_certificate_key {};\n",
+                            p.cert.display(),
+                            p.key.display()
+                        ))
+                        .unwrap_or_default(),
                 );
                 let cfg = dir.join("nginx.conf");
                 std::fs::write(&cfg, conf)?;
@@ -1007,6 +1092,15 @@ impl Suite {
         }
         if let Some(f) = &load.header_file {
             cmd.arg("--header-file").arg(f);
+        }
+        if let Some(ca) = &server.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+        for p in &server.ticks_on {
+            cmd.arg("--ticks-on").arg(p);
+        }
+        if server.group_by_id {
+            cmd.arg("--group-by-id");
         }
         cmd.args(&load.args);
         if let Some(u) = &server.publish_url {

@@ -230,6 +230,9 @@ impl Suite {
             feed_pg: None,
             stats: None,
             rss_idle_kb: 0,
+            tls_ca: None,
+            ticks_on: Vec::new(),
+            group_by_id: false,
         };
         let mut args: Vec<String> = vec![
             "--partition-column".into(),
