@@ -46,6 +46,29 @@ pub(super) fn deadline(
     }
 }
 
+/// Waits until a connection's [`deadline`] passes; forever without one.
+pub(super) async fn passed(deadline: Option<(Duration, StreamEnd)>) {
+    match deadline {
+        Some((after, _)) => tokio::time::sleep(after).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Records why a connection's deadline ended it, and returns the `end` frame to send
+/// last, or `None` when the connection just closes (`max_lifetime`: the browser
+/// reconnects and resumes).
+pub(super) fn reached(
+    deadline: Option<(Duration, StreamEnd)>,
+    access: &mut super::access::Access,
+) -> Option<Bytes> {
+    let end = deadline.map_or(StreamEnd::Lifetime, |(_, end)| end);
+    access.end(end);
+    match end {
+        StreamEnd::Told(reason) => Some(reason.frame()),
+        _ => None,
+    }
+}
+
 /// Whether an open connection to the stream at `path` is still admitted under the
 /// current rules and keys. A stream no longer routed ends by itself (`removed`).
 pub(super) async fn still_admitted(

@@ -194,12 +194,7 @@ pub(super) async fn serve(
     let deadline = admission::deadline(&server, credential.as_deref());
     let events = async_stream::stream! {
         let mut frames = Vec::new();
-        let expiry = async {
-            match deadline {
-                Some((after, _)) => tokio::time::sleep(after).await,
-                None => std::future::pending().await,
-            }
-        };
+        let expiry = admission::passed(deadline);
         tokio::pin!(expiry);
         let mut last = false;
         loop {
@@ -222,17 +217,13 @@ pub(super) async fn serve(
                         last = true;
                     }
                 },
-                _ = &mut expiry => {
-                    let end = deadline.map_or(End::Lifetime, |(_, end)| end);
-                    access.end(end);
-                    match end {
-                        End::Told(reason) => {
-                            frames.push(reason.frame());
-                            last = true;
-                        }
-                        _ => break,
+                _ = &mut expiry => match admission::reached(deadline, &mut access) {
+                    Some(end) => {
+                        frames.push(end);
+                        last = true;
                     }
-                }
+                    None => break,
+                },
             }
             access.queued(&frames);
             for frame in frames.drain(..) {

@@ -236,12 +236,7 @@ async fn stream(
     let deadline = admission::deadline(&server, credential.as_deref());
     let events = async_stream::stream! {
         let mut frames = Vec::new();
-        let expiry = async {
-            match deadline {
-                Some((after, _)) => tokio::time::sleep(after).await,
-                None => std::future::pending().await,
-            }
-        };
+        let expiry = admission::passed(deadline);
         tokio::pin!(expiry);
         let mut last = false;
         loop {
@@ -260,17 +255,13 @@ async fn stream(
                     access.end(End::Told(EndReason::Forbidden));
                     last = true;
                 },
-                _ = &mut expiry => {
-                    let end = deadline.map_or(End::Lifetime, |(_, end)| end);
-                    access.end(end);
-                    match end {
-                        End::Told(reason) => {
-                            frames.push(reason.frame());
-                            last = true;
-                        }
-                        _ => break,
+                _ = &mut expiry => match admission::reached(deadline, &mut access) {
+                    Some(end) => {
+                        frames.push(end);
+                        last = true;
                     }
-                }
+                    None => break,
+                },
             }
             access.queued(&frames);
             for frame in frames.drain(..) {
