@@ -658,3 +658,42 @@ async fn chromium_keeps_ten_streams_live_over_http2() {
     })
     .await;
 }
+
+/// The mux is an ordinary request over HTTP/2 too: its groups arrive labelled, with
+/// the group's id on its last event, beside a plain stream on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mux_streams_over_http2_beside_a_plain_stream() {
+    let ca = Ca::new();
+    let gw = gateway(&ca.leaf(1), "", STREAMS).await;
+    let sql = gw.sql().await;
+    let mut send = h2(gw.addr, &ca).await;
+    wait_ready(&mut send, gw.addr).await;
+    let mut mux = stream_on(&mut send, gw.addr, "/_tailgate/mux?s=/g/0&s=/g/1").await;
+    let mut plain = stream_on(&mut send, gw.addr, "/items").await;
+    initial(&mut plain).await;
+    let mut labels = Vec::new();
+    while labels.len() < 2 {
+        let e = mux.next_data_event(WAIT).await;
+        assert_eq!(e.event, "snapshot");
+        let data: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+        labels.push(data["stream"].as_str().unwrap_or("").to_string());
+    }
+    labels.sort();
+    assert_eq!(labels, ["/g/0", "/g/1"]);
+    execute(&sql, "INSERT INTO items VALUES (1, 77, 'seventy-seven')").await;
+    let e = mux.next_data_event(WAIT).await;
+    let data: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+    assert_eq!(
+        (e.event.as_str(), &data["stream"]),
+        ("update", &serde_json::json!("/g/1"))
+    );
+    assert_eq!(data["changes"][0]["row"]["id"], 77);
+    // The group's id is a timestamp both streams have closed: at or past the event's.
+    let id: u64 = e.id.as_deref().and_then(|i| i.parse().ok()).expect("an id");
+    let ts: u64 = data["ts"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("ts");
+    assert!(id >= ts, "group id {id}, event at {ts}");
+    plain.next_data_event(WAIT).await;
+}
