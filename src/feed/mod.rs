@@ -11,7 +11,6 @@
 pub mod partitioned;
 pub mod values;
 
-use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,19 +46,7 @@ impl SourceState {
     pub fn apply(&mut self, change: &SourceChange) {
         match (self, change) {
             (SourceState::Diff(m), SourceChange::Diff { row, diff }) => {
-                match m.entry(Arc::clone(row)) {
-                    MapEntry::Occupied(mut e) => {
-                        *e.get_mut() += diff;
-                        if *e.get() == 0 {
-                            e.remove();
-                        }
-                    }
-                    MapEntry::Vacant(e) => {
-                        if *diff != 0 {
-                            e.insert(*diff);
-                        }
-                    }
-                }
+                crate::hub::add(m, Arc::clone(row), *diff)
             }
             (SourceState::Keyed(m), SourceChange::Upsert { key, row }) => match row {
                 Some(row) => {

@@ -332,11 +332,7 @@ impl Partitioned {
                         .entry(part.clone())
                         .or_insert_with(|| Rows::Diff(HashMap::new()));
                     if let Rows::Diff(m) = rows {
-                        let n = m.entry(Arc::clone(row)).or_insert(0);
-                        *n += diff;
-                        if *n == 0 {
-                            m.remove(row);
-                        }
+                        crate::hub::add(m, Arc::clone(row), *diff);
                     }
                     note(&part, Seen::Change(n));
                 }

@@ -30,8 +30,8 @@ use crate::config::{ClientErrors, StreamConfig};
 use crate::sse;
 use crate::wire::{self, ChangesJson, EndReason, Health, Reason};
 use ring::{Entry, Inner};
+pub use state::{add, Change, State};
 use state::{consolidate, difference};
-pub use state::{Change, State};
 pub use subscription::Subscription;
 
 /// Per-stream settings that can change without touching the upstream.

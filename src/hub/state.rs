@@ -6,6 +6,23 @@ use std::collections::HashMap;
 
 use crate::wire::ChangesJson;
 
+/// Adds `diff` to `key`'s count in a multiset, which holds no zero counts.
+pub fn add<K: std::hash::Hash + Eq>(m: &mut HashMap<K, i64>, key: K, diff: i64) {
+    match m.entry(key) {
+        MapEntry::Occupied(mut e) => {
+            *e.get_mut() += diff;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        MapEntry::Vacant(e) => {
+            if diff != 0 {
+                e.insert(diff);
+            }
+        }
+    }
+}
+
 /// One row change, with rows and keys already encoded as JSON objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -61,19 +78,7 @@ impl State {
     /// Applies one change; the caller guarantees the change matches the state's kind.
     pub fn apply(&mut self, change: &Change) {
         match (self, change) {
-            (State::Diff(m), Change::Diff { row, diff }) => match m.entry(row.clone()) {
-                MapEntry::Occupied(mut e) => {
-                    *e.get_mut() += diff;
-                    if *e.get() == 0 {
-                        e.remove();
-                    }
-                }
-                MapEntry::Vacant(e) => {
-                    if *diff != 0 {
-                        e.insert(*diff);
-                    }
-                }
-            },
+            (State::Diff(m), Change::Diff { row, diff }) => add(m, row.clone(), *diff),
             (State::Keyed(m), Change::Upsert { key, row }) => match row {
                 Some(row) => {
                     m.insert(key.clone(), row.clone());
