@@ -103,15 +103,7 @@ impl Subscription {
         }
         while !self.ended {
             self.wait().await;
-            let mut inner = self.hub.lock();
-            self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
-            self.resumed &= inner.state.is_none();
-            keepalive(&mut self.keepalives, self.ended, &inner, out);
-            if inner.rechecks != self.checked {
-                self.checked = inner.rechecks;
-                self.recheck = true;
-            }
-            drop(inner);
+            self.take(out);
             if !out.is_empty() || self.recheck {
                 return true;
             }
@@ -154,6 +146,14 @@ impl Subscription {
         // Marked seen before the lock: anything pushed after the catch-up wakes
         // `changed` again.
         self.seen = self.hub.version.load(Ordering::Acquire);
+        let ts = self.take(out);
+        (!self.ended, ts)
+    }
+
+    /// Takes, under one lock, what the hub has for this client: its new frames and a
+    /// keepalive (unless the stream has ended for it), and a change of the rules.
+    /// Returns the timestamp the hub's state is at.
+    fn take(&mut self, out: &mut Vec<Bytes>) -> Option<u64> {
         let mut inner = self.hub.lock();
         if !self.ended {
             self.ended = inner.catch_up(&mut self.pos, out, &self.hub.stats, self.resumed);
@@ -164,8 +164,7 @@ impl Subscription {
             self.checked = inner.rechecks;
             self.recheck = true;
         }
-        let ts = inner.state.as_ref().map(|_| inner.state_ts);
-        (!self.ended, ts)
+        inner.state.as_ref().map(|_| inner.state_ts)
     }
 
     /// Skips to the head of the ring with a `snapshot(lagged)`: for a reader that
