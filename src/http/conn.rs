@@ -198,6 +198,21 @@ async fn connection(
         watch: Arc::clone(&watch),
     };
     let service = Tracked::new(router, peer, Arc::clone(&watch));
+    serve_http1(io, service, &watch, &shutdown, &limits, metrics).await;
+}
+
+/// Serves HTTP/1.1 (keep-alive) on `io` until the connection ends, under its
+/// deadlines and shutdown.
+pub(super) async fn serve_http1<I>(
+    io: I,
+    service: Tracked,
+    watch: &ConnWatch,
+    shutdown: &CancellationToken,
+    limits: &Limits,
+    metrics: &Metrics,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service);
@@ -205,9 +220,9 @@ async fn connection(
     drive(
         conn.as_mut(),
         |c| c.graceful_shutdown(),
-        &watch,
-        &shutdown,
-        &limits,
+        watch,
+        shutdown,
+        limits,
         metrics,
     )
     .await;

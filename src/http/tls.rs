@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::access::{Access, End};
-use super::conn::{drive, ConnWatch, Limits, Tracked, WatchedIo, MAX_REFUSING};
+use super::conn::{drive, serve_http1, ConnWatch, Limits, Tracked, WatchedIo, MAX_REFUSING};
 use super::{h2, head, limits, routes, AppState};
 use crate::telemetry::Refusal;
 use crate::wire::EndReason;
@@ -105,19 +105,7 @@ pub(super) async fn handle(
         )
         .await;
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        drive(
-            conn.as_mut(),
-            |c| c.graceful_shutdown(),
-            &watch,
-            &shutdown,
-            &limits,
-            metrics,
-        )
-        .await;
+        serve_http1(tls, service, &watch, &shutdown, &limits, metrics).await;
     }
 }
 
