@@ -251,11 +251,17 @@ async fn chromium_eventsource_resumes_across_rotations_and_matches_the_view() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_comes_back_after_an_overload_and_resumes() {
-    if !have_chromium() {
-        return;
-    }
+/// Drives a page on another origin (`page`, with `GATEWAY` for the gateway's origin)
+/// through an overload of `/items`: once it holds a snapshot, the test takes a slot
+/// from the browser's address and the per-address limit drops to one, so the
+/// browser's next reconnect (at its connection's `max_lifetime`) is refused. Writes go
+/// on until `overloaded` says the page heard of it, three more are made while it is
+/// kept away, and then the slot is given back. Returns the gateway and the page's
+/// report once the page shows the view's rows, and the last event id it had before.
+pub(crate) async fn overload_and_return(
+    page: &str,
+    overloaded: impl Fn(&Value) -> bool,
+) -> (TestGateway, Value, Value) {
     let server = "max_lifetime = \"2s\"\ncors_origins = [\"*\"]\noverload_retry = \"500ms\"\n";
     let streams = format!("{ITEMS_STREAM}retry = \"100ms\"\n");
     let gw = TestGateway::embedded(
@@ -265,12 +271,18 @@ async fn chromium_comes_back_after_an_overload_and_resumes() {
     )
     .await;
     let db = gw.sql().await;
-    let (page, rx) = page_server(gw.addr).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let rx = serve_page(
+        listener,
+        page.replace("GATEWAY", &format!("http://{}", gw.addr)),
+        String::new(),
+    );
     let mut reports = Reports {
         rx,
         latest: Value::Null,
     };
-    let (_browser, _profile) = chromium(page);
+    let (_browser, _profile) = chromium(addr);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     reports
         .until("a snapshot", deadline, |r| {
@@ -278,8 +290,6 @@ async fn chromium_comes_back_after_an_overload_and_resumes() {
         })
         .await;
 
-    // The test takes a slot from the browser's address, then the limit drops to one:
-    // the browser's next reconnect (at its connection's lifetime) is over it.
     let mut rival = gw.sse("/items").await;
     rival.next_data_event(WAIT).await;
     std::fs::write(
@@ -293,10 +303,7 @@ async fn chromium_comes_back_after_an_overload_and_resumes() {
     gw.wait_reloaded(1).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut id = 10;
-    while !reports.latest["ends"]
-        .as_array()
-        .is_some_and(|e| e.iter().any(|r| r == "overloaded"))
-    {
+    while !overloaded(&reports.latest) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "never overloaded: {}",
@@ -330,7 +337,22 @@ async fn chromium_comes_back_after_an_overload_and_resumes() {
         .until("the view's rows after coming back", deadline, |r| {
             page_rows(r) == truth
         })
-        .await;
+        .await
+        .clone();
+    (gw, latest, last_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_comes_back_after_an_overload_and_resumes() {
+    if !have_chromium() {
+        return;
+    }
+    let (gw, latest, last_id) = overload_and_return(PAGE, |r| {
+        r["ends"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|r| r == "overloaded"))
+    })
+    .await;
     assert_eq!(
         latest["snapshots"],
         serde_json::json!(["initial"]),

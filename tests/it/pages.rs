@@ -14,13 +14,11 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
-use crate::browser::{chromium, page_rows, serve_page, Reports};
+use crate::browser::overload_and_return;
 use crate::support::devtools::{have_chromium, output_dir, Browser};
 use crate::support::{
-    bounded, get_full, items_truth, SseClient, TestGateway, ITEMS_INIT, ITEMS_STREAM, SQL_WAIT,
-    WAIT,
+    bounded, get_full, SseClient, TestGateway, ITEMS_INIT, ITEMS_STREAM, SQL_WAIT, WAIT,
 };
 
 /// How long a page may take to show what the test waits for (Chromium's start-up
@@ -659,90 +657,13 @@ async fn chromium_tailgate_js_comes_back_after_an_overload_and_resumes() {
     if !have_chromium() {
         return;
     }
-    let server = "max_lifetime = \"2s\"\ncors_origins = [\"*\"]\noverload_retry = \"500ms\"\n";
-    let streams = format!("{ITEMS_STREAM}retry = \"100ms\"\n");
-    let gw = TestGateway::embedded(
-        &format!("{server}max_connections_per_ip = 5\n"),
-        ITEMS_INIT,
-        &streams,
-    )
-    .await;
-    let db = gw.sql().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let page = listener.local_addr().expect("addr");
-    let rx = serve_page(
-        listener,
-        SUBSCRIBE_PAGE.replace("GATEWAY", &format!("http://{}", gw.addr)),
-        String::new(),
-    );
-    let mut reports = Reports {
-        rx,
-        latest: Value::Null,
-    };
-    let (_browser, _profile) = chromium(page);
-    let deadline = tokio::time::Instant::now() + PAGE_WAIT;
-    reports
-        .until("a snapshot", deadline, |r| {
-            r["snapshots"].as_array().is_some_and(|s| !s.is_empty())
-        })
-        .await;
-
-    // The test takes a slot from the browser's address, then the limit drops to one:
-    // the browser's next reconnect (at its connection's lifetime) is over it.
-    let mut rival = gw.sse("/items").await;
-    rival.next_data_event(WAIT).await;
-    std::fs::write(
-        gw.config_path(),
-        crate::support::config_text(&crate::support::embedded_body(
-            &format!("{server}max_connections_per_ip = 1\n"),
-            &streams,
-        )),
-    )
-    .expect("rewrite");
-    gw.wait_reloaded(1).await;
-    let overloaded = |r: &Value| {
+    let (_gw, latest, last_id) = overload_and_return(SUBSCRIBE_PAGE, |r| {
         r["errors"].as_array().is_some_and(|e| {
             e.iter()
                 .any(|e| e.as_str().is_some_and(|e| e.contains("overloaded")))
         })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut id = 10;
-    while !overloaded(&reports.latest) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never overloaded: {}",
-            reports.latest
-        );
-        db.batch_execute(&format!("INSERT INTO items VALUES ({id}, 'w{id}', {id})"))
-            .await
-            .expect("insert");
-        id += 1;
-        let seq = reports.latest["seq"].as_u64().unwrap_or(0);
-        reports
-            .until("a newer report", deadline, |r| {
-                r["seq"].as_u64() > Some(seq)
-            })
-            .await;
-    }
-    let last_id = reports.latest["lastId"].clone();
-    // Changes made while the browser is kept away.
-    for _ in 0..3 {
-        db.batch_execute(&format!(
-            "INSERT INTO items VALUES ({id}, 'away{id}', {id})"
-        ))
-        .await
-        .expect("insert");
-        id += 1;
-    }
-    drop(rival);
-    let truth = items_truth(&db).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let latest = reports
-        .until("the view's rows after coming back", deadline, |r| {
-            page_rows(r) == truth
-        })
-        .await;
+    })
+    .await;
     assert_eq!(
         latest["snapshots"],
         json!(["initial"]),
