@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::support::devtools::{have_chromium, CHROMIUM};
+use crate::support::devtools::{have_chromium, headless};
 use crate::support::{items_truth, TestGateway, ITEMS_STREAM, WAIT};
 
 const PAGE: &str = r#"<!doctype html><meta charset=utf-8><title>tailgate</title><script>
@@ -119,23 +119,8 @@ pub(crate) fn serve_page(
 /// Headless Chromium opening `page`; killed when the child is dropped.
 pub(crate) fn chromium(page: std::net::SocketAddr) -> (tokio::process::Child, tempfile::TempDir) {
     let profile = tempfile::tempdir().expect("profile dir");
-    let browser = tokio::process::Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
+    let browser = headless(&profile)
         .arg(format!("http://{page}/"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start chromium");
 

@@ -33,6 +33,29 @@ pub fn have_chromium() -> bool {
     false
 }
 
+/// Headless Chromium with a fresh `profile`, quiet and killed on drop: the switches
+/// every browser test needs; the caller adds its own and the URL.
+pub fn headless(profile: &tempfile::TempDir) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(CHROMIUM);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 /// A headless Chromium with one page; the browser is killed when this is dropped.
 pub struct Browser {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -56,27 +79,14 @@ impl Browser {
     /// [`Browser::launch`], with more command-line switches for Chromium.
     pub async fn launch_with(width: u32, height: u32, init: &str, extra: &[String]) -> Browser {
         let profile = tempfile::tempdir().expect("profile dir");
-        let child = tokio::process::Command::new(CHROMIUM)
+        let child = headless(&profile)
             .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
                 "--hide-scrollbars",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
             ])
             .args(extra)
-            .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("start chromium");
         // Chromium writes the port it chose, and the browser's websocket path, here.
