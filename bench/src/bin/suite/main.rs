@@ -742,6 +742,44 @@ impl Suite {
         self.next_port
     }
 
+    /// Starts nginx (pinned to the server's CPU) with `cfg` and prefix `dir`, waits
+    /// for `port`, and makes its worker the process whose CPU and RSS count (taskset
+    /// execs nginx, so the master is the child).
+    fn start_nginx(
+        &self,
+        server: &mut Server,
+        dir: &Path,
+        cfg: &Path,
+        port: u16,
+    ) -> anyhow::Result<()> {
+        let child = self
+            .pinned("0", Path::new("nginx"))
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+            .spawn()
+            .context("starting nginx")?;
+        let master = child.id();
+        server.children.push(child);
+        let last = server.children.len() - 1;
+        wait_port(port, Duration::from_secs(10), &mut server.children[last])?;
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut workers = children_of(master);
+        while workers.is_empty() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+            workers = children_of(master);
+        }
+        server.pids = if workers.is_empty() {
+            vec![master]
+        } else {
+            workers
+        };
+        Ok(())
+    }
+
     fn pinned(&self, cpu: &str, program: &Path) -> Command {
         if self.pin {
             let mut c = Command::new("taskset");
@@ -948,32 +986,7 @@ impl Suite {
                 );
                 let cfg = dir.join("nginx.conf");
                 std::fs::write(&cfg, conf)?;
-                let err = std::fs::File::create(dir.join("stderr.log"))?;
-                let child = self
-                    .pinned("0", Path::new("nginx"))
-                    .arg("-p")
-                    .arg(&dir)
-                    .arg("-c")
-                    .arg(&cfg)
-                    .stdout(Stdio::null())
-                    .stderr(err)
-                    .spawn()
-                    .context("starting nginx")?;
-                let master = child.id();
-                server.children.push(child);
-                wait_port(port, Duration::from_secs(10), &mut server.children[0])?;
-                // Measure the worker (taskset execs nginx, so the master is our child).
-                let end = Instant::now() + Duration::from_secs(5);
-                let mut workers = children_of(master);
-                while workers.is_empty() && Instant::now() < end {
-                    std::thread::sleep(Duration::from_millis(50));
-                    workers = children_of(master);
-                }
-                server.pids = if workers.is_empty() {
-                    vec![master]
-                } else {
-                    workers
-                };
+                self.start_nginx(&mut server, &dir, &cfg, port)?;
                 if spec.rate > 0.0 {
                     server.publish_url = Some(format!("http://127.0.0.1:{port}/pub"));
                 }

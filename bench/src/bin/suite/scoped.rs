@@ -41,8 +41,7 @@ use serde_json::{json, Value};
 use tailgate_bench::{probe, sys, PAD};
 
 use super::{
-    children_of, median, stop_child, thousands, wait_port, Kind, Limit, Load, Reps, Run, Server,
-    Suite,
+    median, stop_child, thousands, wait_port, Kind, Limit, Load, Reps, Run, Server, Suite,
 };
 
 /// Which server a scoped run measures.
@@ -296,30 +295,7 @@ impl Suite {
                     self.available(Kind::Nchan).map_err(anyhow::Error::msg)?;
                     let cfg = dir.join("nginx.conf");
                     std::fs::write(&cfg, nchan_config(&dir, port))?;
-                    let child = self
-                        .pinned("0", Path::new("nginx"))
-                        .arg("-p")
-                        .arg(&dir)
-                        .arg("-c")
-                        .arg(&cfg)
-                        .stdout(Stdio::null())
-                        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
-                        .spawn()
-                        .context("starting nginx")?;
-                    let master = child.id();
-                    server.children.push(child);
-                    wait_port(port, Duration::from_secs(10), &mut server.children[0])?;
-                    let end = Instant::now() + Duration::from_secs(5);
-                    let mut workers = children_of(master);
-                    while workers.is_empty() && Instant::now() < end {
-                        std::thread::sleep(Duration::from_millis(50));
-                        workers = children_of(master);
-                    }
-                    server.pids = if workers.is_empty() {
-                        vec![master]
-                    } else {
-                        workers
-                    };
+                    self.start_nginx(&mut server, &dir, &cfg, port)?;
                     args.extend([
                         "--path-template".into(),
                         "/orders/{i}".into(),
